@@ -1,0 +1,1 @@
+"""TorchServe adapter and the session engine it drives."""

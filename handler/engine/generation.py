@@ -1,0 +1,92 @@
+"""The inference path as small named steps: encode images, prefill, decode one token, pick it.
+
+Shapes: B = batch (1 per session here), T = new tokens, H = hidden size, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from llava_sessions.handler.engine.model_loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+
+
+@torch.inference_mode()
+def encode_images(loaded: LoadedModel, images: list) -> list[torch.Tensor]:
+    """Vision tower + projector once per image; returns one [tokens_per_image, H] tensor each."""
+    pixels = loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    # pixels: [n_images, 3, image_size, image_size]
+    pixels = pixels.to(loaded.device, loaded.dtype)
+    out = loaded.model.get_image_features(pixel_values=pixels, return_dict=True)
+    return [features.contiguous() for features in out.pooler_output]
+
+
+def new_cache(loaded: LoadedModel) -> DynamicCache:
+    return DynamicCache(config=loaded.model.config.get_text_config())
+
+
+@torch.inference_mode()
+def prefill(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    image_rows: torch.Tensor | None,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """Run the new tokens on top of ``cache`` (updated in place); return last-position logits.
+
+    input_ids: [1, T]; image_rows: [n_image_tokens_in_chunk, H] in placeholder order.
+    """
+    mm = None
+    if image_rows is not None and image_rows.shape[0] > 0:
+        mm = {"image": BaseModelOutputWithPooling(pooler_output=[image_rows])}
+    out = loaded.model(
+        input_ids=input_ids,
+        past_key_values=cache,
+        use_cache=True,
+        mm_encoder_outputs=mm,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]  # [1, V]
+
+
+@torch.inference_mode()
+def decode_one_token(loaded: LoadedModel, token: int, cache: DynamicCache) -> torch.Tensor:
+    input_ids = torch.tensor([[token]], device=loaded.device)  # [1, 1]
+    out = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :]  # [1, V]
+
+
+def select_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else nucleus sampling."""
+    logits = logits[0].float()  # [V]
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def cache_bytes(cache: DynamicCache | None) -> int:
+    if cache is None:
+        return 0
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,79 @@
+"""Session bookkeeping: ids, expiry, LRU order, bytes held. No tensors live here.
+
+"No room" is returned as a value (``None``) and acted on by the caller.
+Torch-free, so the protocol layer can mint ids without importing torch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+# SageMaker's SessionId pattern (InvokeEndpoint), at most 256 characters.
+SESSION_ID_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+SESSION_ID_MAX_LEN = 256
+
+
+def new_session_id() -> str:
+    """128 random bits (more than a uuid4's 122), in SageMaker's id alphabet."""
+    return "sess-" + secrets.token_hex(16)
+
+
+def is_valid_session_id(value: str) -> bool:
+    return len(value) <= SESSION_ID_MAX_LEN and SESSION_ID_PATTERN.match(value) is not None
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    created_at: float
+    expires_at: float
+    last_used: float
+    busy: bool = False
+    bytes_held: int = 0
+
+
+class SessionStore:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._records: OrderedDict[str, SessionRecord] = OrderedDict()  # LRU first
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, session_id: str) -> bool:
+        return self.lookup(session_id) is not None
+
+    def reserve(self, session_id: str, now: float, ttl_s: float) -> SessionRecord | None:
+        """Add a session, or None when the store is full."""
+        if len(self._records) >= self.capacity:
+            return None
+        record = SessionRecord(session_id, created_at=now, expires_at=now + ttl_s, last_used=now)
+        self._records[session_id] = record
+        return record
+
+    def lookup(self, session_id: str) -> SessionRecord | None:
+        record = self._records.get(session_id)
+        # The dict finds the candidate by hash; confirm in constant time.
+        if record is None or not hmac.compare_digest(record.session_id, session_id):
+            return None
+        return record
+
+    def touch(self, record: SessionRecord, now: float) -> None:
+        record.last_used = now
+        self._records.move_to_end(record.session_id)
+
+    def remove(self, session_id: str) -> SessionRecord | None:
+        return self._records.pop(session_id, None)
+
+    def expired(self, now: float) -> list[str]:
+        return [r.session_id for r in self._records.values() if r.expires_at <= now]
+
+    def total_bytes(self) -> int:
+        return sum(r.bytes_held for r in self._records.values())
+
+    def lru_order(self) -> list[str]:
+        return list(self._records)

@@ -1,0 +1,141 @@
+"""The one serving configuration, validated at start.
+
+Values come from, lowest to highest precedence: the defaults below, the
+``handler:`` section of the archive's model-config.yaml, and environment
+variables ``LLAVA_SESSIONS_<FIELD>`` (upper-case field name), which is how a
+SageMaker Model's ``Environment`` reaches the container. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from llava_sessions.errors import ConfigError
+
+ENV_PREFIX = "LLAVA_SESSIONS_"
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    # Where the checkpoint lives: a local directory or a hub id. Empty means
+    # "the directory the archive was unpacked to" (the handler fills it in).
+    model: str = ""
+    # "auto" picks cuda:<gpu_id> when TorchServe gives one, else cpu.
+    device: str = "auto"
+    # "auto" keeps the checkpoint's dtype; or float32/float16/bfloat16.
+    dtype: str = "auto"
+
+    # Session life, counted from the open; the Expires header says when.
+    session_ttl_s: int = 1200
+    max_sessions_per_worker: int = 64
+    max_images_per_session: int = 4
+
+    # Input limits. max_image_bytes is the encoded size; max_image_pixels
+    # guards against decompression bombs (width * height as declared).
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 32_000
+    default_max_new_tokens: int = 128
+    max_new_tokens_limit: int = 2048
+
+    # Remote image sources are refused unless allow-listed.
+    s3_allowed_buckets: tuple[str, ...] = ()
+    https_allowed_hosts: tuple[str, ...] = ()
+    image_fetch_timeout_s: float = 10.0
+
+    # Log prompts, images and full session ids (off: they are users' data).
+    log_content: bool = False
+
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        positive = [
+            "session_ttl_s",
+            "max_sessions_per_worker",
+            "max_images_per_session",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_prompt_chars",
+            "default_max_new_tokens",
+            "max_new_tokens_limit",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"{name} must be > 0, got {getattr(self, name)}; set "
+                    f"{ENV_PREFIX}{name.upper()} or handler.{name} in model-config.yaml"
+                )
+        if self.image_fetch_timeout_s <= 0:
+            raise ConfigError("image_fetch_timeout_s must be > 0")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit}); raise the limit or lower the default"
+            )
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"
+            )
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @classmethod
+    def from_sources(
+        cls,
+        yaml_section: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> "ServingConfig":
+        """Merge defaults, a model-config.yaml ``handler:`` section and the environment."""
+        environ = os.environ if environ is None else environ
+        known = {f.name: f for f in fields(cls) if f.name != "extra"}
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, raw in (yaml_section or {}).items():
+            if key in known:
+                values[key] = _coerce(known[key], raw, f"handler.{key}")
+            else:
+                extra[key] = raw
+        for name, f in known.items():
+            env_name = ENV_PREFIX + name.upper()
+            if env_name in environ:
+                values[name] = _coerce(f, environ[env_name], env_name)
+        for name, raw in overrides.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _coerce(known[name], raw, name)
+        return cls(**values, extra=extra)
+
+    def replace(self, **changes: Any) -> "ServingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, raw: Any, where: str) -> Any:
+    """Turn a YAML or environment value into the field's type, or say what is wrong."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            if isinstance(raw, str):
+                return tuple(p.strip() for p in raw.split(",") if p.strip())
+            return tuple(str(p) for p in raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -1,0 +1,80 @@
+"""Errors with stable codes, shared by the engine, the protocol and the deploy side.
+
+Each error carries a machine-readable ``code`` that clients can rely on and a
+message that says how to fix the problem. HTTP status codes are assigned in one
+place only: ``llava_sessions.handler.http_errors``. This module imports nothing
+heavy so deploy code and clients can use it.
+"""
+
+from __future__ import annotations
+
+
+class SessionsError(Exception):
+    """Base of every error this product reports to a client."""
+
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+# --- client mistakes (4xx) -------------------------------------------------
+
+
+class InvalidJson(SessionsError):
+    code = "INVALID_JSON"
+
+
+class InvalidRequest(SessionsError):
+    code = "INVALID_REQUEST"
+
+
+class InvalidImage(SessionsError):
+    code = "INVALID_IMAGE"
+
+
+class ImageTooLarge(SessionsError):
+    code = "IMAGE_TOO_LARGE"
+
+
+class ImageSourceNotAllowed(SessionsError):
+    code = "IMAGE_SOURCE_NOT_ALLOWED"
+
+
+class TooManyImages(SessionsError):
+    code = "TOO_MANY_IMAGES"
+
+
+class SessionNotFound(SessionsError):
+    code = "SESSION_NOT_FOUND"
+
+
+class SessionBusy(SessionsError):
+    """Another turn of the same session is still running."""
+
+    code = "SESSION_BUSY"
+
+
+class PromptTooLong(SessionsError):
+    code = "PROMPT_TOO_LONG"
+
+
+class TooManySessions(SessionsError):
+    """The worker holds its maximum number of sessions; try again later."""
+
+    code = "TOO_MANY_SESSIONS"
+
+
+# --- our faults (5xx) -----------------------------------------------------
+
+
+class InternalError(SessionsError):
+    code = "INTERNAL_ERROR"
+
+
+class ConfigError(ValueError):
+    """Bad configuration, raised at start-up (never sent to a client)."""

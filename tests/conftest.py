@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny random-weight LLaVA per test run, written the way users get it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_model_dir):
+    import torch
+
+    from llava_sessions.handler.engine.model_loader import load_model
+
+    return load_model(str(tiny_model_dir), torch.device("cpu"))
+
+
+@pytest.fixture
+def images():
+    """Two visibly different RGB images."""
+    from PIL import Image
+
+    red = Image.new("RGB", (40, 30), (200, 10, 10))
+    noise = Image.effect_noise((32, 32), 60).convert("RGB")
+    return [red, noise]

@@ -1,0 +1,422 @@
+"""Random-weight LLaVA checkpoints, built offline, loadable like a real one.
+
+A checkpoint written here goes through exactly the loading code of a real one such as
+llava-hf/llava-1.5-7b-hf (`AutoProcessor.from_pretrained`, `LlavaForConditionalGeneration
+.from_pretrained`), so tests and benchmarks exercise the real code paths with no model hub.
+The weights are random: answers are noise, but shapes, token counts and timings are honest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from dataclasses import asdict, dataclass
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "PRESETS",
+    "MARKER_FILE",
+    "LlavaGeometry",
+    "build_config",
+    "build_processor",
+    "build_random_model",
+    "build_tokenizer",
+    "write_tiny_llava",
+]
+
+UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
+# Llama order for the first three, so ids 0/1/2 mean what they mean in Vicuna.
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
+
+MARKER_FILE = "tiny_llava.json"
+
+# llava-1.5-hf turn format, with the `</s>` that closes each answer in the Vicuna v1 training data:
+#   "USER: <image>\n<prompt> ASSISTANT: <answer></s>USER: <prompt> ASSISTANT:"
+# Newlines are only ever emitted from expressions ({{ '\n' }}), so trim_blocks cannot eat them.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}"
+    "{%- set parts = message['content'] -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>' + '\\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT: ' }}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# Training text for the toy BPE: plain English in the register of image chat, so common words
+# become single tokens and rare ones split into sensible pieces.
+CORPUS = """\
+USER: What is shown in this image? ASSISTANT: The image shows a small brown dog sitting on a wooden
+floor next to a red ball. The dog is looking at the camera with its ears up.
+USER: What color is the car? ASSISTANT: The car is blue, with black tires and silver wheels. It is
+parked on the side of a quiet street in front of a white house.
+USER: How many people are in the picture? ASSISTANT: There are three people in the picture. Two of
+them are standing near the window and one is sitting at the table reading a book.
+USER: Describe the scene in detail. ASSISTANT: This is a photo of a busy city street at night. Tall
+buildings line both sides of the road, and their windows are lit in yellow and orange. Cars and
+buses move slowly through the traffic, and people walk along the sidewalks under the street lights.
+USER: Is there a cat in the image? ASSISTANT: Yes, there is a grey cat sleeping on a green sofa. A
+soft blanket is folded beside it, and a plant stands in a pot near the window.
+USER: What is the weather like? ASSISTANT: The sky is clear and bright blue, with a few white
+clouds. The sun is shining, so it looks like a warm summer day in the park.
+USER: What are the children doing? ASSISTANT: The children are playing football on the grass. One
+boy is kicking the ball while a girl runs to catch it, and their parents watch from a bench.
+USER: What food is on the plate? ASSISTANT: The plate holds a slice of pizza, some fresh salad with
+tomatoes and cucumbers, and a piece of bread. A glass of water stands next to the plate.
+USER: Where was this photo taken? ASSISTANT: The photo was probably taken at the beach. You can see
+the sand, the blue sea, a few small boats on the water and mountains far away in the background.
+USER: What is written on the sign? ASSISTANT: The sign says "Open every day from nine to five". It is
+painted in large black letters on a white board hanging above the door of the shop.
+USER: Can you tell me what the man is holding? ASSISTANT: The man is holding an umbrella in his left
+hand and a cup of coffee in his right hand. He is wearing a dark coat and a hat.
+USER: Is this a kitchen or a living room? ASSISTANT: It is a kitchen. There is a stove, a sink, a
+refrigerator and a wooden table with four chairs. Pots and pans hang on the wall.
+USER: What animal is this? ASSISTANT: This animal is a horse. It is brown with a white spot on its
+face, and it is eating grass in a field surrounded by a wooden fence.
+USER: What time of day is it? ASSISTANT: It seems to be early morning. The light is soft and golden,
+the shadows are long, and there is a thin layer of mist over the lake.
+USER: Please count the apples. ASSISTANT: I can count seven apples in the basket: four red ones and
+three green ones. One more apple has fallen on the table.
+USER: What is unusual about this image? ASSISTANT: The unusual thing is that a man is ironing clothes
+on a board attached to the back of a yellow taxi while it drives through the city.
+USER: Thank you. ASSISTANT: You are welcome! Let me know if you have any other questions about the
+image or if you would like me to describe something else.
+A picture is worth a thousand words. Images can show people, animals, buildings, streets, rooms,
+food, plants, trees, flowers, mountains, rivers, the sea, the sky, the sun and the moon. Colors such
+as red, orange, yellow, green, blue, purple, pink, brown, black, white and grey help us describe what
+we see. We can say that something is large or small, near or far, left or right, above or below,
+inside or outside, in front of or behind something else.
+"""
+
+
+@dataclass(frozen=True)
+class LlavaGeometry:
+    """Every number that shapes a LLaVA-1.5 model: CLIP vision tower, projector, Llama decoder."""
+
+    image_size: int
+    patch_size: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_layers: int
+    vision_num_heads: int
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_num_layers: int
+    text_num_heads: int
+    text_num_kv_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    rms_norm_eps: float = 1e-5
+    # Std of the projector's and decoder's random weights (CLIP keeps its own width-scaled init).
+    # Larger than the usual 0.02 on small widths so that attention and MLP outputs are not
+    # swamped by the residual stream: answers then depend on the prompt and the image, not only
+    # on the last token.
+    init_std: float = 0.02
+
+    @property
+    def num_image_tokens(self) -> int:
+        """`<image>` placeholders per image: one per patch; the "default" strategy drops CLS."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return patches if self.vision_feature_select_strategy == "default" else patches + 1
+
+
+PRESETS: dict[str, LlavaGeometry] = {
+    "tiny": LlavaGeometry(
+        image_size=32,
+        patch_size=8,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_layers=2,
+        vision_num_heads=2,
+        text_hidden_size=64,
+        text_intermediate_size=128,
+        text_num_layers=2,
+        text_num_heads=4,
+        text_num_kv_heads=4,
+        vocab_size=1024,
+        max_position_embeddings=512,
+        init_std=0.2,
+    ),
+    "small": LlavaGeometry(
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=192,
+        vision_intermediate_size=768,
+        vision_num_layers=4,
+        vision_num_heads=4,
+        text_hidden_size=384,
+        text_intermediate_size=1024,
+        text_num_layers=4,
+        text_num_heads=6,
+        text_num_kv_heads=6,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+        init_std=0.1,
+    ),
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px, 2-layer gelu projector, Vicuna-7B.
+    "llava-1.5-7b": LlavaGeometry(
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=1024,
+        vision_intermediate_size=4096,
+        vision_num_layers=24,
+        vision_num_heads=16,
+        text_hidden_size=4096,
+        text_intermediate_size=11008,
+        text_num_layers=32,
+        text_num_heads=32,
+        text_num_kv_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def _train_bpe(vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) trained on CORPUS; the special tokens take ids 0-4."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    # Like Llama: "<s>" opens every sequence, nothing closes it (the chat template writes "</s>").
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return tokenizer
+
+
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with at most `vocab_size` entries and the llava chat template.
+
+    The corpus is small, so large vocab sizes stop where the merges run out; the model's
+    embedding is then larger than the tokenizer, as in llava-1.5-7b-hf (32064 rows, 32002 tokens).
+    """
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(vocab_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
+
+
+def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaConfig:
+    """The LlavaConfig of `geometry`, its special-token ids taken from `tokenizer` (default: ours)."""
+    tokenizer = tokenizer or build_tokenizer(geometry.vocab_size)
+    if len(tokenizer) > geometry.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model vocab only {geometry.vocab_size}")
+    token_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = CLIPVisionConfig(
+        hidden_size=geometry.vision_hidden_size,
+        intermediate_size=geometry.vision_intermediate_size,
+        num_hidden_layers=geometry.vision_num_layers,
+        num_attention_heads=geometry.vision_num_heads,
+        image_size=geometry.image_size,
+        patch_size=geometry.patch_size,
+        projection_dim=768,  # as in llava-1.5-7b-hf; unused by the vision tower itself
+    )
+    text_config = LlamaConfig(
+        vocab_size=geometry.vocab_size,
+        hidden_size=geometry.text_hidden_size,
+        intermediate_size=geometry.text_intermediate_size,
+        num_hidden_layers=geometry.text_num_layers,
+        num_attention_heads=geometry.text_num_heads,
+        num_key_value_heads=geometry.text_num_kv_heads,
+        max_position_embeddings=geometry.max_position_embeddings,
+        rms_norm_eps=geometry.rms_norm_eps,
+        initializer_range=geometry.init_std,
+        **token_ids,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=geometry.num_image_tokens,
+        projector_hidden_act=geometry.projector_hidden_act,
+        vision_feature_layer=geometry.vision_feature_layer,
+        vision_feature_select_strategy=geometry.vision_feature_select_strategy,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_processor(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """CLIP preprocessing at `geometry.image_size` and `<image>` expansion matching the model."""
+    side = geometry.image_size
+    # The PIL backend: the default CLIPImageProcessor of transformers 5 needs torchvision.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=geometry.patch_size,
+        vision_feature_select_strategy=geometry.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _mute_padding_rows(model: LlavaForConditionalGeneration, num_tokens: int) -> None:
+    """Zero the output rows of ids past the tokenizer (the padded part of the vocab).
+
+    Their logits are then 0 while the best of the real, random logits is well above 0, so greedy
+    decoding never emits an id that the tokenizer would silently decode to nothing.
+    """
+    with torch.no_grad():
+        model.get_output_embeddings().weight[num_tokens:].zero_()
+
+
+def build_random_model(
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """(model, processor) with random weights, initialised directly on `device` in `dtype`.
+
+    Nothing touches the disk, so the 7b shape costs 14 GB of (GPU) memory, not of disk.
+    """
+    geometry = PRESETS[preset]
+    tokenizer = build_tokenizer(geometry.vocab_size)
+    config = build_config(geometry, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlavaForConditionalGeneration(config)
+    _mute_padding_rows(model, len(tokenizer))
+    model.generation_config = _generation_config(tokenizer)
+    return model.eval(), build_processor(geometry, tokenizer)
+
+
+def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
+    return (
+        f"# Random-weight LLaVA ({preset}, seed {seed})\n\n"
+        "Written by `llava_sessions.handler.engine.tiny_model`. The weights are RANDOM: every answer\n"
+        "is noise. Only the shapes are meaningful: the checkpoint loads through the same code as\n"
+        "llava-hf/llava-1.5-7b-hf, so it exercises the serving path and gives honest timings.\n\n"
+        f"- image {geometry.image_size} px, patch {geometry.patch_size} px, "
+        f"{geometry.num_image_tokens} image tokens per image\n"
+        f"- vision {geometry.vision_num_layers} x {geometry.vision_hidden_size}, "
+        f"text {geometry.text_num_layers} x {geometry.text_hidden_size}, vocab {geometry.vocab_size}\n"
+    )
+
+
+def _identity(preset: str, seed: int, dtype: torch.dtype) -> dict:
+    """What determines the checkpoint's bytes: same identity, same files."""
+    return {"preset": preset, "seed": seed, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _is_complete(out_dir: pathlib.Path, identity: dict) -> bool:
+    """True when the marker names `identity` and every file it lists is there at its size."""
+    try:
+        marker = json.loads((out_dir / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("identity") != identity:
+        return False
+    return all(
+        (out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+        for name, size in marker.get("files", {}).items()
+    )
+
+
+def _write_marker(out_dir: pathlib.Path, identity: dict, geometry: LlavaGeometry) -> None:
+    files = {
+        path.name: path.stat().st_size
+        for path in sorted(out_dir.iterdir())
+        if path.is_file() and path.name != MARKER_FILE
+    }
+    marker = {"identity": identity, "geometry": asdict(geometry), "files": files}
+    (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def write_tiny_llava(
+    out_dir: str | pathlib.Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> pathlib.Path:
+    """Write a complete random-weight LLaVA checkpoint (safetensors only) to `out_dir`.
+
+    Deterministic: the same preset, seed and dtype give byte-identical weights. Idempotent: a
+    complete checkpoint of the same identity is left as it is.
+    """
+    out_dir = pathlib.Path(out_dir)
+    identity = _identity(preset, seed, dtype)
+    if _is_complete(out_dir, identity):
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written last, so an interrupted write never passes for a complete checkpoint.
+    (out_dir / MARKER_FILE).unlink(missing_ok=True)
+    model, processor = build_random_model(preset, seed, dtype, "cpu")
+    model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
+    processor.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(_checkpoint_readme(preset, seed, PRESETS[preset]))
+    _write_marker(out_dir, identity, PRESETS[preset])
+    return out_dir

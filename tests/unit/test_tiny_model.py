@@ -1,0 +1,191 @@
+"""The random-weight LLaVA checkpoints load and run through the public transformers APIs."""
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from llava_sessions.handler.engine.tiny_model import (
+    MARKER_FILE,
+    PRESETS,
+    build_config,
+    build_processor,
+    build_tokenizer,
+    write_tiny_llava,
+)
+
+TINY = PRESETS["tiny"]
+
+TWO_TURNS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A dog on a sofa."}]},
+    {"role": "user", "content": [{"type": "text", "text": "What color is it?"}]},
+]
+TWO_TURNS_RENDERED = (
+    "USER: <image>\nWhat is in the picture? ASSISTANT: A dog on a sofa.</s>"
+    "USER: What color is it? ASSISTANT:"
+)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No hub: huggingface_hub reads HF_HUB_OFFLINE once at import, so patch the constant too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    return model, processor
+
+
+def noise_image(seed: int, size=(48, 40)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def image_prompt_inputs(processor, image, text):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+def greedy_answer(model, inputs, max_new_tokens=8) -> list[int]:
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def file_bytes(directory, name):
+    return (directory / name).read_bytes()
+
+
+def test_tiny_checkpoint_is_safetensors_only_and_small(tiny_dir):
+    names = {path.name for path in tiny_dir.iterdir()}
+    assert "model.safetensors" in names
+    assert not {name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))}
+    assert sum(path.stat().st_size for path in tiny_dir.iterdir()) < 5_000_000
+    with safe_open(tiny_dir / "model.safetensors", "pt") as weights:
+        assert weights.metadata() == {"format": "pt"}
+    assert "RANDOM" in (tiny_dir / "README.md").read_text()
+
+
+def test_loads_through_public_apis_with_matching_token_ids(loaded):
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    assert isinstance(processor, LlavaProcessor)
+    image_id, eos_id = tokenizer.convert_tokens_to_ids(["<image>", "</s>"])
+    assert model.config.image_token_id == tokenizer.image_token_id == image_id
+    assert model.config.text_config.pad_token_id == tokenizer.pad_token_id
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == eos_id
+    assert model.generation_config.bos_token_id == tokenizer.bos_token_id
+    assert len(tokenizer) <= model.config.text_config.vocab_size
+
+
+def test_processor_expands_one_image_into_one_token_per_patch(loaded):
+    model, processor = loaded
+    inputs = image_prompt_inputs(processor, noise_image(0), "What is in the image?")
+    expected = (TINY.image_size // TINY.patch_size) ** 2
+    assert expected == TINY.num_image_tokens == 16
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == expected
+    assert inputs["pixel_values"].shape == (1, 3, TINY.image_size, TINY.image_size)
+
+
+def test_greedy_generation_is_deterministic_and_depends_on_image_and_prompt(loaded):
+    model, processor = loaded
+    inputs = image_prompt_inputs(processor, noise_image(0), "What is in the image?")
+    answer = greedy_answer(model, inputs)
+    assert answer and answer == greedy_answer(model, inputs)
+    other_image = image_prompt_inputs(processor, noise_image(1), "What is in the image?")
+    other_prompt = image_prompt_inputs(processor, noise_image(0), "Describe the scene in detail.")
+    assert greedy_answer(model, other_image) != answer
+    assert greedy_answer(model, other_prompt) != answer
+    assert max(answer) < len(processor.tokenizer), "padded vocab rows must not win the argmax"
+
+
+def test_same_seed_gives_identical_bytes(tmp_path, tiny_dir):
+    again = write_tiny_llava(tmp_path / "again", seed=0)
+    other_seed = write_tiny_llava(tmp_path / "other", seed=1)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "processor_config.json"):
+        assert file_bytes(again, name) == file_bytes(tiny_dir, name)
+    assert file_bytes(other_seed, "model.safetensors") != file_bytes(tiny_dir, "model.safetensors")
+
+
+def test_complete_checkpoint_is_not_rewritten(tmp_path):
+    out_dir = write_tiny_llava(tmp_path / "ckpt")
+    weights = out_dir / "model.safetensors"
+    written_at = weights.stat().st_mtime_ns
+    assert write_tiny_llava(out_dir) == out_dir
+    assert weights.stat().st_mtime_ns == written_at
+
+
+def test_incomplete_or_different_checkpoint_is_rewritten(tmp_path):
+    out_dir = write_tiny_llava(tmp_path / "ckpt")
+    seed0_weights = file_bytes(out_dir, "model.safetensors")
+    (out_dir / "tokenizer.json").unlink()
+    write_tiny_llava(out_dir)
+    assert (out_dir / "tokenizer.json").is_file()
+    write_tiny_llava(out_dir, seed=1)
+    assert file_bytes(out_dir, "model.safetensors") != seed0_weights
+    assert '"seed": 1' in (out_dir / MARKER_FILE).read_text()
+
+
+def test_chat_template_renders_two_turns_exactly(loaded):
+    _, processor = loaded
+    for renderer in (processor, processor.tokenizer, build_tokenizer()):
+        assert renderer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True) == (
+            TWO_TURNS_RENDERED
+        )
+    without_prompt = processor.apply_chat_template(TWO_TURNS[:2], tokenize=False)
+    assert without_prompt == "USER: <image>\nWhat is in the picture? ASSISTANT: A dog on a sofa.</s>"
+
+
+def test_tokenizer_is_a_real_bpe_with_single_token_specials():
+    tokenizer = build_tokenizer()
+    text = "USER: <image>\nWhat color is the dog? ASSISTANT: The dog is brown.</s>"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "<s>" + text
+    assert tokenizer.tokenize(" dog") == ["Ġdog"]  # a frequent word is one piece
+    assert len(tokenizer.tokenize(" doghouse")) > 1  # an unseen one splits
+    for token in ("<s>", "</s>", "<unk>", "<pad>", "<image>"):
+        assert len(tokenizer.tokenize(token)) == 1
+
+
+def test_small_preset_has_llava_1_5_image_geometry():
+    geometry = PRESETS["small"]
+    tokenizer = build_tokenizer(geometry.vocab_size)
+    config = build_config(geometry, tokenizer)
+    processor = build_processor(geometry, tokenizer)
+    prompt = processor.apply_chat_template(TWO_TURNS, add_generation_prompt=True)
+    inputs = processor(images=noise_image(0, size=(480, 640)), text=prompt, return_tensors="pt")
+    assert geometry.num_image_tokens == config.image_seq_length == 576
+    assert (inputs["input_ids"] == config.image_token_id).sum().item() == 576
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
+
+
+def test_llava_1_5_7b_preset_has_the_real_shape_and_parameter_count():
+    config = build_config(PRESETS["llava-1.5-7b"])
+    vision, text = config.vision_config, config.text_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (336, 14, 1024)
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size) == (24, 16, 4096)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (4096, 32, 32)
+    assert (text.intermediate_size, text.vocab_size, text.max_position_embeddings) == (11008, 32064, 4096)
+    assert text.rms_norm_eps == 1e-5
+    assert config.projector_hidden_act == "gelu" and config.image_seq_length == 576
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    projector = model.model.multi_modal_projector
+    assert (projector.linear_1.in_features, projector.linear_2.out_features) == (1024, 4096)
+    # llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters.
+    assert sum(parameter.numel() for parameter in model.parameters()) == 7_063_427_072

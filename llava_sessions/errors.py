@@ -45,6 +45,12 @@ class ImageSourceNotAllowed(SessionsError):
     code = "IMAGE_SOURCE_NOT_ALLOWED"
 
 
+class ImageFetchFailed(SessionsError):
+    """An allowed image source could not be read: timeout, HTTP or S3 error."""
+
+    code = "IMAGE_FETCH_FAILED"
+
+
 class TooManyImages(SessionsError):
     code = "TOO_MANY_IMAGES"
 

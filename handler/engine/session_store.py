@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 # SageMaker's SessionId pattern (InvokeEndpoint), at most 256 characters.
-SESSION_ID_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+SESSION_ID_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")  # NEW_SESSION has a "_"
 SESSION_ID_MAX_LEN = 256
 
 
@@ -23,7 +23,7 @@ def new_session_id() -> str:
 
 
 def is_valid_session_id(value: str) -> bool:
-    return len(value) <= SESSION_ID_MAX_LEN and SESSION_ID_PATTERN.match(value) is not None
+    return len(value) <= SESSION_ID_MAX_LEN and SESSION_ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass

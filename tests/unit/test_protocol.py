@@ -1,0 +1,595 @@
+"""Unit tests for llava_sessions.handler.protocol: parsing, ids, expiry and response shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llava_sessions.config import ServingConfig
+from llava_sessions.errors import InvalidRequest, SessionNotFound, SessionsError
+from llava_sessions.handler import protocol
+from llava_sessions.handler.protocol import (
+    AWS_SAMPLE,
+    CLOSED_SESSION_HEADER,
+    NATIVE,
+    NEW_SESSION,
+    SESSION_HEADER,
+    CloseSession,
+    OpenSession,
+    Turn,
+    close_response,
+    error_response,
+    format_expires,
+    new_session_id,
+    open_response,
+    open_session_header_value,
+    parse_request,
+    turn_response,
+)
+
+CONFIG = ServingConfig()
+SID = "sess-0123456789abcdef0123456789abcdef"
+SAGEMAKER_PATTERN = re.compile(r"^(NEW_SESSION)$|^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+
+
+def parse(body, session_header=None, config=CONFIG, header_name=SESSION_HEADER):
+    raw = body if isinstance(body, (bytes, bytearray, str)) else json.dumps(body).encode()
+    headers = {} if session_header is None else {header_name: session_header}
+    return parse_request(raw, headers, config)
+
+
+def error_code(body, session_header=None, config=CONFIG, headers=None):
+    raw = body if isinstance(body, (bytes, bytearray, str)) else json.dumps(body).encode()
+    if headers is None:
+        headers = {} if session_header is None else {SESSION_HEADER: session_header}
+    with pytest.raises(SessionsError) as info:
+        parse_request(raw, headers, config)
+    return info.value.code
+
+
+# --- constants ---------------------------------------------------------------------
+
+
+def test_header_names_and_new_session_literal():
+    assert SESSION_HEADER == "X-Amzn-SageMaker-Session-Id"
+    assert CLOSED_SESSION_HEADER == "X-Amzn-SageMaker-Closed-Session-Id"
+    assert NEW_SESSION == "NEW_SESSION"
+
+
+# --- native dialect: open ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("session_header", [None, "", "  ", NEW_SESSION, f" {NEW_SESSION} "])
+def test_native_open_with_no_session_in_header(session_header):
+    assert parse({"requestType": "NEW_SESSION", "images": ["aGk="]}, session_header) == OpenSession(
+        images=("aGk=",), style=NATIVE
+    )
+
+
+def test_native_open_without_images():
+    assert parse({"requestType": "NEW_SESSION"}, NEW_SESSION) == OpenSession(images=(), style=NATIVE)
+
+
+def test_native_open_with_a_session_id_in_header_is_refused():
+    with pytest.raises(InvalidRequest, match="NEW_SESSION"):
+        parse({"requestType": "NEW_SESSION"}, SID)
+
+
+# --- native dialect: turn ------------------------------------------------------------
+
+
+def test_native_turn_with_every_field():
+    body = {
+        "prompt": "What is in the picture?",
+        "max_new_tokens": 64,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "images": ["s3://bucket/a.png", "https://h/b.jpg"],
+        "stream": True,
+    }
+    assert parse(body, SID) == Turn(
+        session_id=SID,
+        prompt="What is in the picture?",
+        max_new_tokens=64,
+        temperature=0.7,
+        top_p=0.9,
+        images=("s3://bucket/a.png", "https://h/b.jpg"),
+        stream=True,
+        style=NATIVE,
+    )
+
+
+def test_native_turn_defaults():
+    config = CONFIG.replace(default_max_new_tokens=77)
+    turn = parse({"prompt": "hi"}, SID, config=config)
+    assert (turn.max_new_tokens, turn.temperature, turn.top_p, turn.images, turn.stream) == (
+        77,
+        0.0,
+        1.0,
+        (),
+        False,
+    )
+    assert isinstance(turn.temperature, float) and isinstance(turn.top_p, float)
+
+
+@pytest.mark.parametrize(
+    "header_name",
+    ["x-amzn-sagemaker-session-id", "X-AMZN-SAGEMAKER-SESSION-ID", "X-Amzn-Sagemaker-Session-Id"],
+)
+def test_header_names_match_in_any_case(header_name):
+    assert parse({"prompt": "hi"}, SID, header_name=header_name).session_id == SID
+
+
+def test_torchserve_style_headers_with_non_text_entries():
+    # TorchServe's get_all_request_header also holds {"body": {"content-type": ...}}.
+    headers = {"body": {"content-type": "application/json"}, "x-amzn-sagemaker-session-id": f" {SID} "}
+    assert parse_request(b'{"prompt": "hi"}', headers, CONFIG).session_id == SID
+
+
+def test_same_session_header_twice_with_equal_values_is_fine():
+    headers = {SESSION_HEADER: SID, SESSION_HEADER.lower(): SID}
+    assert parse_request(b'{"prompt": "hi"}', headers, CONFIG).session_id == SID
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {SESSION_HEADER: SID, SESSION_HEADER.lower(): "other-id"},
+        {SESSION_HEADER: 123},
+    ],
+)
+def test_ambiguous_or_non_text_session_header_is_refused(headers):
+    assert error_code({"prompt": "hi"}, headers=headers) == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize("session_header", [None, "", NEW_SESSION])
+def test_native_turn_without_a_session_says_open_first(session_header):
+    with pytest.raises(InvalidRequest, match="open a session first"):
+        parse({"prompt": "hi"}, session_header)
+
+
+# --- native dialect: close -----------------------------------------------------------
+
+
+def test_native_close():
+    assert parse({"requestType": "CLOSE"}, SID) == CloseSession(session_id=SID, style=NATIVE)
+
+
+@pytest.mark.parametrize("session_header", [None, "", NEW_SESSION])
+def test_native_close_without_session_id_is_refused(session_header):
+    with pytest.raises(InvalidRequest, match="CLOSE needs"):
+        parse({"requestType": "CLOSE"}, session_header)
+
+
+@pytest.mark.parametrize("request_type", ["close", "OPEN", "", None, 1, ["CLOSE"]])
+def test_unknown_request_type_lists_the_allowed_ones(request_type):
+    with pytest.raises(InvalidRequest) as info:
+        parse({"requestType": request_type}, SID)
+    assert "'NEW_SESSION'" in info.value.message and "'CLOSE'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "body, session_header",
+    [
+        ({"requestType": "NEW_SESSION", "prompt": "hi"}, None),
+        ({"prompt": "hi", "session_id": SID}, SID),
+        ({"prompt": "hi", "max_tokens": 5}, SID),
+        ({"requestType": "CLOSE", "images": []}, SID),
+    ],
+)
+def test_unknown_fields_are_refused_with_the_allowed_list(body, session_header):
+    with pytest.raises(InvalidRequest, match="unknown field.*allowed: "):
+        parse(body, session_header)
+
+
+# --- JSON ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"   ",
+        b"\xff\xfe{}",
+        b'{"prompt": "caf\xe9"}',  # Latin-1, not UTF-8
+        b"{prompt: 1}",
+        b'{"prompt": "hi",}',
+        b'{"prompt": "hi", "temperature": NaN}',
+        b'{"prompt": "hi", "temperature": Infinity}',
+        b'{"prompt": "hi", "temperature": -Infinity}',
+        b'{"prompt": "hi", "temperature": 1e999}',
+        b'{"prompt": "hi", "prompt": "again"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": "hi", "max_new_tokens": ' + b"9" * 5000 + b"}",
+    ],
+)
+def test_bad_json_is_invalid_json(raw):
+    assert error_code(raw, SID) == "INVALID_JSON"
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"hi"', b"3", b"null", b"true"])
+def test_json_that_is_not_an_object_is_invalid_request(raw):
+    assert error_code(raw, SID) == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize("raw", [bytearray(b'{"prompt": "hi"}'), '{"prompt": "hi"}'])
+def test_body_as_bytearray_or_text(raw):
+    assert parse(raw, SID).prompt == "hi"
+
+
+def test_unicode_prompt_survives():
+    # A UTF-8 é, and an emoji sent as a JSON surrogate-pair escape.
+    body = '{"prompt": "caf\u00e9 ' + r'\ud83d\ude00"}'
+    assert parse(body.encode(), SID).prompt == "caf\u00e9 \U0001f600"
+
+
+# --- field validation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("prompt", None),
+        ("prompt", ""),
+        ("prompt", "   \n"),
+        ("prompt", 5),
+        ("prompt", ["hi"]),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", -1),
+        ("max_new_tokens", CONFIG.max_new_tokens_limit + 1),
+        ("max_new_tokens", True),
+        ("max_new_tokens", 8.0),
+        ("max_new_tokens", "8"),
+        ("max_new_tokens", None),
+        ("max_new_tokens", 10**100),
+        ("temperature", -0.01),
+        ("temperature", 2.01),
+        ("temperature", True),
+        ("temperature", "0.5"),
+        ("temperature", None),
+        ("top_p", 0),
+        ("top_p", -0.5),
+        ("top_p", 1.0001),
+        ("top_p", False),
+        ("top_p", "1"),
+        ("images", "aGk="),
+        ("images", {"a": "b"}),
+        ("images", [""]),
+        ("images", ["  "]),
+        ("images", [1]),
+        ("images", [None]),
+        ("images", [["aGk="]]),
+        ("stream", "true"),
+        ("stream", 1),
+        ("stream", None),
+    ],
+)
+def test_invalid_turn_fields(field, value):
+    body = {"prompt": "hi", field: value}
+    assert error_code(body, SID) == "INVALID_REQUEST"
+
+
+def test_missing_prompt():
+    with pytest.raises(InvalidRequest, match="'prompt' is missing"):
+        parse({"max_new_tokens": 5}, SID)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("max_new_tokens", 1, 1),
+        ("max_new_tokens", CONFIG.max_new_tokens_limit, CONFIG.max_new_tokens_limit),
+        ("temperature", 0, 0.0),
+        ("temperature", 2, 2.0),
+        ("temperature", 1e-9, 1e-9),
+        ("top_p", 1, 1.0),
+        ("top_p", 0.01, 0.01),
+        ("stream", False, False),
+    ],
+)
+def test_boundary_values_are_accepted(field, value, expected):
+    assert getattr(parse({"prompt": "hi", field: value}, SID), field) == expected
+
+
+def test_prompt_length_limit():
+    config = CONFIG.replace(max_prompt_chars=10)
+    assert parse({"prompt": "x" * 10}, SID, config=config).prompt == "x" * 10
+    assert error_code({"prompt": "x" * 11}, SID, config=config) == "PROMPT_TOO_LONG"
+
+
+def test_prompt_with_an_unpaired_surrogate_is_refused():
+    assert error_code(b'{"prompt": "a\\ud800b"}', SID) == "INVALID_REQUEST"
+
+
+def test_prompt_text_is_not_echoed_in_errors():
+    config = CONFIG.replace(max_prompt_chars=10)
+    with pytest.raises(SessionsError) as info:
+        parse({"prompt": "SECRET-" * 3}, SID, config=config)
+    assert "SECRET" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "body, session_header",
+    [
+        ({"requestType": "NEW_SESSION", "images": ["a"] * 3}, None),
+        ({"prompt": "hi", "images": ["a"] * 3}, SID),
+    ],
+)
+def test_image_count_limit(body, session_header):
+    config = CONFIG.replace(max_images_per_session=2)
+    assert error_code(body, session_header, config=config) == "TOO_MANY_IMAGES"
+    body["images"] = ["a"] * 2
+    assert len(parse(body, session_header, config=config).images) == 2
+
+
+# --- session ids -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    ["a", "Z9", "a-b", "a---b", "ts-seq-0b8f7a3c-1d2e-4f5a-9b8c-7d6e5f4a3b2c", "x" * 256, SID],
+)
+def test_valid_session_ids(session_id):
+    assert SAGEMAKER_PATTERN.match(session_id)
+    assert parse({"prompt": "hi"}, session_id).session_id == session_id
+
+
+@pytest.mark.parametrize(
+    "session_id",
+    [
+        "-a",
+        "a-",
+        "a_b",
+        "a.b",
+        "a b",
+        "x" * 257,
+        "caf\u00e9",
+        "a;b",
+        "new_session",
+        f"{SID}; Expires=2024-01-01T00:00:00Z",
+    ],
+)
+def test_invalid_session_ids(session_id):
+    assert error_code({"prompt": "hi"}, session_id) == "INVALID_REQUEST"
+    body_id_sample = {"type": "send_text_prompt", "session_id": session_id, "prompt_text": "hi"}
+    assert error_code(body_id_sample, None) == "INVALID_REQUEST"
+
+
+def test_is_valid_session_id():
+    assert protocol.is_valid_session_id(SID)
+    assert not protocol.is_valid_session_id(NEW_SESSION)
+    assert not protocol.is_valid_session_id("")
+
+
+def test_new_session_ids_are_unique_random_and_match_the_pattern():
+    ids = [new_session_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for session_id in ids:
+        assert re.fullmatch(r"sess-[0-9a-f]{32}", session_id)  # 32 hex digits = 128 random bits
+        assert SAGEMAKER_PATTERN.match(session_id) and len(session_id) <= 256
+    # Every hex position varies: no fixed or counter-like digits.
+    for position in range(5, 37):
+        assert len({session_id[position] for session_id in ids}) == 16
+
+
+def test_new_session_id_uses_secrets(monkeypatch):
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "ab" * n)
+    assert new_session_id() == "sess-" + "ab" * 16
+
+
+# --- expiry ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "epoch, expected",
+    [
+        (0, "1970-01-01T00:00:00Z"),
+        (1_700_000_000, "2023-11-14T22:13:20Z"),
+        (1_700_000_000.999, "2023-11-14T22:13:20Z"),
+        (951_782_400, "2000-02-29T00:00:00Z"),
+    ],
+)
+def test_format_expires_is_utc(epoch, expected):
+    assert format_expires(epoch) == expected
+
+
+def test_format_expires_ignores_the_local_time_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        assert format_expires(1_700_000_000) == "2023-11-14T22:13:20Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_open_session_header_value():
+    assert open_session_header_value(SID, 1_700_000_000) == f"{SID}; Expires=2023-11-14T22:13:20Z"
+    with pytest.raises(ValueError):
+        open_session_header_value("bad\r\nX-Injected: 1", 0)
+
+
+# --- AWS sample dialect --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("session_header", [None, "", NEW_SESSION])
+def test_sample_start_session(session_header):
+    # dataclass_json's to_json() sends the optional session_id as null.
+    body = {"type": "start_session", "path": "https://images.example.com/cat.jpg", "session_id": None}
+    assert parse(body, session_header) == OpenSession(
+        images=("https://images.example.com/cat.jpg",), style=AWS_SAMPLE
+    )
+
+
+@pytest.mark.parametrize(
+    "body, session_header",
+    [
+        ({"type": "start_session", "path": "aGk=", "session_id": SID}, None),
+        ({"type": "start_session", "path": "aGk="}, SID),
+        ({"type": "start_session"}, None),
+        ({"type": "start_session", "path": ""}, None),
+        ({"type": "start_session", "path": ["aGk="]}, None),
+        ({"type": "start_session", "path": "aGk=", "images": ["aGk="]}, None),
+    ],
+)
+def test_sample_start_session_refusals(body, session_header):
+    assert error_code(body, session_header) == "INVALID_REQUEST"
+
+
+@pytest.mark.parametrize(
+    "session_header, body_id",
+    [(SID, None), (SID, SID), (None, SID), (NEW_SESSION, SID), ("", SID)],
+)
+def test_sample_text_prompt_takes_the_id_from_header_or_body(session_header, body_id):
+    body = {"type": "send_text_prompt", "session_id": body_id, "prompt_text": "describe the picture"}
+    assert parse(body, session_header) == Turn(
+        session_id=SID,
+        prompt="describe the picture",
+        max_new_tokens=CONFIG.default_max_new_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        images=(),
+        stream=False,
+        style=AWS_SAMPLE,
+    )
+
+
+def test_sample_text_prompt_accepts_generation_options():
+    body = {
+        "type": "send_text_prompt",
+        "session_id": SID,
+        "prompt_text": "hi",
+        "max_new_tokens": 9,
+        "temperature": 0.2,
+        "top_p": 0.5,
+        "stream": True,
+    }
+    turn = parse(body, SID)
+    assert (turn.max_new_tokens, turn.temperature, turn.top_p, turn.stream) == (9, 0.2, 0.5, True)
+
+
+@pytest.mark.parametrize(
+    "body, session_header, message",
+    [
+        ({"type": "send_text_prompt", "session_id": "other-id", "prompt_text": "hi"}, SID, "differs"),
+        ({"type": "send_text_prompt", "prompt_text": "hi"}, None, "names no session"),
+        ({"type": "send_text_prompt", "prompt_text": "hi"}, NEW_SESSION, "open a session first"),
+        ({"type": "send_text_prompt", "session_id": 7, "prompt_text": "hi"}, None, "must be a string"),
+        ({"type": "send_text_prompt", "session_id": SID}, None, "'prompt_text' is missing"),
+        ({"type": "send_text_prompt", "session_id": SID, "prompt": "hi"}, None, "unknown field"),
+        ({"type": "close_session"}, None, "names no session"),
+        ({"type": "close_session", "session_id": "other-id"}, SID, "differs"),
+        (
+            {"type": "reset_session", "session_id": SID},
+            None,
+            "start_session, send_text_prompt, close_session",
+        ),
+        ({"type": None}, None, "start_session, send_text_prompt, close_session"),
+        ({"type": "close_session", "requestType": "CLOSE", "session_id": SID}, None, "unknown field"),
+    ],
+)
+def test_sample_refusals(body, session_header, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse(body, session_header)
+
+
+@pytest.mark.parametrize("session_header, body_id", [(SID, None), (None, SID), (SID, SID)])
+def test_sample_close_session(session_header, body_id):
+    body = {"type": "close_session", "session_id": body_id}
+    assert parse(body, session_header) == CloseSession(session_id=SID, style=AWS_SAMPLE)
+
+
+def test_sample_round_trip_like_the_notebook():
+    """The AWS sample's client: open, two prompts, close; each reply parses with its field names."""
+    opened = parse(
+        json.dumps({"type": "start_session", "path": "https://h/x.jpg", "session_id": None}), NEW_SESSION
+    )
+    reply = open_response(SID, 1_700_000_000, style=opened.style)
+    assert reply == {"session_id": SID}
+
+    for prompt in ("describe the picture", "is there a mountain in the picture, describe it"):
+        turn = parse(
+            json.dumps(
+                {"type": "send_text_prompt", "session_id": reply["session_id"], "prompt_text": prompt}
+            ),
+            reply["session_id"],
+        )
+        assert (turn.session_id, turn.prompt, turn.style) == (SID, prompt, AWS_SAMPLE)
+        answer = turn_response(
+            "A cat.", prompt_tokens=600, cached_tokens=590, completion_tokens=3, style=turn.style
+        )
+        assert answer == {"response_text": "A cat."}
+
+    closed = parse(json.dumps({"type": "close_session", "session_id": SID}), SID)
+    assert close_response(closed.session_id, style=closed.style) == {"success": True}
+
+
+def test_native_round_trip():
+    opened = parse({"requestType": "NEW_SESSION", "images": ["aGk="]}, NEW_SESSION)
+    assert open_response(SID, 1_700_000_000, style=opened.style) == {
+        "session_id": SID,
+        "expires_at": "2023-11-14T22:13:20Z",
+    }
+    turn = parse({"prompt": "hi"}, SID)
+    assert turn_response(
+        "Hello.", prompt_tokens=10, cached_tokens=4, completion_tokens=2, style=turn.style
+    ) == {
+        "generated_text": "Hello.",
+        "usage": {"prompt_tokens": 10, "cached_tokens": 4, "completion_tokens": 2},
+    }
+    closed = parse({"requestType": "CLOSE"}, SID)
+    assert close_response(closed.session_id, style=closed.style) == {"session_id": SID, "closed": True}
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+def test_error_response_uses_the_error_dict():
+    error = SessionNotFound("no session with that id on this worker; open a new one")
+    assert error_response(error) == {
+        "error": {
+            "code": "SESSION_NOT_FOUND",
+            "message": "no session with that id on this worker; open a new one",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: open_response(SID, 0, style="other"),
+        lambda: turn_response("x", prompt_tokens=1, cached_tokens=0, completion_tokens=1, style="other"),
+        lambda: close_response(SID, style="other"),
+    ],
+)
+def test_unknown_style_is_a_programming_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_responses_are_json_serialisable():
+    for body in (
+        open_response(SID, 0),
+        turn_response("x", prompt_tokens=1, cached_tokens=0, completion_tokens=1),
+        close_response(SID),
+        error_response(InvalidRequest("x")),
+    ):
+        json.dumps(body, allow_nan=False)
+
+
+# --- torch-free -------------------------------------------------------------------------------
+
+
+def test_protocol_imports_no_torch():
+    code = (
+        "import sys, llava_sessions.handler.protocol\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

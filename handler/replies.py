@@ -1,0 +1,41 @@
+"""What the adapter sends back, and the one place where error codes become HTTP status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llava_sessions.errors import SessionsError
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+    # A TorchServe sequence (job group) to end with this reply, if any.
+    end_sequence: str | None = None
+
+STATUS_BY_CODE: dict[str, int] = {
+    "INVALID_JSON": 400,
+    "INVALID_REQUEST": 400,
+    "INVALID_IMAGE": 400,
+    "IMAGE_SOURCE_NOT_ALLOWED": 403,
+    # An allowed source that could not be read (missing key, timeout): the image is the dependency.
+    "IMAGE_FETCH_FAILED": 424,
+    "TOO_MANY_IMAGES": 400,
+    "PROMPT_TOO_LONG": 400,
+    "SESSION_NOT_FOUND": 404,
+    "SESSION_BUSY": 409,
+    "IMAGE_TOO_LARGE": 413,
+    "TOO_MANY_SESSIONS": 429,
+    "INTERNAL_ERROR": 500,
+}
+
+
+def http_status(error: SessionsError) -> int:
+    """4xx for client mistakes, 5xx only for our faults; unknown codes are ours."""
+    return STATUS_BY_CODE.get(error.code, 500)
+
+
+def error_reply(error: SessionsError) -> Reply:
+    return Reply(http_status(error), error.to_dict())

@@ -1,0 +1,111 @@
+"""The TorchServe adapter driven through TorchServe's own Context, without a server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import pytest
+from ts.context import Context, RequestProcessor
+
+from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+
+SESSION = "X-Amzn-SageMaker-Session-Id"
+END_KEY = "ts_request_sequence_end"
+
+
+def png_b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def handler(tiny_model_dir):
+    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
+                      model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
+    h = LlavaSessionHandler()
+    h.initialize(context)
+    yield h
+    h.engine.stop()
+
+
+def call(handler, body, headers=None, sequence_id=None):
+    """One request through handle(); returns (status, json body, response headers)."""
+    headers = dict(headers or {})
+    if sequence_id is not None:
+        headers["ts_request_sequence_id"] = sequence_id
+    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
+    context.request_processor = [RequestProcessor(headers)]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    [out] = handler.handle([{"body": raw}], context)
+    processor = context.request_processor[0]
+    return processor.get_response_status_code(), json.loads(out), processor.get_response_headers()
+
+
+def test_open_turn_close_round_trip(handler, images):
+    status, body, headers = call(handler, {"requestType": "NEW_SESSION", "images": [png_b64(images[0])]},
+                                 {SESSION: "NEW_SESSION"})
+    assert status == 200
+    value = headers[SESSION]
+    match = re.fullmatch(r"(sess-[0-9a-f]{32}); Expires=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", value)
+    assert match and body["session_id"] == match.group(1) and body["expires_at"] == match.group(2)
+    sid = body["session_id"]
+    # The literal NEW_SESSION job group is ended so it pins nothing.
+    status, _, headers = call(handler, {"requestType": "NEW_SESSION", "images": []}, {SESSION: "NEW_SESSION"},
+                              sequence_id="NEW_SESSION")
+    assert status == 200 and headers[END_KEY] == "NEW_SESSION"
+
+    first = call(handler, {"prompt": "What is this?", "max_new_tokens": 5}, {"x-amzn-sagemaker-session-id": sid})
+    second = call(handler, {"prompt": "And then?", "max_new_tokens": 5}, {SESSION: sid}, sequence_id=sid)
+    assert first[0] == second[0] == 200
+    assert first[1]["usage"]["cached_tokens"] == 0 and first[1]["usage"]["completion_tokens"] == 5
+    assert second[1]["usage"]["cached_tokens"] > 0
+    assert END_KEY not in second[2]  # the session lives on: keep its sequence
+
+    status, body, headers = call(handler, {"requestType": "CLOSE"}, {SESSION: sid}, sequence_id=sid)
+    assert status == 200 and headers["X-Amzn-SageMaker-Closed-Session-Id"] == sid
+    assert headers[END_KEY] == sid
+    status, body, _ = call(handler, {"prompt": "still there?"}, {SESSION: sid})
+    assert status == 404 and body["error"]["code"] == "SESSION_NOT_FOUND"
+
+
+def test_frontend_sequence_id_becomes_the_session_id(handler):
+    sequence = "ts-seq-0b5e1c1e-8a4f-4c1e-9c39-6f1c1c2d3e4f"
+    status, body, headers = call(handler, {"requestType": "NEW_SESSION"}, {}, sequence_id=sequence)
+    assert status == 200 and body["session_id"] == sequence and END_KEY not in headers
+    call(handler, {"requestType": "CLOSE"}, {SESSION: sequence}, sequence_id=sequence)
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, code",
+    [
+        (b"{not json", {}, 400, "INVALID_JSON"),
+        ({"requestType": "NEW_SESSION", "images": ["bm90IGFuIGltYWdl"]}, {}, 400, "INVALID_IMAGE"),
+        ({"prompt": "hi"}, {SESSION: "sess-unknown"}, 404, "SESSION_NOT_FOUND"),
+        ({"prompt": "hi", "max_new_tokens": 0}, {SESSION: "sess-x"}, 400, "INVALID_REQUEST"),
+        ({"requestType": "NEW_SESSION", "images": ["s3://not-allowed/key.png"]}, {}, 403, "IMAGE_SOURCE_NOT_ALLOWED"),
+    ],
+)
+def test_client_mistakes_get_4xx_json_and_the_worker_keeps_serving(handler, body, headers, status, code):
+    got_status, got_body, _ = call(handler, body, headers)
+    assert (got_status, got_body["error"]["code"]) == (status, code)
+    assert got_body["error"]["message"]
+    assert call(handler, {"requestType": "NEW_SESSION"}, {})[0] == 200
+
+
+def test_aws_sample_dialect(handler, images, tiny_model_dir, tmp_path):
+    image = tmp_path / "pic.png"
+    images[1].save(image)
+    data_url = "data:image/png;base64," + png_b64(images[1])
+    status, body, headers = call(handler, {"type": "start_session", "path": data_url}, {SESSION: "NEW_SESSION"})
+    assert status == 200 and set(body) == {"session_id"}
+    sid = body["session_id"]
+    assert headers[SESSION].startswith(sid + "; Expires=")
+    status, body, _ = call(handler, {"type": "send_text_prompt", "session_id": sid, "prompt_text": "Describe"},
+                           {SESSION: sid})
+    assert status == 200 and isinstance(body["response_text"], str)
+    status, body, headers = call(handler, {"type": "close_session", "session_id": sid}, {SESSION: sid})
+    assert status == 200 and body == {"success": True}

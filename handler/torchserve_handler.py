@@ -46,7 +46,8 @@ class LlavaSessionHandler:
         source = self.config.model or os.path.join(properties["model_dir"], ARCHIVE_MODEL_SUBDIR)
         device = resolve_device(self.config.device, properties.get("gpu_id"))
         self.engine = SessionEngine(load_model(source, device, self.config.dtype), self.config)
-        self.engine.start_expiry_sweeper()
+        # Check often enough that a session outlives its TTL by at most a quarter of it.
+        self.engine.start_expiry_sweeper(interval_s=min(5.0, self.config.session_ttl_s / 4))
         self.initialized = True
 
     # --- TorchServe's entry point -------------------------------------------
@@ -55,7 +56,7 @@ class LlavaSessionHandler:
         bodies = []
         for idx, row in enumerate(data):
             sequence_id = context.get_sequence_id(idx)
-            reply = self.handle_one(row, context.get_all_request_header(idx) or {}, sequence_id)
+            reply = self.handle_one(row, _client_headers(context, idx), sequence_id)
             if sequence_id and not self.engine.has_session(sequence_id):
                 # The frontend's job group names no live session here (closed, failed open,
                 # literal NEW_SESSION): end it so it neither pins a worker nor holds capacity.
@@ -135,6 +136,20 @@ class LlavaSessionHandler:
         if reply.end_sequence:
             # SequenceContinuousBatching reads this header and drops the job group.
             context.set_response_header(idx, context.header_key_sequence_end, reply.end_sequence)
+
+
+def _client_headers(context, idx: int) -> dict:
+    """The request's headers as the client sent them.
+
+    When a request arrives without a session id, TorchServe's frontend mints
+    ``ts-seq-<uuid>``, writes it under the mapped session header name and flags
+    the sequence start: that value is the frontend's, not the client's.
+    """
+    headers = context.get_all_request_header(idx) or {}
+    if str(headers.get(context.header_key_sequence_start, "")).lower() != "true":
+        return headers
+    minted = context.header_key_sequence_id.lower()
+    return {k: v for k, v in headers.items() if str(k).lower() != minted}
 
 
 def _frontend_session_id(sequence_id: str | None) -> str | None:

@@ -291,6 +291,7 @@ class SessionEngine:
         state.pending_images += len(images)
         self.counters.vision_tower_runs += 1
         self.counters.images_encoded += len(images)
+        log.info("vision tower: encoded %d image(s)", len(images))
 
     def _expire(self, now: float) -> int:
         expired = [sid for sid in self._store.expired(now) if not self._store.lookup(sid).busy]
@@ -302,6 +303,7 @@ class SessionEngine:
     def _free(self, session_id: str) -> None:
         self._store.remove(session_id)
         self._states.pop(session_id, None)
+        log.info("sessions: %d open, %d bytes held", len(self._store), self.bytes_held())
 
 
 def _not_found_message() -> str:

@@ -32,11 +32,23 @@ def handler(tiny_model_dir):
     h.engine.stop()
 
 
-def call(handler, body, headers=None, sequence_id=None):
-    """One request through handle(); returns (status, json body, response headers)."""
+@pytest.fixture(autouse=True)
+def sagemaker_header_mapping(monkeypatch):
+    """As in our archives: TorchServe's sequence id travels in the SageMaker session header."""
+    monkeypatch.setenv("TS_REQUEST_SEQUENCE_ID", SESSION)
+
+
+def call(handler, body, headers=None, sequence_id=None, minted=False):
+    """One request through handle(), headers as TorchServe's frontend forwards them.
+
+    ``sequence_id`` is the job group the frontend put the request in; ``minted``
+    says the frontend made it up because the client sent no session id.
+    """
     headers = dict(headers or {})
     if sequence_id is not None:
-        headers["ts_request_sequence_id"] = sequence_id
+        headers[SESSION] = sequence_id
+    if minted:
+        headers["ts_request_sequence_start"] = "true"
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
     context.request_processor = [RequestProcessor(headers)]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -54,18 +66,17 @@ def test_open_turn_close_round_trip(handler, images):
     assert match and body["session_id"] == match.group(1) and body["expires_at"] == match.group(2)
     sid = body["session_id"]
     # The literal NEW_SESSION job group is ended so it pins nothing.
-    status, _, headers = call(handler, {"requestType": "NEW_SESSION", "images": []}, {SESSION: "NEW_SESSION"},
-                              sequence_id="NEW_SESSION")
+    status, _, headers = call(handler, {"requestType": "NEW_SESSION", "images": []}, sequence_id="NEW_SESSION")
     assert status == 200 and headers[END_KEY] == "NEW_SESSION"
 
     first = call(handler, {"prompt": "What is this?", "max_new_tokens": 5}, {"x-amzn-sagemaker-session-id": sid})
-    second = call(handler, {"prompt": "And then?", "max_new_tokens": 5}, {SESSION: sid}, sequence_id=sid)
+    second = call(handler, {"prompt": "And then?", "max_new_tokens": 5}, sequence_id=sid)
     assert first[0] == second[0] == 200
     assert first[1]["usage"]["cached_tokens"] == 0 and first[1]["usage"]["completion_tokens"] == 5
     assert second[1]["usage"]["cached_tokens"] > 0
     assert END_KEY not in second[2]  # the session lives on: keep its sequence
 
-    status, body, headers = call(handler, {"requestType": "CLOSE"}, {SESSION: sid}, sequence_id=sid)
+    status, body, headers = call(handler, {"requestType": "CLOSE"}, sequence_id=sid)
     assert status == 200 and headers["X-Amzn-SageMaker-Closed-Session-Id"] == sid
     assert headers[END_KEY] == sid
     status, body, _ = call(handler, {"prompt": "still there?"}, {SESSION: sid})
@@ -74,9 +85,9 @@ def test_open_turn_close_round_trip(handler, images):
 
 def test_frontend_sequence_id_becomes_the_session_id(handler):
     sequence = "ts-seq-0b5e1c1e-8a4f-4c1e-9c39-6f1c1c2d3e4f"
-    status, body, headers = call(handler, {"requestType": "NEW_SESSION"}, {}, sequence_id=sequence)
+    status, body, headers = call(handler, {"requestType": "NEW_SESSION"}, sequence_id=sequence, minted=True)
     assert status == 200 and body["session_id"] == sequence and END_KEY not in headers
-    call(handler, {"requestType": "CLOSE"}, {SESSION: sequence}, sequence_id=sequence)
+    call(handler, {"requestType": "CLOSE"}, sequence_id=sequence)
 
 
 @pytest.mark.parametrize(

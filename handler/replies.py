@@ -12,8 +12,6 @@ class Reply:
     status: int
     body: dict
     headers: dict[str, str] = field(default_factory=dict)
-    # A TorchServe sequence (job group) to end with this reply, if any.
-    end_sequence: str | None = None
 
 STATUS_BY_CODE: dict[str, int] = {
     "INVALID_JSON": 400,

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 # Where build_archive puts the checkpoint inside the model archive.
 ARCHIVE_MODEL_SUBDIR = "model"
-# TorchServe's frontend fills this header on requests without a session id.
-_TS_SEQUENCE_PREFIX = "ts-seq-"
 
 
 class LlavaSessionHandler:
@@ -55,20 +53,15 @@ class LlavaSessionHandler:
     def handle(self, data: list[dict], context) -> list[str]:
         bodies = []
         for idx, row in enumerate(data):
-            sequence_id = context.get_sequence_id(idx)
-            reply = self.handle_one(row, _client_headers(context, idx), sequence_id)
-            if sequence_id and not self.engine.has_session(sequence_id):
-                # The frontend's job group names no live session here (closed, failed open,
-                # literal NEW_SESSION): end it so it neither pins a worker nor holds capacity.
-                reply.end_sequence = sequence_id
+            reply = self.handle_one(row, context.get_all_request_header(idx) or {})
             self._send(context, idx, reply)
             bodies.append(json.dumps(reply.body))
         return bodies
 
-    def handle_one(self, row: dict, headers: dict, sequence_id: str | None) -> Reply:
+    def handle_one(self, row: dict, headers: dict) -> Reply:
         try:
             request = self.decode_request(row, headers)
-            return self.encode_response(request, self.run(request, sequence_id))
+            return self.encode_response(request, self.run(request))
         except SessionsError as error:
             return error_reply(error)
         except Exception:
@@ -90,12 +83,12 @@ class LlavaSessionHandler:
 
     # --- hook 3: run on the engine -------------------------------------------
 
-    def run(self, request, sequence_id: str | None):
+    def run(self, request):
         from llava_sessions.handler.engine.generation import SamplingParams
 
         if isinstance(request, protocol.OpenSession):
             images = image_sources.load_images(request.images, self.config)
-            return self.engine.open_session(images, session_id=_frontend_session_id(sequence_id))
+            return self.engine.open_session(images)
         if isinstance(request, protocol.Turn):
             images = image_sources.load_images(request.images, self.config)
             params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
@@ -133,32 +126,4 @@ class LlavaSessionHandler:
         context.set_response_content_type(idx, "application/json")
         for name, value in reply.headers.items():
             context.set_response_header(idx, name, value)
-        if reply.end_sequence:
-            # SequenceContinuousBatching reads this header and drops the job group.
-            context.set_response_header(idx, context.header_key_sequence_end, reply.end_sequence)
-
-
-def _client_headers(context, idx: int) -> dict:
-    """The request's headers as the client sent them.
-
-    When a request arrives without a session id, TorchServe's frontend mints
-    ``ts-seq-<uuid>``, writes it under the mapped session header name and flags
-    the sequence start: that value is the frontend's, not the client's.
-    """
-    headers = context.get_all_request_header(idx) or {}
-    if str(headers.get(context.header_key_sequence_start, "")).lower() != "true":
-        return headers
-    minted = context.header_key_sequence_id.lower()
-    return {k: v for k, v in headers.items() if str(k).lower() != minted}
-
-
-def _frontend_session_id(sequence_id: str | None) -> str | None:
-    """Reuse the sequence id TorchServe minted for this open, so its routing keeps later turns here.
-
-    A ``ts-seq-<uuid4>`` id has 122 random bits. Anything else (the literal
-    NEW_SESSION, or no sequence batching) gets a fresh id from the engine.
-    """
-    if sequence_id and sequence_id.startswith(_TS_SEQUENCE_PREFIX):
-        return sequence_id
-    return None
 

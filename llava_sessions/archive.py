@@ -54,9 +54,6 @@ PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 # Files below this size are fingerprinted by content, larger ones by size+mtime.
 HASHED_FILE_LIMIT = 1 << 20
-# SnakeYAML reads larger ints as Long, which TorchServe's ModelConfig ignores
-# ("should be positive int"), silently turning sequence batching off.
-JAVA_INT_MAX = 2**31 - 1
 
 
 def build_archive(
@@ -64,7 +61,6 @@ def build_archive(
     out_dir: str | Path,
     *,
     model_name: str = "llava",
-    workers: int,
     sessions_per_worker: int,
     session_ttl_s: int,
     handler_overrides: Mapping[str, Any] | None = None,
@@ -79,10 +75,9 @@ def build_archive(
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     handler_path = Path(handler_file) if handler_file else default_handler_file()
-    _check_arguments(fmt, workers, sessions_per_worker, session_ttl_s, handler_path)
+    _check_arguments(fmt, sessions_per_worker, session_ttl_s, handler_path)
     checkpoint = checkpoint_files(model_dir)
     model_config = render_model_config(
-        workers=workers,
         sessions_per_worker=sessions_per_worker,
         session_ttl_s=session_ttl_s,
         handler_overrides=handler_overrides,
@@ -135,26 +130,13 @@ def _glob(directory: Path, patterns: tuple[str, ...]) -> Iterator[Path]:
 
 def render_model_config(
     *,
-    workers: int,
     sessions_per_worker: int,
     session_ttl_s: int,
     handler_overrides: Mapping[str, Any] | None = None,
     template: Path = MODEL_CONFIG_TEMPLATE,
 ) -> str:
-    """model-config.yaml text: the template with worker, session and handler values filled in."""
+    """model-config.yaml text: the template with session and handler values filled in."""
     config = yaml.safe_load(template.read_text())
-    ttl_ms = session_ttl_s * 1000
-    capacity = sessions_per_worker * workers
-    config.update(
-        minWorkers=workers,
-        maxWorkers=workers,
-        # TorchServe may put any share of the sequences on one worker, and a
-        # worker stalls sequences beyond batchSize (see the template).
-        batchSize=capacity,
-        maxNumSequence=capacity,
-        sequenceMaxIdleMSec=ttl_ms,
-        sequenceTimeoutMSec=ttl_ms,
-    )
     config["handler"] = _handler_section(
         config.get("handler") or {}, sessions_per_worker, session_ttl_s, handler_overrides or {}
     )
@@ -185,22 +167,15 @@ def _handler_section(
     return merged
 
 
-def _check_arguments(
-    fmt: str, workers: int, sessions_per_worker: int, session_ttl_s: int, handler_path: Path
-) -> None:
+def _check_arguments(fmt: str, sessions_per_worker: int, session_ttl_s: int, handler_path: Path) -> None:
     if fmt not in FORMAT_SUFFIX:
         raise ConfigError(f"fmt must be one of {sorted(FORMAT_SUFFIX)}, got {fmt!r}")
     for name, value in (
-        ("workers", workers),
         ("sessions_per_worker", sessions_per_worker),
         ("session_ttl_s", session_ttl_s),
     ):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    if session_ttl_s * 1000 > JAVA_INT_MAX:
-        raise ConfigError(
-            f"session_ttl_s must be <= {JAVA_INT_MAX // 1000} (TorchServe reads ms as an int)"
-        )
     if not handler_path.is_file():
         raise ConfigError(f"handler file not found: {handler_path}")
 

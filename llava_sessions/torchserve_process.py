@@ -28,25 +28,18 @@ HTTP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 60
 REQUEST_LOG_LINE = re.compile(r" (ACCESS_LOG|TS_METRICS) - ")
 
-# Front-end config key -> worker env var that must hold the same header name
-# (ConfigManager reads the first, ts/context.py the second); defaults as in 0.12.
-SEQUENCE_HEADER_KEYS = {
-    "ts_header_key_sequence_id": ("TS_REQUEST_SEQUENCE_ID", "ts_request_sequence_id"),
-    "ts_header_key_sequence_start": ("TS_REQUEST_SEQUENCE_START", "ts_request_sequence_start"),
-    "ts_header_key_sequence_end": ("TS_REQUEST_SEQUENCE_END", "ts_request_sequence_end"),
-}
-
-
 class TorchServeError(RuntimeError):
     """TorchServe did not start, did not get ready, or could not be asked."""
 
 
 class TorchServeProcess:
-    """One TorchServe serving one model archive; a context manager that starts and stops it.
+    """One TorchServe serving ``copies`` registrations of one archive; a context manager.
 
-    ``port`` 0 (and ``management_port``/``metrics_port`` 0, the default)
-    picks a free port. Inference binds ``host`` (loopback unless 0.0.0.0 is
-    asked for); management, metrics and gRPC always bind loopback.
+    Copy ``i`` is the model ``<model_prefix>-<i>`` with one worker on its own
+    device; ``backend_urls[i]`` is its inference endpoint. ``port`` 0 (and
+    ``management_port``/``metrics_port`` 0, the default) picks a free port.
+    Inference binds ``host`` (loopback unless 0.0.0.0 is asked for);
+    management, metrics and gRPC always bind loopback.
     """
 
     def __init__(
@@ -54,9 +47,10 @@ class TorchServeProcess:
         archive: str | Path,
         run_dir: str | Path,
         *,
-        model_name: str = "llava",
+        copies: int = 1,
+        model_prefix: str = "llava",
         host: str = LOOPBACK,
-        port: int = 8080,
+        port: int = 0,
         management_port: int = 0,
         metrics_port: int = 0,
         model_store: str | Path | None = None,
@@ -66,7 +60,7 @@ class TorchServeProcess:
     ):
         self.archive = Path(archive).resolve()
         self.run_dir = Path(run_dir).resolve()
-        self.model_name = model_name
+        self.model_names = [f"{model_prefix}-{i}" for i in range(copies)]
         self.host = host
         self.port = port or _free_port(host)
         self.management_port = management_port or _free_port(LOOPBACK)
@@ -90,6 +84,11 @@ class TorchServeProcess:
         return f"http://{host}:{self.port}"
 
     @property
+    def backend_urls(self) -> list[str]:
+        """Inference endpoint of each copy, in copy order."""
+        return [f"{self.url}/predictions/{name}" for name in self.model_names]
+
+    @property
     def management_url(self) -> str:
         return f"http://{LOOPBACK}:{self.management_port}"
 
@@ -101,12 +100,12 @@ class TorchServeProcess:
         tmp_dir = self.run_dir / "tmp"
         for d in (self.log_dir, tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        properties = self._write_config()
+        self._write_config()
         self._console = self.console_log.open("ab")
         self._proc = subprocess.Popen(
             self._command(),
             cwd=self.run_dir,
-            env=self._child_env(properties, tmp_dir),
+            env=self._child_env(tmp_dir),
             stdin=subprocess.DEVNULL,
             stdout=self._console,
             stderr=subprocess.STDOUT,
@@ -116,12 +115,12 @@ class TorchServeProcess:
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Block until every worker of the model is READY (/ping says Healthy before that)."""
+        """Block until every worker of every copy is READY (/ping says Healthy before that)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._raise_if_exited()
-            model = self._describe_or_none()
-            if model is not None and _all_workers_ready(model):
+            models = [self._describe_or_none(name) for name in self.model_names]
+            if all(m is not None and _all_workers_ready(m) for m in models):
                 return
             time.sleep(POLL_INTERVAL_S)
         raise TorchServeError(f"workers not READY after {timeout:.0f} s\n{self.log_tail()}")
@@ -152,17 +151,26 @@ class TorchServeProcess:
         """Pid of the launcher, which is also the process group id."""
         return self._proc.pid if self._proc else None
 
-    def describe(self) -> dict[str, Any]:
-        """The management API's description of the model (workers, batch and sequence settings)."""
-        model = self._describe_or_none()
+    def wait(self) -> int:
+        """Block until TorchServe exits; its exit code."""
+        if self._proc is None:
+            raise TorchServeError("not started")
+        return self._proc.wait()
+
+    def describe(self, model_name: str) -> dict[str, Any]:
+        """The management API's description of one copy (workers, batch settings)."""
+        model = self._describe_or_none(model_name)
         if model is None:
-            raise TorchServeError(
-                f"management API at {self.management_url} did not describe {self.model_name}"
-            )
+            raise TorchServeError(f"management API at {self.management_url} did not describe {model_name}")
         return model
 
     def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in self.describe()["workers"] if w.get("pid", -1) > 0]
+        """The worker pid of each copy, in copy order (-1 while a worker restarts)."""
+        pids = []
+        for name in self.model_names:
+            workers = self.describe(name)["workers"]
+            pids.append(workers[0].get("pid", -1) if workers else -1)
+        return pids
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The end of TorchServe's console log, without per-request lines (wait_ready's polls)."""
@@ -184,13 +192,13 @@ class TorchServeProcess:
             "--model-store",
             str(self.model_store),
             "--models",
-            f"{self.model_name}={self.archive}",
+            *(f"{name}={self.archive}" for name in self.model_names),
             "--ts-config",
             str(self.run_dir / "config.properties"),
             "--disable-token-auth",
         ]
 
-    def _write_config(self) -> dict[str, str]:
+    def _write_config(self) -> None:
         """Write run_dir/config.properties from the template with this run's addresses."""
         overrides = {
             "inference_address": f"http://{self.host}:{self.port}",
@@ -201,11 +209,10 @@ class TorchServeProcess:
             "grpc_management_port": str(_free_port(LOOPBACK)),
             "model_store": str(self.model_store),
         }
-        text, properties = _override_properties(self.config_template.read_text(), overrides)
+        text = _override_properties(self.config_template.read_text(), overrides)
         (self.run_dir / "config.properties").write_text(text)
-        return properties
 
-    def _child_env(self, properties: Mapping[str, str], tmp_dir: Path) -> dict[str, str]:
+    def _child_env(self, tmp_dir: Path) -> dict[str, str]:
         # enable_envvars_config lets any inherited TS_* variable override the
         # per-run config (a stray TS_INFERENCE_ADDRESS would rebind 8080):
         # pass on only the ones set here.
@@ -216,17 +223,15 @@ class TorchServeProcess:
             TEMP=str(tmp_dir),  # java.io.tmpdir: model symlinks/extraction, worker sockets
             TMPDIR=str(tmp_dir),  # the launcher's .model_server.pid ("already running" check)
             TS_DISABLE_TOKEN_AUTHORIZATION="true",
+            # Bodies reach the handler as raw bytes: our strict JSON parsing, not json.loads'.
+            TS_DECODE_INPUT_REQUEST="false",
         )
-        for key, (env_name, default) in SEQUENCE_HEADER_KEYS.items():
-            env[env_name] = properties.get(key, default)
         env.update(self.extra_env)
         return env
 
-    def _describe_or_none(self) -> dict[str, Any] | None:
+    def _describe_or_none(self, model_name: str) -> dict[str, Any] | None:
         try:
-            resp = requests.get(
-                f"{self.management_url}/models/{self.model_name}", timeout=HTTP_TIMEOUT_S
-            )
+            resp = requests.get(f"{self.management_url}/models/{model_name}", timeout=HTTP_TIMEOUT_S)
         except requests.RequestException:
             return None
         if resp.status_code != 200:
@@ -271,22 +276,17 @@ def _all_workers_ready(model: Mapping[str, Any]) -> bool:
     )
 
 
-def _override_properties(
-    template: str, overrides: Mapping[str, str]
-) -> tuple[str, dict[str, str]]:
-    """Replace or append ``key=value`` lines of a .properties text; return it and its values."""
-    lines, properties, pending = [], {}, dict(overrides)
+def _override_properties(template: str, overrides: Mapping[str, str]) -> str:
+    """Replace or append ``key=value`` lines of a .properties text."""
+    lines, pending = [], dict(overrides)
     for line in template.splitlines():
         key, sep, value = line.partition("=")
         key = key.strip()
         if sep and not key.startswith(("#", "!")):
-            value = pending.pop(key, value.strip())
-            line = f"{key}={value}"
-            properties[key] = value
+            line = f"{key}={pending.pop(key, value.strip())}"
         lines.append(line)
     lines += [f"{key}={value}" for key, value in pending.items()]
-    properties.update(pending)
-    return "\n".join(lines) + "\n", properties
+    return "\n".join(lines) + "\n"
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -13,7 +13,6 @@ from ts.context import Context, RequestProcessor
 from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
-END_KEY = "ts_request_sequence_end"
 
 
 def png_b64(image) -> str:
@@ -32,25 +31,10 @@ def handler(tiny_model_dir):
     h.engine.stop()
 
 
-@pytest.fixture(autouse=True)
-def sagemaker_header_mapping(monkeypatch):
-    """As in our archives: TorchServe's sequence id travels in the SageMaker session header."""
-    monkeypatch.setenv("TS_REQUEST_SEQUENCE_ID", SESSION)
-
-
-def call(handler, body, headers=None, sequence_id=None, minted=False):
-    """One request through handle(), headers as TorchServe's frontend forwards them.
-
-    ``sequence_id`` is the job group the frontend put the request in; ``minted``
-    says the frontend made it up because the client sent no session id.
-    """
-    headers = dict(headers or {})
-    if sequence_id is not None:
-        headers[SESSION] = sequence_id
-    if minted:
-        headers["ts_request_sequence_start"] = "true"
+def call(handler, body, headers=None):
+    """One request through handle(); returns (status, json body, response headers)."""
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
-    context.request_processor = [RequestProcessor(headers)]
+    context.request_processor = [RequestProcessor(dict(headers or {}))]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     [out] = handler.handle([{"body": raw}], context)
     processor = context.request_processor[0]
@@ -65,29 +49,18 @@ def test_open_turn_close_round_trip(handler, images):
     match = re.fullmatch(r"(sess-[0-9a-f]{32}); Expires=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", value)
     assert match and body["session_id"] == match.group(1) and body["expires_at"] == match.group(2)
     sid = body["session_id"]
-    # The literal NEW_SESSION job group is ended so it pins nothing.
-    status, _, headers = call(handler, {"requestType": "NEW_SESSION", "images": []}, sequence_id="NEW_SESSION")
-    assert status == 200 and headers[END_KEY] == "NEW_SESSION"
+    assert call(handler, {"requestType": "NEW_SESSION"})[0] == 200  # no header opens too
 
     first = call(handler, {"prompt": "What is this?", "max_new_tokens": 5}, {"x-amzn-sagemaker-session-id": sid})
-    second = call(handler, {"prompt": "And then?", "max_new_tokens": 5}, sequence_id=sid)
+    second = call(handler, {"prompt": "And then?", "max_new_tokens": 5}, {SESSION: sid})
     assert first[0] == second[0] == 200
     assert first[1]["usage"]["cached_tokens"] == 0 and first[1]["usage"]["completion_tokens"] == 5
     assert second[1]["usage"]["cached_tokens"] > 0
-    assert END_KEY not in second[2]  # the session lives on: keep its sequence
 
-    status, body, headers = call(handler, {"requestType": "CLOSE"}, sequence_id=sid)
+    status, body, headers = call(handler, {"requestType": "CLOSE"}, {SESSION: sid})
     assert status == 200 and headers["X-Amzn-SageMaker-Closed-Session-Id"] == sid
-    assert headers[END_KEY] == sid
     status, body, _ = call(handler, {"prompt": "still there?"}, {SESSION: sid})
     assert status == 404 and body["error"]["code"] == "SESSION_NOT_FOUND"
-
-
-def test_frontend_sequence_id_becomes_the_session_id(handler):
-    sequence = "ts-seq-0b5e1c1e-8a4f-4c1e-9c39-6f1c1c2d3e4f"
-    status, body, headers = call(handler, {"requestType": "NEW_SESSION"}, sequence_id=sequence, minted=True)
-    assert status == 200 and body["session_id"] == sequence and END_KEY not in headers
-    call(handler, {"requestType": "CLOSE"}, sequence_id=sequence)
 
 
 @pytest.mark.parametrize(

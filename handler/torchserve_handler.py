@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from http import HTTPStatus
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InternalError, SessionsError
@@ -122,7 +123,7 @@ class LlavaSessionHandler:
         )
 
     def _send(self, context, idx: int, reply: Reply) -> None:
-        context.set_response_status(reply.status, "", idx)
+        context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
         context.set_response_content_type(idx, "application/json")
         for name, value in reply.headers.items():
             context.set_response_header(idx, name, value)

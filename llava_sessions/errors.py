@@ -2,7 +2,7 @@
 
 Each error carries a machine-readable ``code`` that clients can rely on and a
 message that says how to fix the problem. HTTP status codes are assigned in one
-place only: ``llava_sessions.handler.http_errors``. This module imports nothing
+place only: ``llava_sessions.handler.replies``. This module imports nothing
 heavy so deploy code and clients can use it.
 """
 
@@ -75,11 +75,33 @@ class TooManySessions(SessionsError):
     code = "TOO_MANY_SESSIONS"
 
 
+class RequestTooLarge(SessionsError):
+    """The request body is over the router's size limit."""
+
+    code = "REQUEST_TOO_LARGE"
+
+
+class RouteNotFound(SessionsError):
+    """No such path: the container serves GET /ping and POST /invocations."""
+
+    code = "NOT_FOUND"
+
+
+class MethodNotAllowed(SessionsError):
+    code = "METHOD_NOT_ALLOWED"
+
+
 # --- our faults (5xx) -----------------------------------------------------
 
 
 class InternalError(SessionsError):
     code = "INTERNAL_ERROR"
+
+
+class WorkerUnavailable(SessionsError):
+    """The worker behind the router could not be reached, or dropped the connection."""
+
+    code = "WORKER_UNAVAILABLE"
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,413 @@
+"""Session-affinity router: an HTTP front on the container's port that keeps each session on its worker.
+
+Each device runs its own TorchServe model (``llava-0``, ``llava-1``, ...) and a session lives in
+one worker's memory, so every request of a session must reach the backend that opened it. Opens go
+to the least-loaded backend; the backend's response headers say which session it opened
+(``X-Amzn-SageMaker-Session-Id: <id>; Expires=...``) or closed; ``SessionRoutes`` remembers that.
+Responses stream through chunk by chunk, so token streaming keeps its latency.
+
+Torch-free: the container's front process imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from llava_sessions.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    RequestTooLarge,
+    RouteNotFound,
+    SessionNotFound,
+    SessionsError,
+    WorkerUnavailable,
+)
+from llava_sessions.handler.protocol import (
+    CLOSED_SESSION_HEADER,
+    NEW_SESSION,
+    SESSION_HEADER,
+    is_valid_session_id,
+)
+from llava_sessions.handler.replies import error_reply
+from llava_sessions.session_routes import SessionRoutes, parse_session_header
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Bodies smaller than this are looked into for an AWS-sample ``session_id``; larger ones are
+# image-carrying opens, and parsing them would only cost time.
+BODY_ID_SCAN_LIMIT = 1 * MiB
+PING_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 10.0
+# In-flight requests get this long to finish when the router stops; then they are cut.
+SHUTDOWN_GRACE_S = 2.0
+STOP_TIMEOUT_S = SHUTDOWN_GRACE_S + 3.0
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The client library sets these for the upstream request itself; the session header is re-sent
+# in canonical case (or left out for an open).
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", SESSION_HEADER.lower()}
+# TorchServe leaks its internal streaming marker to clients.
+_NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next"}
+
+_NOT_FOUND_MESSAGE = (
+    "no such session on this endpoint: it was closed, it expired, or it was never opened. "
+    f"Open a new session with {SESSION_HEADER}: {NEW_SESSION}"
+)
+
+
+@dataclass(frozen=True)
+class _Target:
+    backend: int
+    session_id: str | None  # None: the request opens a session
+
+
+class AffinityRouter:
+    """Routes POST /invocations to the backend holding the session; GET /ping mirrors TorchServe's."""
+
+    def __init__(
+        self,
+        backends: list[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        ping_url: str,
+        max_body_bytes: int = 8 * MiB,
+        routes: SessionRoutes | None = None,
+        request_timeout_s: float = 660,
+    ):
+        if not backends:
+            raise ValueError("backends must name at least one inference URL")
+        if routes is not None and routes.n_backends != len(backends):
+            raise ValueError(f"routes is sized for {routes.n_backends} backends, got {len(backends)} URLs")
+        self.backends = list(backends)
+        self.host = host
+        self.port = port
+        self.ping_url = ping_url
+        self.max_body_bytes = max_body_bytes
+        self.routes = routes if routes is not None else SessionRoutes(len(backends))
+        # A read timeout, not a total one: a long stream is fine while tokens keep coming.
+        self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=request_timeout_s)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._client: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> "AffinityRouter":
+        """Serve from a background thread; returns once the socket listens (port 0 picks a free one)."""
+        if self._thread is not None:
+            raise RuntimeError("the router is already running")
+        listening: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._serve_in_thread, args=(listening,), name="affinity-router", daemon=True
+        )
+        self._thread.start()
+        try:
+            listening.result(timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run_forever(self) -> None:
+        """Serve in this thread (the main one) until SIGINT or SIGTERM, or stop() from another thread."""
+        asyncio.run(self._serve(on_listening=self._stop_on_signals))
+
+    def stop(self) -> None:
+        """Stop serving: in-flight requests get SHUTDOWN_GRACE_S, the whole stop at most STOP_TIMEOUT_S."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:  # the loop closed in between: already stopped
+                pass
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(STOP_TIMEOUT_S)
+
+    def __enter__(self) -> "AffinityRouter":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve_in_thread(self, listening: concurrent.futures.Future) -> None:
+        try:
+            asyncio.run(self._serve(on_listening=lambda: listening.set_result(None)))
+        except BaseException as exc:
+            if listening.done():
+                log.exception("the affinity router stopped on an error")
+            else:
+                listening.set_exception(exc)
+
+    async def _serve(self, on_listening: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # TorchServe queues and refuses; we don't
+            trust_env=False,
+            auto_decompress=False,  # bytes pass through as the backend encoded them
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client sent
+        )
+        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        try:
+            await runner.setup()
+            await web.TCPSite(runner, self.host, self.port).start()
+            self.port = runner.addresses[0][1]
+            log.info("affinity router on %s in front of %d backends", self.url, len(self.backends))
+            on_listening()
+            await self._stopping.wait()
+        finally:
+            await runner.cleanup()
+            await self._client.close()
+
+    def _stop_on_signals(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._loop.add_signal_handler(signum, self._stopping.set)
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors])
+        app.router.add_get("/ping", self._ping)
+        app.router.add_post("/invocations", self._invocations)
+        return app
+
+    # --- handlers -------------------------------------------------------------
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        healthy = await self._backend_healthy()
+        return web.json_response(
+            {"status": "Healthy" if healthy else "Unhealthy"}, status=200 if healthy else 503
+        )
+
+    async def _backend_healthy(self) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT_S)
+            async with self._client.get(self.ping_url, timeout=timeout) as reply:
+                return reply.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def _invocations(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        target = self._route(request.headers, body)
+        return await self._forward(request, body, target)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if (request.content_length or 0) > self.max_body_bytes:
+            raise self._too_large()
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > self.max_body_bytes:  # chunked uploads announce no length
+                raise self._too_large()
+        return bytes(body)
+
+    def _too_large(self) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"the request body is over {self.max_body_bytes} bytes; send a smaller request "
+            f"(pass images as URLs rather than inline base64)"
+        )
+
+    def _route(self, headers: CIMultiDictProxy, body: bytes) -> _Target:
+        session_id = _header_session_id(headers)
+        if session_id is None and len(body) < BODY_ID_SCAN_LIMIT:
+            session_id = _body_session_id(body)
+        if session_id is None:
+            backend = self.routes.pick_backend()
+            log.debug("open -> backend %d", backend)
+            return _Target(backend, None)
+        backend = self.routes.lookup(session_id)
+        if backend is None:
+            log.debug("session %s unknown", session_id[:8])
+            raise SessionNotFound(_NOT_FOUND_MESSAGE)
+        log.debug("session %s -> backend %d", session_id[:8], backend)
+        return _Target(backend, session_id)
+
+    async def _forward(self, request: web.Request, body: bytes, target: _Target) -> web.StreamResponse:
+        try:
+            upstream = await self._client.post(
+                self.backends[target.backend],
+                data=body,
+                headers=_upstream_headers(request.headers, target.session_id),
+                timeout=self._timeout,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(target, exc) from None
+        async with upstream:
+            self._record(target, upstream)
+            if upstream.status == 404 and target.session_id is not None:
+                return await self._relay_not_found(target, upstream)
+            return await _relay_stream(request, upstream, target)
+
+    async def _relay_not_found(self, target: _Target, upstream: aiohttp.ClientResponse) -> web.Response:
+        """A worker that lost a session (restarted, expired) says so; stop routing to it."""
+        try:
+            payload = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(target, exc) from None
+        if _error_code(payload) == SessionNotFound.code:
+            self.routes.unbind(target.session_id)
+            log.debug("session %s lost by backend %d", target.session_id[:8], target.backend)
+        return web.Response(status=404, body=payload, headers=_downstream_headers(upstream.headers))
+
+    def _record(self, target: _Target, upstream: aiohttp.ClientResponse) -> None:
+        """Bookkeeping from the backend's session headers."""
+        opened = upstream.headers.get(SESSION_HEADER)
+        if opened is not None and 200 <= upstream.status < 300:
+            parsed = parse_session_header(opened)
+            if parsed is None:
+                log.warning("backend %d sent a malformed %s header", target.backend, SESSION_HEADER)
+            else:
+                self.routes.bind(parsed[0], target.backend, parsed[1])
+                log.debug("session %s bound to backend %d", parsed[0][:8], target.backend)
+        closed = upstream.headers.get(CLOSED_SESSION_HEADER)
+        if closed is not None:
+            self.routes.unbind(closed.strip())
+
+    def _unavailable(self, target: _Target, exc: BaseException) -> WorkerUnavailable:
+        log.warning("backend %d unavailable: %s", target.backend, type(exc).__name__)
+        return WorkerUnavailable(
+            f"the model worker for this request did not answer ({type(exc).__name__}); "
+            "retry shortly, and open a new session if this one is then not found"
+        )
+
+
+# --- routing helpers ------------------------------------------------------------
+
+
+def _header_session_id(headers: CIMultiDictProxy) -> str | None:
+    """The session named by the header; None for absent, empty or NEW_SESSION (an open)."""
+    values = {value.strip() for value in headers.getall(SESSION_HEADER, [])}  # any name case
+    if len(values) > 1:
+        raise InvalidRequest(
+            f"the {SESSION_HEADER} header was sent more than once with different values; send it once"
+        )
+    value = values.pop() if values else ""
+    if value in ("", NEW_SESSION):
+        return None
+    return _checked_session_id(value, f"the {SESSION_HEADER} header")
+
+
+def _body_session_id(body: bytes) -> str | None:
+    """The AWS-sample dialect's ``session_id``, when the body is such a JSON object and names one."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON: the worker explains what is wrong
+        return None
+    if not isinstance(payload, dict) or "type" not in payload:
+        return None
+    session_id = payload.get("session_id")
+    if not isinstance(session_id, str):  # null opens; other types the worker refuses
+        return None
+    return _checked_session_id(session_id, "session_id")
+
+
+def _checked_session_id(value: str, where: str) -> str:
+    if not is_valid_session_id(value):
+        raise InvalidRequest(
+            f"{where} is not a valid session id: use the id returned when the session was opened "
+            "(letters, digits and inner hyphens, at most 256 characters)"
+        )
+    return value
+
+
+def _error_code(payload: bytes) -> str | None:
+    try:
+        error = json.loads(payload)["error"]
+        return error["code"] if isinstance(error, dict) else None
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+
+
+# --- relaying -----------------------------------------------------------------------
+
+
+def _upstream_headers(headers: CIMultiDictProxy, session_id: str | None) -> CIMultiDict:
+    dropped = _NOT_FORWARDED | _connection_tokens(headers)
+    forwarded = CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+    forwarded.setdefault("Content-Type", "application/json")
+    if session_id is not None:
+        forwarded[SESSION_HEADER] = session_id
+    return forwarded
+
+
+def _downstream_headers(headers: CIMultiDictProxy) -> CIMultiDict:
+    dropped = _NOT_RETURNED | _connection_tokens(headers)
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+
+
+def _connection_tokens(headers: CIMultiDictProxy) -> set[str]:
+    """Headers named in Connection are hop-by-hop too."""
+    return {token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")}
+
+
+async def _relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, target: _Target
+) -> web.StreamResponse:
+    """Send each chunk on as it arrives; a stream broken off upstream is broken off downstream."""
+    reply = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=_downstream_headers(upstream.headers)
+    )
+    await reply.prepare(request)
+    try:
+        async for data, _ in upstream.content.iter_chunks():
+            await reply.write(data)
+    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+        log.warning("response from backend %d broken off mid-stream: %s", target.backend, type(exc).__name__)
+        # No terminating chunk: the client sees a truncated stream end, not a complete one.
+        if request.transport is not None:
+            request.transport.close()
+        return reply
+    await reply.write_eof()
+    return reply
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error the router answers itself is JSON with a stable code."""
+    try:
+        return await handler(request)
+    except SessionsError as error:
+        return _error_response(error)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        error = MethodNotAllowed(f"this path takes {allowed} only")
+        return _error_response(error, {"Allow": allowed})
+    except web.HTTPNotFound:
+        return _error_response(RouteNotFound("no such path; use POST /invocations or GET /ping"))
+
+
+def _error_response(error: SessionsError, headers: dict[str, str] | None = None) -> web.Response:
+    reply = error_reply(error)
+    return web.json_response(reply.body, status=reply.status, headers={**reply.headers, **(headers or {})})

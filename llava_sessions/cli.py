@@ -1,0 +1,159 @@
+"""The ``llava-sessions`` command. Heavy imports (torch) happen only in the subcommands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from llava_sessions.config import ServingConfig
+from llava_sessions.errors import ConfigError
+
+DEFAULT_SESSIONS_PER_WORKER = 32
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as exc:
+        print(f"llava-sessions: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-sessions",
+        description="Stateful multi-turn LLaVA on TorchServe and SageMaker sticky sessions.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    tiny = commands.add_parser("tiny-model", help="write the offline random-weight LLaVA checkpoint")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=cmd_tiny_model)
+
+    archive = commands.add_parser("archive", help="build the TorchServe model archive")
+    _model_arguments(archive)
+    archive.add_argument("--out", type=Path, required=True, help="folder to write the archive into")
+    archive.add_argument("--format", default="no-archive", choices=["no-archive", "default", "tgz"])
+    archive.set_defaults(run=cmd_archive)
+
+    serve = commands.add_parser("serve", help="run TorchServe in the foreground with the session handler")
+    _model_arguments(serve)
+    serve.add_argument("--workers", type=int, default=None, help="model copies, one worker each (default: one per GPU, else 1)")
+    serve.add_argument("--host", default="127.0.0.1", help="inference bind address (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
+    serve.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
+    serve.set_defaults(run=cmd_serve)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="local LLaVA checkpoint directory or hub id (default: the offline tiny model, random weights)",
+    )
+    parser.add_argument("--sessions-per-worker", type=int, default=DEFAULT_SESSIONS_PER_WORKER)
+    parser.add_argument("--session-ttl", type=int, default=ServingConfig.session_ttl_s, help="seconds")
+
+
+# --- commands -----------------------------------------------------------------
+
+
+def cmd_tiny_model(args) -> int:
+    from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+
+    path = write_tiny_llava(args.dir, preset=args.preset, seed=args.seed)
+    print(f"wrote a random-weight LLaVA ({args.preset}, seed {args.seed}) to {path}")
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from llava_sessions import models
+
+    archive = _build_archive(args, models.resolve_model(args.model), args.out, args.format)
+    print(f"archive: {archive}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from llava_sessions import models
+    from llava_sessions.serving_stack import ServingStack
+    from llava_sessions.torchserve_process import TorchServeError
+
+    model_dir = models.resolve_model(args.model)
+    workers = _workers(args)
+    archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
+    run_dir = args.run_dir or models.home() / "run" / f"serve-{args.port}"
+    stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port)
+    _stop_on_sigterm()
+    try:
+        stack.start(ready_timeout=args.ready_timeout)
+        print(f"llava-sessions: serving {args.model or 'the offline tiny model (random weights)'} "
+              f"with {workers} worker(s) at {stack.url}  (POST /invocations, GET /ping; "
+              f"logs in {stack.log_dir}); Ctrl-C stops", flush=True)
+        code = stack.torchserve.wait()
+        print(f"llava-sessions: TorchServe exited ({code})\n{stack.torchserve.log_tail()}", file=sys.stderr)
+        return 1
+    except TorchServeError as exc:
+        print(f"llava-sessions: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llava-sessions: stopping", flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def _build_archive(args, model_dir: Path, out_dir: Path, fmt: str) -> Path:
+    from llava_sessions.archive import build_archive
+
+    if args.sessions_per_worker <= 0 or args.session_ttl <= 0:
+        raise ConfigError("--sessions-per-worker and --session-ttl must be positive")
+    return build_archive(
+        model_dir,
+        out_dir,
+        sessions_per_worker=args.sessions_per_worker,
+        session_ttl_s=args.session_ttl,
+        fmt=fmt,
+    )
+
+
+def _workers(args) -> int:
+    if args.workers is not None and args.workers <= 0:
+        raise ConfigError("--workers must be positive")
+    return args.workers or _gpu_count() or 1
+
+
+def _gpu_count() -> int:
+    """GPUs visible to nvidia-smi; 0 without one (TorchServe then runs workers on the CPU)."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd) stops as cleanly as Ctrl-C."""
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The whole serving stack of one instance: TorchServe with a model copy per device, and the router.
+
+Used by ``llava-sessions serve``, the container's entrypoint and the
+integration tests, so all three run the same thing. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llava_sessions.affinity_router import AffinityRouter
+from llava_sessions.torchserve_process import LOOPBACK, TorchServeProcess
+
+
+class ServingStack:
+    """``start()`` returns once every worker is READY and the router listens on ``host:port``."""
+
+    def __init__(
+        self,
+        archive: str | Path,
+        run_dir: str | Path,
+        *,
+        workers: int = 1,
+        host: str = LOOPBACK,
+        port: int = 8080,
+    ):
+        # TorchServe itself stays on loopback; only the router faces clients.
+        self.torchserve = TorchServeProcess(archive, run_dir, copies=workers)
+        self.host, self.port = host, port
+        self.router: AffinityRouter | None = None
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    @property
+    def log_dir(self) -> Path:
+        return self.torchserve.log_dir
+
+    def start(self, ready_timeout: float = 900.0) -> "ServingStack":
+        self.torchserve.start()
+        try:
+            self.torchserve.wait_ready(timeout=ready_timeout)
+            self.router = AffinityRouter(
+                self.torchserve.backend_urls,
+                host=self.host,
+                port=self.port,
+                ping_url=f"{self.torchserve.url}/ping",
+            )
+            self.router.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+            self.router = None
+        self.torchserve.stop()
+
+    def __enter__(self) -> "ServingStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

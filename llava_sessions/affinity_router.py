@@ -75,11 +75,6 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", SESSION_HEADE
 # TorchServe leaks its internal streaming marker to clients.
 _NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next"}
 
-_NOT_FOUND_MESSAGE = (
-    "no such session on this endpoint: it was closed, it expired, or it was never opened. "
-    f"Open a new session with {SESSION_HEADER}: {NEW_SESSION}"
-)
-
 
 @dataclass(frozen=True)
 class _Target:
@@ -250,7 +245,7 @@ class AffinityRouter:
         backend = self.routes.lookup(session_id)
         if backend is None:
             log.debug("session %s unknown", session_id[:8])
-            raise SessionNotFound(_NOT_FOUND_MESSAGE)
+            raise SessionNotFound()
         log.debug("session %s -> backend %d", session_id[:8], backend)
         return _Target(backend, session_id)
 

@@ -58,6 +58,13 @@ class TooManyImages(SessionsError):
 class SessionNotFound(SessionsError):
     code = "SESSION_NOT_FOUND"
 
+    def __init__(
+        self,
+        message: str = "no such session on this endpoint: it was closed, it expired, or it was never "
+        "opened. Open a new session with X-Amzn-SageMaker-Session-Id: NEW_SESSION",
+    ):
+        super().__init__(message)
+
 
 class SessionBusy(SessionsError):
     """Another turn of the same session is still running."""

@@ -151,7 +151,7 @@ class SessionEngine:
         with self._lock:
             record = self._store.lookup(session_id)
             if record is None or record.expires_at <= self.clock():
-                raise SessionNotFound(_not_found_message())
+                raise SessionNotFound()
             self._free(session_id)
             self.counters.sessions_closed += 1
 
@@ -202,7 +202,7 @@ class SessionEngine:
         if record is None or record.expires_at <= now:
             if record is not None:
                 self._expire(now)
-            raise SessionNotFound(_not_found_message())
+            raise SessionNotFound()
         if record.busy:
             raise SessionBusy("a turn of this session is still running; wait for it to finish")
         record.busy = True
@@ -305,9 +305,3 @@ class SessionEngine:
         self._states.pop(session_id, None)
         log.info("sessions: %d open, %d bytes held", len(self._store), self.bytes_held())
 
-
-def _not_found_message() -> str:
-    return (
-        "no such session on this endpoint: it was closed, it expired, or it was never opened. "
-        "Open a new session with X-Amzn-SageMaker-Session-Id: NEW_SESSION"
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from llava_sessions.errors import SessionsError
@@ -10,8 +11,13 @@ from llava_sessions.errors import SessionsError
 @dataclass
 class Reply:
     status: int
-    body: dict
+    body: dict | str  # a dict is rendered as JSON; a str (a streamed turn's last event) as is
     headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+    def render(self) -> str:
+        return self.body if isinstance(self.body, str) else json.dumps(self.body)
+
 
 STATUS_BY_CODE: dict[str, int] = {
     "INVALID_JSON": 400,
@@ -31,6 +37,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "TOO_MANY_SESSIONS": 429,
     "INTERNAL_ERROR": 500,
     "WORKER_UNAVAILABLE": 503,
+    # Not even evicting every other session frees enough of the worker's memory budget.
+    "INSUFFICIENT_MEMORY": 503,
 }
 
 

@@ -5,7 +5,9 @@ per request ``decode_request`` parses headers and body, ``run`` calls the
 engine, ``encode_response`` sets headers and renders JSON. ``handle`` is
 TorchServe's entry point and only glues them together. A client mistake never
 raises out of ``handle`` (that would fail the whole batch): it becomes a 4xx
-JSON error for that request alone.
+JSON error for that request alone. A turn with ``"stream": true`` sends one
+event per token as it is generated (``handler/streaming.py``) to that request
+alone; its last event is what ``handle`` returns for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from http import HTTPStatus
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InternalError, SessionsError
-from llava_sessions.handler import image_sources, protocol
+from llava_sessions.handler import image_sources, protocol, streaming
 from llava_sessions.handler.replies import Reply, error_reply
 
 log = logging.getLogger(__name__)
@@ -54,20 +56,42 @@ class LlavaSessionHandler:
     def handle(self, data: list[dict], context) -> list[str]:
         bodies = []
         for idx, row in enumerate(data):
-            reply = self.handle_one(row, context.get_all_request_header(idx) or {})
+            headers = context.get_all_request_header(idx) or {}
+            reply = self.handle_one(row, headers, streaming.TorchServeSink(context, idx))
             self._send(context, idx, reply)
-            bodies.append(json.dumps(reply.body))
+            bodies.append(reply.render())
         return bodies
 
-    def handle_one(self, row: dict, headers: dict) -> Reply:
+    def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
+        """One request; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
+        stream = None
         try:
             request = self.decode_request(row, headers)
-            return self.encode_response(request, self.run(request))
+            stream = self._token_stream(request, sink)
+            return self.encode_response(request, self.run(request, stream), stream)
         except SessionsError as error:
-            return error_reply(error)
+            return self._error_reply(error, stream)
         except Exception:
             log.exception("request failed")
-            return error_reply(InternalError("the server failed to process this request; it has been logged"))
+            error = InternalError("the server failed to process this request; it has been logged")
+            return self._error_reply(error, stream)
+
+    def _token_stream(self, request, sink) -> streaming.TokenStream | None:
+        """The token stream of a native turn that asked for one; the AWS sample's dialect never streams."""
+        if sink is None or not isinstance(request, protocol.Turn):
+            return None
+        if not request.stream or request.style != protocol.NATIVE:
+            return None
+        loaded = self.engine.loaded
+        special_ids = set(loaded.eos_token_ids) | set(loaded.tokenizer.all_special_ids)
+        return streaming.TokenStream(loaded.tokenizer, special_ids, sink)
+
+    @staticmethod
+    def _error_reply(error: SessionsError, stream: streaming.TokenStream | None) -> Reply:
+        """A JSON error with its status; once tokens went out, the stream's last event instead."""
+        if stream is not None and stream.started:
+            return stream.error_reply(error)
+        return error_reply(error)
 
     # --- hook 2: parse --------------------------------------------------------
 
@@ -84,7 +108,7 @@ class LlavaSessionHandler:
 
     # --- hook 3: run on the engine -------------------------------------------
 
-    def run(self, request):
+    def run(self, request, stream: streaming.TokenStream | None = None):
         from llava_sessions.handler.engine.generation import SamplingParams
 
         if isinstance(request, protocol.OpenSession):
@@ -93,13 +117,14 @@ class LlavaSessionHandler:
         if isinstance(request, protocol.Turn):
             images = image_sources.load_images(request.images, self.config)
             params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
-            return self.engine.turn(request.session_id, request.prompt, params, images=images)
+            on_token = stream.on_token if stream is not None else None
+            return self.engine.turn(request.session_id, request.prompt, params, images=images, on_token=on_token)
         self.engine.close_session(request.session_id)
         return None
 
     # --- hook 4: render -------------------------------------------------------
 
-    def encode_response(self, request, result) -> Reply:
+    def encode_response(self, request, result, stream: streaming.TokenStream | None = None) -> Reply:
         if isinstance(request, protocol.OpenSession):
             header = protocol.open_session_header_value(result.session_id, result.expires_at)
             return Reply(
@@ -108,6 +133,8 @@ class LlavaSessionHandler:
                 {protocol.SESSION_HEADER: header},
             )
         if isinstance(request, protocol.Turn):
+            if stream is not None:
+                return stream.final_reply(result)
             body = protocol.turn_response(
                 result.text,
                 prompt_tokens=result.prompt_tokens,
@@ -124,7 +151,7 @@ class LlavaSessionHandler:
 
     def _send(self, context, idx: int, reply: Reply) -> None:
         context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
-        context.set_response_content_type(idx, "application/json")
+        context.set_response_content_type(idx, reply.content_type)
         for name, value in reply.headers.items():
             context.set_response_header(idx, name, value)
 

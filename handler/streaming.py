@@ -1,0 +1,137 @@
+"""Token streaming for one turn: TGI's event framing and the per-request TorchServe sink.
+
+Events are framed as Text Generation Inference frames them on SageMaker, one per
+generated token, each followed by a blank line::
+
+    data:{"token": {"id": 7, "text": " cat", "special": false}, "generated_text": null}
+
+The last event also carries the whole answer, our usage and TGI's details::
+
+    data:{"token": {...}, "generated_text": "...", "details": {"finish_reason": "eos_token",
+          "generated_tokens": 12}, "usage": {"prompt_tokens": ..., "cached_tokens": ..., "completion_tokens": ...}}
+
+An error after the stream started ends it with TGI's error event,
+``data:{"error": "...", "error_type": "INTERNAL_ERROR"}``. An error before anything
+was sent is an ordinary JSON error with its status (the adapter's business).
+
+Each token's event is sent when the next token exists, so the last token rides on the
+final event, which the adapter returns from ``handle()``. Torch-free; TorchServe is
+imported only when a chunk is sent.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Callable, Iterable, Mapping
+
+from llava_sessions.errors import SessionsError
+from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
+from llava_sessions.handler.replies import Reply, http_status
+
+CONTENT_TYPE = "text/event-stream"
+
+# The engine's finish reasons in TGI's words.
+TGI_FINISH_REASON = {"stop": "eos_token", "length": "length"}
+
+
+# --- framing ---------------------------------------------------------------------
+
+
+def frame(payload: dict) -> str:
+    """One server-sent event: ``data:<json>`` and a blank line."""
+    return "data:" + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")) + "\n\n"
+
+
+def token_event(token_id: int, text: str, special: bool) -> dict:
+    return {"token": {"id": token_id, "text": text, "special": special}, "generated_text": None}
+
+
+def final_event(token: dict | None, result) -> dict:
+    """The last event: its token (if any), the whole answer, details and usage of a TurnResult."""
+    return {
+        "token": token,
+        "generated_text": result.text,
+        "details": {
+            "finish_reason": TGI_FINISH_REASON.get(result.finish_reason, result.finish_reason),
+            "generated_tokens": result.completion_tokens,
+        },
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "cached_tokens": result.cached_tokens,
+            "completion_tokens": result.completion_tokens,
+        },
+    }
+
+
+def error_event(error: SessionsError) -> dict:
+    return {"error": error.message, "error_type": error.code}
+
+
+# --- one streamed turn ------------------------------------------------------------
+
+
+class TokenStream:
+    """Turns the engine's token ids into events and hands them to ``send``, one chunk each.
+
+    ``on_token`` is the engine's callback. ``started`` tells whether anything was sent:
+    until then, an error may still be answered as a plain JSON error.
+    """
+
+    def __init__(self, tokenizer, special_ids: Iterable[int], send: Callable[[str], None]):
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._special_ids = frozenset(special_ids)
+        self._send = send
+        self._pending: dict | None = None  # the newest token's event, not sent yet
+        self.started = False
+
+    def on_token(self, token_id: int) -> None:
+        text = self._detokenizer.push(token_id)
+        if self._pending is not None:
+            self._send(frame(self._pending))
+            self.started = True
+        self._pending = token_event(int(token_id), text, token_id in self._special_ids)
+
+    def final_reply(self, result) -> Reply:
+        token = self._pending
+        if token is not None:
+            token["token"]["text"] += self._detokenizer.flush()
+            token = token["token"]
+        return Reply(200, frame(final_event(token, result)), content_type=CONTENT_TYPE)
+
+    def error_reply(self, error: SessionsError) -> Reply:
+        """The stream's last event. Its status never reaches the client (the headers went out
+        with the first chunk) but is kept for logs and metrics."""
+        return Reply(http_status(error), frame(error_event(error)), content_type=CONTENT_TYPE)
+
+
+class TorchServeSink:
+    """Sends chunks of request ``idx`` of a TorchServe batch, and nothing of the others.
+
+    ``send_intermediate_predict_response`` writes one prediction per entry of its
+    ``req_id_map``, so the map holds only this request's id: the other requests of the
+    batch get their answers when ``handle()`` returns. Status, content type and the
+    headers ride on the first chunk only (TorchServe sends the HTTP head with it); it
+    also sets ``ts_stream_next: true`` on this request, which the final response turns
+    to ``false``.
+    """
+
+    def __init__(self, context, idx: int, headers: Mapping[str, str] | None = None):
+        self.context = context
+        self.idx = idx
+        self.headers = dict(headers or {})
+        self.chunks_sent = 0
+
+    def __call__(self, text: str) -> None:
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        if self.chunks_sent == 0:
+            self.context.set_response_status(200, HTTPStatus.OK.phrase, self.idx)
+            self.context.set_response_content_type(self.idx, CONTENT_TYPE)
+            for name, value in self.headers.items():
+                self.context.set_response_header(self.idx, name, value)
+        request_id = self.context.get_request_id(self.idx)
+        send_intermediate_predict_response(
+            {self.idx: text}, {self.idx: request_id}, "Intermediate response", 200, self.context
+        )
+        self.chunks_sent += 1

@@ -1,0 +1,125 @@
+"""Token streaming through the real stack: router → TorchServe → handler, read as SageMaker clients read it.
+
+The events are parsed with the ``TokenIterator`` of the AWS blog "Stream large language
+model responses in Amazon SageMaker JumpStart", fed the ``{"PayloadPart": {"Bytes": ...}}``
+dicts botocore's event stream yields.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from llava_sessions.archive import build_archive
+from llava_sessions.serving_stack import ServingStack
+
+pytestmark = pytest.mark.integration
+
+SESSION = "X-Amzn-SageMaker-Session-Id"
+PROMPT = "What is in the picture?"
+MAX_NEW = 32
+
+
+class TokenIterator:
+    """The AWS blog's client, unchanged but for the name of its event stream's items."""
+
+    def __init__(self, stream):
+        self.byte_iterator = iter(stream)
+        self.buffer = io.BytesIO()
+        self.read_pos = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            self.buffer.seek(self.read_pos)
+            line = self.buffer.readline()
+            if line and line[-1] == ord("\n"):
+                self.read_pos += len(line) + 1
+                full_line = line[:-1].decode("utf-8")
+                line_data = json.loads(full_line.lstrip("data:").rstrip("/n"))
+                return line_data["token"]["text"]
+            chunk = next(self.byte_iterator)
+            self.buffer.seek(0, io.SEEK_END)
+            self.buffer.write(chunk["PayloadPart"]["Bytes"])
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def invoke(url: str, body: dict, session: str | None = None, **kwargs) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    if session is not None:
+        headers[SESSION] = session
+    return requests.post(f"{url}/invocations", data=json.dumps(body), headers=headers, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("streaming")
+    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=8, session_ttl_s=600)
+    server = ServingStack(archive, tmp / "run", workers=1, port=0).start(ready_timeout=300)
+    yield server
+    server.stop()
+
+
+def open_session(url: str, image: Image.Image) -> str:
+    response = invoke(url, {"requestType": "NEW_SESSION", "images": [png_b64(image)]})
+    assert response.status_code == 200, response.text
+    return response.json()["session_id"]
+
+
+def test_a_streamed_turn_arrives_token_by_token_and_matches_the_plain_answer(server):
+    image = Image.effect_noise((40, 40), 50).convert("RGB")
+    streamed_sid, twin_sid = open_session(server.url, image), open_session(server.url, image)
+
+    body = {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "temperature": 0, "stream": True}
+    chunks: list[tuple[float, bytes]] = []
+    with invoke(server.url, body, streamed_sid, stream=True) as response:
+        assert response.status_code == 200
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert not any(name.lower() == "ts_stream_next" for name in response.headers)
+        for chunk in response.iter_content(None):
+            chunks.append((time.monotonic(), chunk))
+
+    texts = list(TokenIterator({"PayloadPart": {"Bytes": chunk}} for _, chunk in chunks))
+    raw = b"".join(chunk for _, chunk in chunks).decode("utf-8")
+    events = [json.loads(line[len("data:"):]) for line in raw.split("\n\n") if line]
+    assert len(texts) == len(events) and all("token" in event for event in events)
+    final = events[-1]
+    assert all(event["generated_text"] is None for event in events[:-1])
+    assert "".join(texts) == final["generated_text"]
+    assert final["usage"]["completion_tokens"] == len(events)
+    assert final["details"]["finish_reason"] in ("eos_token", "length")
+    # Tokens went out while the answer was being generated, not all at the end.
+    assert len(events) > 4 and len(chunks) > 4, len(chunks)
+    assert chunks[0][0] < chunks[-1][0]
+
+    plain = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "temperature": 0}, twin_sid)
+    assert plain.status_code == 200 and plain.headers["Content-Type"].startswith("application/json")
+    assert plain.json()["generated_text"] == final["generated_text"]
+    assert plain.json()["usage"] == final["usage"]
+
+    # The session carries on without streaming, from its KV cache.
+    later = invoke(server.url, {"prompt": "And the colours?", "max_new_tokens": 4}, streamed_sid)
+    assert later.status_code == 200, later.text
+    usage = later.json()["usage"]
+    assert 0 < usage["cached_tokens"] < usage["prompt_tokens"]
+
+
+def test_a_streamed_turn_on_an_unknown_session_is_a_plain_404(server):
+    response = invoke(server.url, {"prompt": "hi", "stream": True}, "sess-does-not-exist", stream=True)
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "SESSION_NOT_FOUND"

@@ -89,6 +89,11 @@ class TorchServeProcess:
         return [f"{self.url}/predictions/{name}" for name in self.model_names]
 
     @property
+    def metrics_url(self) -> str:
+        """Prometheus metrics, TorchServe's and the handler's."""
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+
+    @property
     def management_url(self) -> str:
         return f"http://{LOOPBACK}:{self.management_port}"
 

@@ -1,0 +1,81 @@
+"""Handler metrics through TorchServe's real metric cache: names, dimensions and exact deltas."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import ts
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+from llava_sessions.handler.metrics import SessionMetrics
+
+
+@dataclass
+class Counters:
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sessions_closed: int = 0
+    sessions_expired: int = 0
+
+
+class FakeEngine:
+    def __init__(self):
+        self.counters = Counters()
+        self.open = 0
+        self.tiers = {"device_kv": 0, "device_features": 0, "host_features": 0}
+
+    def session_count(self):
+        return self.open
+
+    def bytes_by_tier(self):
+        return dict(self.tiers)
+
+
+def emitted(caplog) -> list[tuple[str, str, str]]:
+    """(metric, value, dimensions) of every [METRICS] line logged."""
+    lines = []
+    for record in caplog.records:
+        match = re.match(r"\[METRICS\](\w+)\.\w+:([\d.]+)\|#([^|]*)\|", record.getMessage())
+        if match:
+            lines.append(match.groups())
+    caplog.clear()
+    return lines
+
+
+def make_metrics():
+    cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    return SessionMetrics(cache, "llava-1")
+
+
+def test_engine_gauges_and_counter_deltas(caplog):
+    caplog.set_level(logging.INFO)
+    metrics, engine = make_metrics(), FakeEngine()
+    engine.open, engine.tiers["device_kv"] = 3, 4096
+    engine.counters.prefill_tokens, engine.counters.sessions_expired = 40, 1
+    metrics.observe_engine(engine)
+    first = emitted(caplog)
+    assert ("llava_sessions_open", "3", "ModelName:llava-1") in first
+    assert ("llava_session_bytes", "4096", "ModelName:llava-1,tier:device_kv") in first
+    assert ("llava_prefill_tokens", "40", "ModelName:llava-1") in first
+    assert ("llava_sessions_ended", "1", "ModelName:llava-1,reason:expired") in first
+
+    engine.counters.prefill_tokens = 55  # counters are sent as growth, not totals
+    metrics.observe_engine(engine)
+    second = emitted(caplog)
+    assert ("llava_prefill_tokens", "15", "ModelName:llava-1") in second
+    assert not [m for m in second if m[0] == "llava_sessions_ended"]
+
+
+def test_turn_timings_and_cache_hits(caplog):
+    caplog.set_level(logging.INFO)
+    metrics = make_metrics()
+    metrics.observe_turn(cached_tokens=0, ttft_s=0.25, time_per_output_token_s=None)
+    metrics.observe_turn(cached_tokens=120, ttft_s=0.03, time_per_output_token_s=0.01)
+    lines = emitted(caplog)
+    names = [m[0] for m in lines]
+    assert names.count("llava_kv_cache_misses") == 1 and names.count("llava_kv_cache_hits") == 1
+    assert ("llava_time_to_first_token_seconds", "0.03", "ModelName:llava-1") in lines
+    assert names.count("llava_time_per_output_token_seconds") == 1

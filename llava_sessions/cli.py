@@ -52,6 +52,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
     serve.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
     serve.set_defaults(run=cmd_serve)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time one multi-turn conversation: our stack over HTTP vs stateless, pixel-cache and floor",
+        description="Time one conversation of K turns about one image through (a) our serving stack over "
+        "HTTP, (b) a stateless model.generate, (c) the AWS sample's pixel cache and (d) the bare floor, "
+        "on identical token histories. --preset llava-1.5-7b writes a ~14 GB float16 random-weight "
+        "checkpoint to the cache once (for a GPU); --model DIR uses an existing checkpoint instead.",
+    )
+    bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b"],
+                       help="random-weight model shape (default: small, the CPU default)")
+    bench.add_argument("--model", help="existing checkpoint directory (overrides the preset's weights)")
+    bench.add_argument("--turns", type=int, default=6, help="turns in the conversation (default 6)")
+    bench.add_argument("--repeats", type=int, default=3, help="repeats per turn; medians are reported (default 3)")
+    bench.add_argument("--max-new-tokens", type=int, default=24, help="answer length of the reference turns")
+    bench.add_argument("--concurrency", type=int, default=8, help="sessions taking turns at once (default 8)")
+    bench.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu or cuda:N")
+    bench.add_argument("--budget-gb", type=float, help="memory budget for the sessions-fit figure (default: free memory)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw TTFT per turn (needs matplotlib)")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
@@ -110,6 +131,12 @@ def cmd_serve(args) -> int:
         return 0
     finally:
         stack.stop()
+
+
+def cmd_bench(args) -> int:
+    from llava_sessions import bench
+
+    return bench.main(args)
 
 
 # --- helpers --------------------------------------------------------------------

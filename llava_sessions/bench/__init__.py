@@ -1,0 +1,64 @@
+"""``llava-sessions bench``: one conversation about one image, timed through four strategies.
+
+Modules: ``stats`` (medians, ratios, targets; torch-free), ``inprocess`` (the reference run and
+strategies (b) stateless, (c) pixel cache, (d) floor), ``served`` (strategy (a): the real stack
+over HTTP; torch-free), ``runner`` (the whole run, returns one dict), ``report`` (table, plot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def main(args) -> int:
+    """Entry point of ``cmd_bench``; ``args`` comes from the CLI parser."""
+    from llava_sessions.bench import report
+    from llava_sessions.bench.runner import BenchError, Options, run
+
+    options = Options(
+        preset=args.preset,
+        model=args.model,
+        turns=args.turns,
+        repeats=args.repeats,
+        max_new_tokens=args.max_new_tokens,
+        concurrency=args.concurrency,
+        device=args.device,
+        budget_gb=args.budget_gb,
+    )
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        result = run(options, log=log)
+    except BenchError as exc:
+        print(f"llava-sessions bench: {exc}", file=sys.stderr)
+        return 2
+    result["plot"] = None
+    if args.plot:
+        reason = report.plot(result, str(args.plot))
+        result["plot"] = {"path": str(args.plot), "drawn": reason is None, "reason": reason}
+        if reason:
+            log(f"llava-sessions bench: {reason}")
+    if args.json:
+        print(json.dumps(_finite(result), indent=2))
+    else:
+        print(report.table(result))
+    if not result["answers_match_reference"]:
+        print("llava-sessions bench: the server's answers differ from the reference run:\n  "
+              + "\n  ".join(result["mismatches"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

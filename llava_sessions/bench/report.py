@@ -1,0 +1,110 @@
+"""The readable table and the optional plot. Torch-free."""
+
+from __future__ import annotations
+
+from llava_sessions.bench import stats
+
+STRATEGIES = (
+    ("ours", "(a) ours, HTTP"),
+    ("stateless", "(b) stateless"),
+    ("pixel_cache", "(c) pixel cache"),
+    ("floor", "(d) floor"),
+)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.3f} GB" if value >= 1e8 else f"{value / 1e6:.2f} MB"
+
+
+def table(result: dict) -> str:
+    ttft = result["ttft_s"]
+    conv = result["conversation"]
+    lines = [
+        f"llava-sessions bench: preset {result['preset']} ({result['dtype']}) on {result['machine']['device']}"
+        f" - {result['machine']['gpu'] or result['machine']['cpu']}, torch {result['machine']['torch']}",
+        f"{conv['turns']} turns, median of {conv['repeats']} repeats; questions {conv['question_tokens']} tokens;"
+        f" answers {conv['answer_tokens']} tokens",
+        "",
+        "TTFT per turn (ms)",
+        f"{'turn':>4} {'context':>7} {'new':>4} " + " ".join(f"{label:>16}" for _, label in STRATEGIES)
+        + f" {'b/a':>6} {'c/a':>6} {'a/d':>6}",
+    ]
+    for k in range(conv["turns"]):
+        a, b, c, d = (ttft[name][k] for name, _ in STRATEGIES)
+        new = conv["context_tokens"][k] - conv["cached_tokens"][k]
+        lines.append(
+            f"{k + 1:>4} {conv['context_tokens'][k]:>7} {new:>4} "
+            + " ".join(f"{v * 1e3:>16.1f}" for v in (a, b, c, d))
+            + f" {b / a:>6.1f} {c / a:>6.1f} {a / d:>6.2f}"
+        )
+    lines += ["", f"ratios (follow-up = turns >= {stats.FIRST_FOLLOWUP_TURN})"
+              f"{'target':>26} {'median':>8}          {'best-of-R':>9}"]
+    best = result.get("ratios_best_of_repeats", {})
+    for target in stats.TARGETS:
+        value = result[target.key]
+        verdict = "met" if target.met(value) else "NOT MET"
+        other = best.get(target.key)
+        other_text = f"{other:>9.2f}" if other is not None else ""
+        lines.append(f"  {target.label:<52} {target.op}{target.value:<5g} {value:>8.2f}  {verdict:<7}  {other_text}")
+    cold = result["cold_open_s"]
+    dec = result["decode_tps"]
+    conc = result["concurrency"]
+    lines += [
+        "",
+        f"cold open: ours open+turn 1 {cold['ours_open_plus_turn1'] * 1e3:.1f} ms,"
+        f" stateless turn 1 {cold['stateless_turn1'] * 1e3:.1f} ms",
+        "decode tok/s per turn: ours " + _fmt_list(dec["ours"]) + "; bare generate " + _fmt_list(dec["bare_generate"])
+        + "; bare decode step " + _fmt_list(dec["floor_one_step"]),
+        f"concurrency: {conc['sessions']} sessions {conc['concurrent_tps']:.1f} tok/s vs 1 session"
+        f" {conc['single_tps']:.1f} tok/s",
+    ]
+    mem = result["bytes_per_session"]
+    fit = result["sessions_fit"]
+    measured, seven = fit["measured"], fit["llava_1_5_7b_fp16_80gb"]
+    lines += [
+        f"bytes per session (engine accounting): after open {_gb(mem['after_open'])}, after each turn "
+        + ", ".join(_gb(b) for b in mem["after_turn"])
+        + f"; KV {mem['kv_bytes_per_token_measured']:.0f} B/token"
+        + (" (= config accounting)" if mem["accounting_matches_measurement"] else ""),
+        f"sessions of {fit['context_tokens']} tokens that fit: {measured['sessions']} here"
+        f" ({_gb(measured['session_bytes'])} each in {_gb(measured['budget_bytes'])}: {measured['budget_source']});"
+        f" llava-1.5-7b fp16 on 80 GB: {seven['sessions']} ({_gb(seven['session_bytes'])} each,"
+        f" {seven['kv_bytes_per_token']} B/token, in {_gb(seven['budget_bytes'])})",
+        "",
+        "answers of (a) equal the reference: " + ("yes" if result["answers_match_reference"] else "NO"),
+        "first token of (b)/(c)/(d) equals the reference: "
+        + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["first_token_agrees_with_reference"].items()),
+        f"command: {result['command']}",
+        f"wall time: {result['wall_s']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_list(values) -> str:
+    return "[" + ", ".join("-" if v is None else f"{v:.0f}" for v in values) + "]"
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Draw TTFT per turn for (a)-(d); returns a reason when it could not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'llava-sessions[bench]'); no plot drawn"
+    turns = list(range(1, result["conversation"]["turns"] + 1))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label in STRATEGIES:
+        ax.plot(turns, [v * 1e3 for v in result["ttft_s"][name]], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_xticks(turns)
+    ax.set_title(f"TTFT per turn - preset {result['preset']} on {result['machine']['device']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,388 @@
+"""Run the benchmark: one conversation, the same token histories through strategies (a)-(d)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import platform
+import shlex
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_sessions.bench import stats
+
+# ~20 tokens each with the offline tokenizer (the reply's "question_tokens" has the exact counts).
+QUESTIONS = [
+    "Describe the scene in detail, including the colors of the buildings, the sky and the street.",
+    "How many people are standing near the window, and what are they doing in the picture?",
+    "What color is the car parked on the side of the street in front of the white house?",
+    "Is there a cat or a dog in the image, and where is it sitting in the room?",
+    "What is written on the sign above the door of the shop, and what color are the letters?",
+    "What time of day is it, judging by the light and the long shadows in the photo?",
+    "Can you tell me what the man on the left is holding in his hands right now?",
+    "What food is on the table, and is there a glass of water next to the plate?",
+    "Where was this photo probably taken, and what can you see far away in the background?",
+    "Are the children playing football on the grass, and are their parents watching from a bench?",
+    "What animal is eating grass in the field, and what color is the wooden fence around it?",
+    "Please count the apples in the basket and tell me how many are red and how many are green.",
+]
+
+SESSION_CONTEXT_TOKENS = 620  # "a 620-token first turn": one image (576) plus a question and template
+GPU_7B_TOTAL_GB = 80.0
+GPU_7B_WEIGHTS_GB = 14.0
+
+
+@dataclass
+class Options:
+    preset: str = "small"
+    model: str | None = None
+    turns: int = 6
+    repeats: int = 3
+    max_new_tokens: int = 24
+    concurrency: int = 8
+    device: str = "auto"
+    budget_gb: float | None = None
+    work_dir: Path | None = None
+
+    def command(self) -> str:
+        parts = ["llava-sessions", "bench", "--preset", self.preset]
+        if self.model:
+            parts += ["--model", self.model]
+        parts += ["--turns", str(self.turns), "--repeats", str(self.repeats),
+                  "--max-new-tokens", str(self.max_new_tokens), "--concurrency", str(self.concurrency),
+                  "--device", self.device]
+        if self.budget_gb is not None:
+            parts += ["--budget-gb", str(self.budget_gb)]
+        return shlex.join(parts)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def bench_image_png_b64(width: int = 640, height: int = 480, seed: int = 0) -> str:
+    """A deterministic photo-sized RGB image (smooth gradients plus mild noise), as base64 PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [
+        128 + 100 * np.sin(x / 37.0) * np.cos(y / 53.0),
+        255 * x / width,
+        255 * (1 - y / height),
+    ]
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def checkpoint_for(options: Options) -> Path:
+    """--model as given, else the preset's random-weight checkpoint (written once to the cache).
+
+    The llava-1.5-7b preset is written in float16: about 14 GB of disk, once.
+    """
+    from llava_sessions import models
+
+    if options.model:
+        return models.resolve_model(options.model)
+    if options.preset == "llava-1.5-7b":
+        import torch
+
+        from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+
+        return write_tiny_llava(models.home() / "models" / "llava-1.5-7b-llava-seed0-float16",
+                                preset=options.preset, dtype=torch.float16)
+    return models.ensure_tiny_model(options.preset)
+
+
+def resolve_device(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def machine_info(device) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    return info
+
+
+def memory_budget(device, budget_gb: float | None) -> tuple[float, str]:
+    if budget_gb is not None:
+        return budget_gb * 1e9, "--budget-gb"
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), "free GPU memory after loading the model (server worker and bench both loaded)"
+    import psutil
+
+    return float(psutil.virtual_memory().available), "available host memory (server worker and bench both loaded)"
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """The engine's accounting (generation.cache_bytes): K and V, every layer, per token."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def accounting_for(geometry, dtype_bytes: int, context_tokens: int) -> dict:
+    """features + KV of one session with one image and ``context_tokens`` tokens, from the config."""
+    head_dim = geometry.text_hidden_size // geometry.text_num_heads
+    per_token = kv_bytes_per_token(geometry.text_num_layers, geometry.text_num_kv_heads, head_dim, dtype_bytes)
+    features = geometry.num_image_tokens * geometry.text_hidden_size * dtype_bytes
+    return {"kv_bytes_per_token": per_token, "feature_bytes": features,
+            "session_bytes": features + per_token * context_tokens}
+
+
+def run(options: Options, log=print) -> dict:
+    import torch
+
+    from llava_sessions.bench import served
+    from llava_sessions.bench.inprocess import InProcess, reference_run
+    from llava_sessions.handler.engine.model_loader import load_model
+    from llava_sessions.handler.engine.tiny_model import PRESETS
+
+    if options.turns < 1 or options.repeats < 1 or options.max_new_tokens < 2 or options.concurrency < 1:
+        raise BenchError("--turns, --repeats and --concurrency must be >= 1, --max-new-tokens >= 2")
+    wall_start = time.perf_counter()
+    device = resolve_device(options.device)
+    prompts = [QUESTIONS[k % len(QUESTIONS)] for k in range(max(options.turns, 2))]
+    turns = options.turns
+    model_dir = checkpoint_for(options)
+    log(f"bench: model {model_dir} on {device}")
+    loaded = load_model(str(model_dir), device)
+    png_b64 = bench_image_png_b64()
+
+    reference = reference_run(loaded, png_b64, prompts[:turns], options.max_new_tokens)
+    inproc = InProcess(loaded, png_b64, reference)
+    # Warm-up (first calls allocate and pick kernels); not timed.
+    inproc.stateless_ttft(0)
+    inproc.pixel_cache_ttft(0)
+    inproc.floor_ttft(0, inproc.floor_cache(0))
+
+    K, R = turns, options.repeats
+    stateless = [[] for _ in range(K)]
+    pixel_cache = [[] for _ in range(K)]
+    floor = [[] for _ in range(K)]
+    floor_decode = [[] for _ in range(K)]
+    bare_total = [[] for _ in range(K)]
+    first_token = {"stateless": True, "pixel_cache": True, "floor": True}
+    repeats_a: list = []
+    conc: list = []
+    mismatches: list[str] = []
+    tokenizer = loaded.tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="llava-bench-", dir=options.work_dir) as tmp:
+        log("bench: starting the serving stack (1 worker)")
+        stack = served.start_stack(model_dir, Path(tmp), options.device)
+        try:
+            client = served.Client(stack.url)
+            _, sid = client.open(png_b64)  # warm-up
+            client.turn(sid, prompts[0], 2)
+            client.close(sid)
+            for r in range(R):
+                log(f"bench: repeat {r + 1}/{R}")
+                repeats_a.append(served.staircase(client, png_b64, prompts[:K], options.max_new_tokens))
+                for k, turn in enumerate(reference.turns):
+                    expected = turn.answer_ids[0]
+                    seconds, token = inproc.stateless_ttft(k)
+                    stateless[k].append(seconds)
+                    first_token["stateless"] &= token == expected
+                    seconds, token = inproc.pixel_cache_ttft(k)
+                    pixel_cache[k].append(seconds)
+                    first_token["pixel_cache"] &= token == expected
+                    cache = inproc.floor_cache(k)
+                    seconds, token = inproc.floor_ttft(k, cache)
+                    floor[k].append(seconds)
+                    first_token["floor"] &= token == expected
+                    floor_decode[k].append(inproc.floor_decode_step(k, cache, expected))
+                    if len(turn.answer_ids) >= 2:
+                        seconds, _ = inproc.bare_generate_total(k, len(turn.answer_ids))
+                        bare_total[k].append(seconds)
+            log(f"bench: concurrency ({options.concurrency} sessions vs 1)")
+            for r in range(R):
+                conc.append(served.concurrency(client, png_b64, prompts, options.max_new_tokens, options.concurrency))
+        finally:
+            stack.stop()
+
+    # --- correctness: (a) on the reference histories gives the reference answers ----------------
+    for r, samples in enumerate(repeats_a):
+        for k, turn in enumerate(reference.turns):
+            probe = samples.probe[k]
+            first_text = tokenizer.decode(turn.answer_ids[:1], skip_special_tokens=True)
+            if (probe.prompt_tokens, probe.cached_tokens) != (len(turn.context_ids), turn.cached_tokens):
+                mismatches.append(f"repeat {r + 1} turn {k + 1}: server history {probe.prompt_tokens} tokens "
+                                  f"({probe.cached_tokens} cached), reference {len(turn.context_ids)} "
+                                  f"({turn.cached_tokens} cached)")
+            if probe.text != first_text:
+                mismatches.append(f"repeat {r + 1} turn {k + 1}: first token {probe.text!r} != {first_text!r}")
+            for sample in samples.full.get(k, []):
+                if sample.text != turn.text or sample.completion_tokens != len(turn.answer_ids):
+                    mismatches.append(f"repeat {r + 1} turn {k + 1}: answer {sample.text!r} != {turn.text!r}")
+
+    # --- figures ---------------------------------------------------------------------------
+    ours_samples = [[s.probe[k].seconds for s in repeats_a] for k in range(K)]
+    full_samples = [[x.seconds for rep in repeats_a for x in rep.full[k]] for k in range(K)]
+    cold_samples = [s.open_s[0] + s.probe[0].seconds for s in repeats_a]
+    samples = {"ours": ours_samples, "stateless": stateless, "pixel_cache": pixel_cache, "floor": floor}
+    figures = {}
+    for reducer_name, reducer in (("median", stats.median), ("min", min)):
+        figures[reducer_name] = _figures(reducer, samples, full_samples, cold_samples, bare_total, conc, reference)
+    ttft = figures["median"]["ttft"]
+    ratios = figures["median"]["ratios"]
+    ours_tps, bare_tps = figures["median"]["ours_tps"], figures["median"]["bare_tps"]
+    full_total = figures["median"]["full_total"]
+    cold_open = figures["median"]["cold_open"]
+
+    # --- memory ----------------------------------------------------------------------------
+    dtype_bytes = torch.tensor([], dtype=loaded.dtype).element_size()
+    first = reference.turns[0]
+    kv_tokens_after_first = (reference.turns[1].cached_tokens if K >= 2
+                             else len(first.context_ids) + len(first.answer_ids) - 1)
+    measured_per_token = (first.bytes_held_after - reference.bytes_after_open) / kv_tokens_after_first
+    measured_session = reference.bytes_after_open + measured_per_token * SESSION_CONTEXT_TOKENS
+    budget, budget_source = memory_budget(device, options.budget_gb)
+    geometry = PRESETS.get(options.preset) if not options.model else None
+    own_accounting = accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS) if geometry else None
+    seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
+    seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9
+
+    result = {
+        **ratios,
+        "ratios_best_of_repeats": figures["min"]["ratios"],
+        "targets": {t.key: {"op": t.op, "value": t.value, "met": t.met(ratios[t.key])} for t in stats.TARGETS},
+        "answers_match_reference": not mismatches,
+        "mismatches": mismatches[:20],
+        "first_token_agrees_with_reference": first_token,
+        "ttft_s": ttft,
+        "ttft_best_s": figures["min"]["ttft"],
+        "ttft_samples_s": {
+            "ours": [[s.probe[k].seconds for s in repeats_a] for k in range(K)],
+            "stateless": stateless, "pixel_cache": pixel_cache, "floor": floor,
+        },
+        "cold_open_s": {"ours_open_plus_turn1": cold_open, "stateless_turn1": ttft["stateless"][0]},
+        "decode_tps": {
+            "ours": [ours_tps.get(k) for k in range(K)],
+            "bare_generate": [bare_tps.get(k) for k in range(K)],
+            "floor_one_step": [1.0 / stats.median(v) for v in floor_decode],
+            "ours_full_turn_s": full_total,
+        },
+        "concurrency": {
+            "sessions": options.concurrency,
+            "single_tps": stats.median(c.single_tps for c in conc),
+            "concurrent_tps": stats.median(c.concurrent_tps for c in conc),
+            "samples": [c.__dict__ for c in conc],
+        },
+        "bytes_per_session": {
+            "after_open": reference.bytes_after_open,
+            "after_turn": [t.bytes_held_after for t in reference.turns],
+            "kv_bytes_per_token_measured": measured_per_token,
+            "accounting_from_config": own_accounting,
+            "accounting_matches_measurement": (
+                own_accounting is not None
+                and own_accounting["kv_bytes_per_token"] == measured_per_token
+                and own_accounting["feature_bytes"] == reference.bytes_after_open
+            ),
+        },
+        "sessions_fit": {
+            "context_tokens": SESSION_CONTEXT_TOKENS,
+            "measured": {
+                "device": str(device),
+                "session_bytes": measured_session,
+                "budget_bytes": budget,
+                "budget_source": budget_source,
+                "sessions": stats.sessions_fit(budget, measured_session),
+            },
+            "llava_1_5_7b_fp16_80gb": {
+                **seven_b,
+                "budget_bytes": seven_b_budget,
+                "budget_source": f"{GPU_7B_TOTAL_GB:g} GB GPU minus {GPU_7B_WEIGHTS_GB:g} GB of weights",
+                "sessions": stats.sessions_fit(seven_b_budget, seven_b["session_bytes"]),
+            },
+        },
+        "conversation": {
+            "turns": K,
+            "repeats": R,
+            "max_new_tokens": options.max_new_tokens,
+            "question_tokens": reference.question_tokens,
+            "context_tokens": [len(t.context_ids) for t in reference.turns],
+            "cached_tokens": [t.cached_tokens for t in reference.turns],
+            "answer_tokens": [len(t.answer_ids) for t in reference.turns],
+            "reference_answers": [t.text for t in reference.turns],
+        },
+        "machine": machine_info(device),
+        "preset": options.preset,
+        "model_dir": str(model_dir),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "command": options.command(),
+        "wall_s": time.perf_counter() - wall_start,
+    }
+    return result
+
+
+def _figures(reduce, samples, full_samples, cold_samples, bare_total, conc, reference) -> dict:
+    """TTFT per turn, decode rates and the six ratios, each repeat set reduced with ``reduce``."""
+    K = len(reference.turns)
+    ttft = {name: [reduce(turn) for turn in values] for name, values in samples.items()}
+    follow = {name: stats.followup(values) for name, values in ttft.items()}
+    full_total = [reduce(v) for v in full_samples]
+    # Decode rate per turn with N >= 2 answer tokens: (N - 1) / (full turn - TTFT). It does not depend
+    # on the turn much, so the ratio is the median over all such turns (noise on one turn drops out).
+    ours_tps, bare_tps = {}, {}
+    for k, turn in enumerate(reference.turns):
+        n = len(turn.answer_ids)
+        if n < 2:
+            continue
+        try:
+            ours = stats.decode_tps(full_total[k], ttft["ours"][k], n)
+            bare = stats.decode_tps(reduce(bare_total[k]), ttft["pixel_cache"][k], n)
+        except ValueError:  # a full turn not slower than its probe: noise swamped the decode time
+            continue
+        ours_tps[k], bare_tps[k] = ours, bare
+    if not ours_tps:
+        raise BenchError("no turn gave a decode rate (answers of one token, or noise larger than the "
+                         "decode time); raise --max-new-tokens or --repeats")
+    decode_turns = sorted(ours_tps)
+    cold_open = reduce(cold_samples)
+    ratios = {
+        "followup_ttft_speedup_vs_stateless": stats.median_ratio(follow["stateless"], follow["ours"]),
+        "followup_ttft_speedup_vs_pixel_cache": stats.median_ratio(follow["pixel_cache"], follow["ours"]),
+        "followup_ttft_vs_floor": stats.median_ratio(follow["ours"], follow["floor"]),
+        "cold_open_vs_stateless": stats.ratio(cold_open, ttft["stateless"][0]),
+        "decode_tps_vs_bare": stats.median_ratio([ours_tps[k] for k in decode_turns],
+                                                 [bare_tps[k] for k in decode_turns]),
+        "concurrent8_tps_vs_single": stats.ratio(
+            stats.median(c.concurrent_tps for c in conc) if reduce is not min else max(c.concurrent_tps for c in conc),
+            stats.median(c.single_tps for c in conc) if reduce is not min else max(c.single_tps for c in conc),
+        ),
+    }
+    return {"ttft": ttft, "ratios": ratios, "ours_tps": ours_tps, "bare_tps": bare_tps,
+            "full_total": full_total, "cold_open": cold_open}

@@ -1,0 +1,168 @@
+"""Strategy (a): our real serving stack (archive, TorchServe with one worker, router) over HTTP.
+
+Torch-free. A server turn always appends its own answer to the session's history, so a turn
+sent with max_new_tokens=1 (to time TTFT) leaves that session off the reference history. Each
+TTFT probe therefore gets its own session: session S_k replays turns 1..k-1 in full (timed too:
+those are the full turns for the decode rate, and their answers must equal the reference), then
+sends turn k with max_new_tokens=1. One more session replays all K turns in full.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class TurnSample:
+    seconds: float
+    token_ids: list[int] | None  # None: the server does not return ids; compared by text
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class ServedSamples:
+    """Raw timings of one repeat; indices are 0-based turns."""
+
+    open_s: list[float] = field(default_factory=list)
+    probe: dict[int, TurnSample] = field(default_factory=dict)
+    full: dict[int, list[TurnSample]] = field(default_factory=dict)
+
+
+class Client:
+    def __init__(self, url: str, timeout: float = 600.0):
+        self.url = url
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _http(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def _post(self, body: dict, session_id: str | None = None) -> tuple[float, requests.Response]:
+        headers = {"Content-Type": "application/json"}
+        if session_id is not None:
+            headers[SESSION_HEADER] = session_id
+        data = json.dumps(body)
+        start = time.perf_counter()
+        response = self._http().post(f"{self.url}/invocations", data=data, headers=headers, timeout=self.timeout)
+        elapsed = time.perf_counter() - start
+        if response.status_code != 200:
+            raise ServerError(f"HTTP {response.status_code}: {response.text[:500]}")
+        return elapsed, response
+
+    def open(self, png_b64: str) -> tuple[float, str]:
+        elapsed, response = self._post({"requestType": "NEW_SESSION", "images": [png_b64]})
+        return elapsed, response.json()["session_id"]
+
+    def turn(self, session_id: str, prompt: str, max_new_tokens: int) -> TurnSample:
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
+        elapsed, response = self._post(body, session_id)
+        reply = response.json()
+        usage = reply["usage"]
+        return TurnSample(
+            seconds=elapsed,
+            token_ids=reply.get("token_ids"),
+            text=reply["generated_text"],
+            completion_tokens=int(usage["completion_tokens"]),
+            prompt_tokens=int(usage["prompt_tokens"]),
+            cached_tokens=int(usage["cached_tokens"]),
+        )
+
+    def close(self, session_id: str) -> None:
+        self._post({"requestType": "CLOSE"}, session_id)
+
+
+def staircase(client: Client, png_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
+    """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session."""
+    samples = ServedSamples()
+    turns = len(prompts)
+    for k in range(turns + 1):  # k == turns: the all-full session
+        open_s, session_id = client.open(png_b64)
+        samples.open_s.append(open_s)
+        try:
+            for j in range(k):
+                samples.full.setdefault(j, []).append(client.turn(session_id, prompts[j], max_new_tokens))
+            if k < turns:
+                samples.probe[k] = client.turn(session_id, prompts[k], 1)
+        finally:
+            client.close(session_id)
+    return samples
+
+
+@dataclass
+class ConcurrencySample:
+    single_tps: float
+    concurrent_tps: float
+    single_tokens: int
+    concurrent_tokens: int
+
+
+def concurrency(
+    client: Client, png_b64: str, prompts: list[str], max_new_tokens: int, sessions: int
+) -> ConcurrencySample:
+    """Aggregate tokens/s of ``sessions`` sessions sending a follow-up turn at once, and of one alone.
+
+    Every session is opened and given turn 1 first (untimed); the timed turn is turn 2.
+    """
+    with ThreadPoolExecutor(sessions) as pool:
+
+        def prepare(_):
+            _, sid = client.open(png_b64)
+            client.turn(sid, prompts[0], max_new_tokens)
+            return sid
+
+        ids = list(pool.map(prepare, range(sessions + 1)))
+        try:
+            alone = client.turn(ids[0], prompts[1], max_new_tokens)
+            barrier = threading.Barrier(sessions)
+
+            def follow_up(sid):
+                barrier.wait()
+                return client.turn(sid, prompts[1], max_new_tokens)
+
+            start = time.perf_counter()
+            results = list(pool.map(follow_up, ids[1:]))
+            wall = time.perf_counter() - start
+        finally:
+            for sid in ids:
+                client.close(sid)
+    tokens = sum(r.completion_tokens for r in results)
+    return ConcurrencySample(
+        single_tps=alone.completion_tokens / alone.seconds,
+        concurrent_tps=tokens / wall,
+        single_tokens=alone.completion_tokens,
+        concurrent_tokens=tokens,
+    )
+
+
+def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32):
+    """Build the archive and start a ServingStack with one worker on a free loopback port."""
+    from llava_sessions.archive import build_archive
+    from llava_sessions.serving_stack import ServingStack
+
+    overrides = {} if device == "auto" else {"device": device}
+    archive = build_archive(
+        model_dir,
+        work_dir / "archive",
+        sessions_per_worker=sessions_per_worker,
+        session_ttl_s=3600,
+        handler_overrides=overrides,
+    )
+    return ServingStack(archive, work_dir / "run", workers=1, port=0).start(ready_timeout=900)

@@ -1,0 +1,79 @@
+"""Arithmetic of the benchmark: medians, ratios, targets. Torch-free, unit-tested on its own."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+# Follow-up turns are turns 3, 4, ... (1-based): the first is the cold one, the second the first
+# follow-up whose history is still short.
+FIRST_FOLLOWUP_TURN = 3
+
+
+def median(values: Iterable[float]) -> float:
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("median of no values")
+    return float(statistics.median(values))
+
+
+def per_turn_medians(samples: Sequence[Sequence[float]]) -> list[float]:
+    """samples[k] holds the repeats of turn k+1; returns one median per turn."""
+    return [median(turn) for turn in samples]
+
+
+def followup(per_turn: Sequence[float]) -> list[float]:
+    """The values of turns >= FIRST_FOLLOWUP_TURN; all turns if there are fewer."""
+    picked = list(per_turn[FIRST_FOLLOWUP_TURN - 1 :])
+    return picked or list(per_turn)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator <= 0 or numerator < 0:
+        raise ValueError(f"cannot form the ratio {numerator} / {denominator}")
+    return numerator / denominator
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """Median over positions of numerators[i] / denominators[i] (e.g. per-turn speedups)."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("need two equally long, non-empty sequences")
+    return median(ratio(n, d) for n, d in zip(numerators, denominators))
+
+
+def decode_tps(total_s: float, ttft_s: float, new_tokens: int) -> float:
+    """Tokens per second after the first: (N - 1) / (total - TTFT)."""
+    if new_tokens < 2:
+        raise ValueError("a decode rate needs at least 2 new tokens")
+    return ratio(new_tokens - 1, total_s - ttft_s)
+
+
+def sessions_fit(budget_bytes: float, bytes_per_session: float) -> int:
+    if bytes_per_session <= 0:
+        raise ValueError("bytes_per_session must be positive")
+    return max(0, int(budget_bytes // bytes_per_session))
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    op: str  # ">=" or "<="
+    value: float
+
+    def met(self, measured: float) -> bool:
+        return measured >= self.value if self.op == ">=" else measured <= self.value
+
+
+# The issue's targets for the CPU `small` preset.
+TARGETS = (
+    Target("followup_ttft_speedup_vs_stateless", "follow-up TTFT speedup vs stateless", ">=", 8.0),
+    Target("followup_ttft_speedup_vs_pixel_cache", "follow-up TTFT speedup vs pixel cache (AWS sample)", ">=", 6.0),
+    Target("followup_ttft_vs_floor", "follow-up TTFT ours / floor", "<=", 1.5),
+    Target("cold_open_vs_stateless", "cold open (open + turn 1) / stateless turn 1", "<=", 1.1),
+    Target("decode_tps_vs_bare", "decode tok/s ours / bare generate", ">=", 0.9),
+    Target("concurrent8_tps_vs_single", "aggregate tok/s, 8 sessions / 1", ">=", 2.0),
+)
+RATIO_KEYS = tuple(t.key for t in TARGETS)

@@ -1,0 +1,63 @@
+"""`llava-sessions bench` end to end on the tiny preset: real stack over HTTP plus the baselines."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from llava_sessions import cli
+from llava_sessions.bench.stats import RATIO_KEYS
+
+pytestmark = pytest.mark.integration
+
+TURNS = 3
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    """(exit code, stdout, stderr) of one run; the checkpoint and archive go to a temporary home."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLAVA_SESSIONS_HOME", str(tmp_path_factory.mktemp("bench-home")))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["bench", "--preset", "tiny", "--turns", str(TURNS), "--repeats", "1", "--json"])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_bench_prints_one_json_object_with_the_ratios(bench_result):
+    code, out, err = bench_result
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    for key in RATIO_KEYS:
+        value = result[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert result["preset"] == "tiny"
+    assert result["command"].startswith("llava-sessions bench --preset tiny --turns 3 --repeats 1")
+    assert {"cpu", "torch", "gpu", "device"} <= set(result["machine"])
+
+
+def test_the_served_answers_equal_the_reference(bench_result):
+    result = json.loads(bench_result[1])
+    assert result["answers_match_reference"] is True and result["mismatches"] == []
+    conv = result["conversation"]
+    assert len(conv["reference_answers"]) == TURNS
+    # Every follow-up turn reused the history: only its new tokens were prefilled.
+    assert conv["cached_tokens"][0] == 0
+    assert all(0 < c < n for c, n in zip(conv["cached_tokens"][1:], conv["context_tokens"][1:]))
+
+
+def test_per_turn_arrays_have_one_entry_per_turn(bench_result):
+    result = json.loads(bench_result[1])
+    for name in ("ours", "stateless", "pixel_cache", "floor"):
+        values = result["ttft_s"][name]
+        assert len(values) == TURNS and all(v > 0 for v in values), name
+    assert len(result["decode_tps"]["ours"]) == TURNS
+    assert len(result["bytes_per_session"]["after_turn"]) == TURNS
+    assert result["bytes_per_session"]["accounting_matches_measurement"] is True
+    fit = result["sessions_fit"]
+    assert fit["measured"]["sessions"] > 0
+    assert fit["llava_1_5_7b_fp16_80gb"]["kv_bytes_per_token"] == 524288

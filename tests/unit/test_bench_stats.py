@@ -1,0 +1,61 @@
+"""The benchmark's arithmetic: medians, ratios, follow-up selection, decode rate, sessions that fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llava_sessions.bench import stats
+
+
+def test_median_and_per_turn_medians():
+    assert stats.median([3, 1, 2]) == 2
+    assert stats.median([4, 1, 3, 2]) == 2.5
+    assert stats.per_turn_medians([[1.0, 5.0, 3.0], [2.0]]) == [3.0, 2.0]
+    with pytest.raises(ValueError):
+        stats.median([])
+
+
+def test_followup_is_turns_from_the_third():
+    assert stats.followup([10, 20, 30, 40]) == [30, 40]
+    assert stats.followup([10, 20]) == [10, 20]  # too short: every turn
+
+
+def test_ratio_and_median_ratio():
+    assert stats.ratio(6, 2) == 3
+    assert stats.median_ratio([8, 9, 30], [1, 3, 3]) == 8  # per-position 8, 3, 10
+    for bad in ((1, 0), (1, -1), (-1, 1), (math.inf, 1), (1, math.nan)):
+        with pytest.raises(ValueError):
+            stats.ratio(*bad)
+    with pytest.raises(ValueError):
+        stats.median_ratio([1, 2], [1])
+
+
+def test_decode_tps_counts_tokens_after_the_first():
+    # 11 tokens in 1.2 s, the first after 0.2 s: 10 tokens in 1 s.
+    assert stats.decode_tps(1.2, 0.2, 11) == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        stats.decode_tps(1.0, 0.5, 1)
+    with pytest.raises(ValueError):
+        stats.decode_tps(0.4, 0.5, 8)  # noise: the full turn faster than its first token
+
+
+def test_sessions_fit_and_targets():
+    assert stats.sessions_fit(66e9, 330e6) == 200
+    assert stats.sessions_fit(1, 2) == 0
+    by_key = {t.key: t for t in stats.TARGETS}
+    assert by_key["followup_ttft_speedup_vs_stateless"].met(8.0)
+    assert not by_key["followup_ttft_speedup_vs_stateless"].met(7.9)
+    assert by_key["followup_ttft_vs_floor"].met(1.5) and not by_key["followup_ttft_vs_floor"].met(1.6)
+    assert len(stats.RATIO_KEYS) == 6
+
+
+def test_seven_b_accounting_from_the_config():
+    from llava_sessions.bench.runner import accounting_for
+    from llava_sessions.handler.engine.tiny_model import PRESETS
+
+    acc = accounting_for(PRESETS["llava-1.5-7b"], 2, 620)
+    assert acc["kv_bytes_per_token"] == 2 * 32 * 32 * 128 * 2  # K and V, 32 layers, 4096 wide, fp16
+    assert acc["feature_bytes"] == 576 * 4096 * 2
+    assert acc["session_bytes"] == 576 * 4096 * 2 + 620 * 524288

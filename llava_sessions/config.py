@@ -43,6 +43,18 @@ class ServingConfig:
     default_max_new_tokens: int = 128
     max_new_tokens_limit: int = 2048
 
+    # Device bytes this worker's sessions may hold (KV caches + image features on the
+    # device). A positive value is used as is. 0 means auto, resolved once when the
+    # engine starts, after the model is loaded:
+    #   cuda: floor(0.9 * free device memory (torch.cuda.mem_get_info)) - R
+    #   cpu:  floor(0.5 * MemAvailable from /proc/meminfo) - R
+    # where R reserves the activations of one full-context prefill:
+    #   R = max_context * (4 * hidden_size + 2 * intermediate_size) * dtype bytes.
+    # Auto refuses to start if that leaves nothing. When a session or a turn needs room,
+    # least recently used sessions give it back: KV first, then features to host memory
+    # (cuda only), then eviction; a request that cannot fit even so gets 503.
+    memory_budget_bytes: int = 0
+
     # Remote image sources are refused unless allow-listed.
     s3_allowed_buckets: tuple[str, ...] = ()
     https_allowed_hosts: tuple[str, ...] = ()
@@ -70,6 +82,11 @@ class ServingConfig:
                     f"{name} must be > 0, got {getattr(self, name)}; set "
                     f"{ENV_PREFIX}{name.upper()} or handler.{name} in model-config.yaml"
                 )
+        if self.memory_budget_bytes < 0:
+            raise ConfigError(
+                f"memory_budget_bytes must be >= 0 (0 = auto), got {self.memory_budget_bytes}; set "
+                f"{ENV_PREFIX}MEMORY_BUDGET_BYTES or handler.memory_budget_bytes in model-config.yaml"
+            )
         if self.image_fetch_timeout_s <= 0:
             raise ConfigError("image_fetch_timeout_s must be > 0")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -105,6 +105,13 @@ class InternalError(SessionsError):
     code = "INTERNAL_ERROR"
 
 
+class OutOfMemoryBudget(SessionsError):
+    """The request would not fit in the worker's session memory budget even after every
+    other session gave its memory back; retry later (or on another worker)."""
+
+    code = "INSUFFICIENT_MEMORY"
+
+
 class WorkerUnavailable(SessionsError):
     """The worker behind the router could not be reached, or dropped the connection."""
 

@@ -4,6 +4,13 @@ A session keeps, on the worker's device: the projected image features (the
 vision tower runs once per image), the token-exact history, and the KV cache of
 everything already seen, so a follow-up turn prefills only its new tokens.
 Knows nothing of TorchServe or HTTP.
+
+Memory: the sessions' device bytes stay within ``memory_budget_bytes``. When a new
+session's features or a turn's KV growth (reserved for the worst case before it runs)
+would not fit, least recently used other sessions give memory back: KV caches first,
+then features to host memory, then eviction (see memory_budget.py for the plan; this
+module applies it to the tensors). No step changes a surviving session's answers: a
+dropped KV is rebuilt with one prefill from the kept features and token ids.
 """
 
 from __future__ import annotations
@@ -19,18 +26,21 @@ from transformers import DynamicCache
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import (
+    ConfigError,
     InvalidRequest,
+    OutOfMemoryBudget,
     PromptTooLong,
     SessionBusy,
     SessionNotFound,
     TooManyImages,
     TooManySessions,
 )
-from llava_sessions.handler.engine import generation
+from llava_sessions.handler.engine import generation, memory_budget
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
-from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
+from llava_sessions.handler.engine.memory_budget import Holding, NoRoom, StepKind
+from llava_sessions.handler.engine.session_store import SessionRecord, SessionStore, new_session_id
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,12 @@ class EngineCounters:
     sessions_opened: int = 0
     sessions_closed: int = 0
     sessions_expired: int = 0
+    # Memory budget: one per session and step taken, and requests refused for want of room.
+    kv_dropped: int = 0
+    features_offloaded: int = 0
+    features_restored: int = 0
+    sessions_evicted: int = 0
+    memory_refusals: int = 0
 
 
 @dataclass
@@ -74,11 +90,14 @@ class _SessionState:
     pending_images: int = 0  # encoded, placeholders not yet in the history
     token_ids: list[int] = field(default_factory=list)
     conversation: Conversation = field(default_factory=Conversation)
-    cache: DynamicCache | None = None  # KV of token_ids[:cache.get_seq_length()]
+    cache: DynamicCache | None = None  # KV of token_ids[:cache.get_seq_length()]; always on the device
+    features_on_host: bool = False  # cold: features in host memory until the next turn
+
+    def feature_bytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.features)
 
     def bytes_held(self) -> int:
-        features = sum(f.numel() * f.element_size() for f in self.features)
-        return features + generation.cache_bytes(self.cache)
+        return self.feature_bytes() + generation.cache_bytes(self.cache)
 
 
 class SessionEngine:
@@ -87,7 +106,11 @@ class SessionEngine:
         loaded: LoadedModel,
         config: ServingConfig,
         clock: Callable[[], float] = time.time,
+        host_budget_bytes: int | None = None,
     ):
+        """``host_budget_bytes`` bounds cold (host) features; None means auto: on CUDA
+        half the host's MemAvailable split between the visible GPUs, on CPU 0 (the device
+        is the host, so there is no cold tier and eviction follows dropping KV)."""
         self.loaded = loaded
         self.config = config
         self.clock = clock
@@ -95,6 +118,16 @@ class SessionEngine:
         self.formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
         self._store = SessionStore(config.max_sessions_per_worker)
         self._states: dict[str, _SessionState] = {}
+        self.kv_bytes_per_token, self.feature_bytes_per_image, activation_reserve = _sizes(loaded)
+        self.memory_budget_bytes = self._resolve_budget(activation_reserve)
+        self.host_budget_bytes = self._resolve_host_budget(host_budget_bytes)
+        self._reserved = 0  # device bytes promised to the operation in progress
+        log.info(
+            "session memory budget: %d device bytes (%d KV bytes per token, %d feature bytes per image), "
+            "%d host bytes for cold features",
+            self.memory_budget_bytes, self.kv_bytes_per_token, self.feature_bytes_per_image,
+            self.host_budget_bytes,
+        )
         # One turn at a time per worker; the expiry sweeper waits for it.
         self._lock = threading.RLock()
         self._sweeper: threading.Thread | None = None
@@ -121,12 +154,15 @@ class SessionEngine:
                 )
             state = _SessionState()
             try:
+                self._make_room(len(images) * self.feature_bytes_per_image, session_id)
                 self._add_images(state, images)
             except BaseException:
                 self._store.remove(session_id)
                 raise
+            finally:
+                self._reserved = 0
             self._states[session_id] = state
-            record.bytes_held = state.bytes_held()
+            self._account(record, state)
             self.counters.sessions_opened += 1
             return OpenedSession(session_id, record.expires_at)
 
@@ -141,10 +177,11 @@ class SessionEngine:
         with self._lock:
             record, state = self._checkout(session_id)
             try:
-                return self._run_turn(state, prompt, params, images, on_token)
+                return self._run_turn(session_id, state, prompt, params, images, on_token)
             finally:
+                self._reserved = 0
                 record.busy = False
-                record.bytes_held = state.bytes_held()
+                self._account(record, state)
                 self._store.touch(record, self.clock())
 
     def close_session(self, session_id: str) -> None:
@@ -170,6 +207,20 @@ class SessionEngine:
 
     def has_session(self, session_id: str) -> bool:
         return session_id in self._store
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        """Bytes sessions hold: KV and features on the device (bounded by the budget), features on host."""
+        with self._lock:
+            records = self._store.lru_records()
+            return {
+                "device_kv": sum(r.device_kv_bytes for r in records),
+                "device_features": sum(r.device_feature_bytes for r in records),
+                "host_features": sum(r.host_feature_bytes for r in records),
+            }
+
+    def device_bytes_held(self) -> int:
+        with self._lock:
+            return self._store.device_bytes()
 
     # --- background expiry -------------------------------------------------
 
@@ -208,7 +259,7 @@ class SessionEngine:
         record.busy = True
         return record, self._states[session_id]
 
-    def _run_turn(self, state, prompt, params, images, on_token) -> TurnResult:
+    def _run_turn(self, session_id, state, prompt, params, images, on_token) -> TurnResult:
         total_images = len(state.features) + len(images)
         if total_images > self.config.max_images_per_session:
             raise TooManyImages(
@@ -224,6 +275,18 @@ class SessionEngine:
                 f"{self.loaded.max_context}. Open a new session or ask a shorter question"
             )
         max_new = min(params.max_new_tokens, self.loaded.max_context - context)
+        # Worst case before running: the KV grows by what it lacks plus every decoded token,
+        # new images add features, and cold features come back to the device.
+        cached = state.cache.get_seq_length() if state.cache is not None else 0
+        needed = (context - cached + max_new) * self.kv_bytes_per_token
+        needed += len(images) * self.feature_bytes_per_image
+        if state.features_on_host:
+            needed += state.feature_bytes()
+        self._make_room(needed, session_id)
+        if state.features_on_host:
+            state.features = [f.to(self.loaded.device, non_blocking=True) for f in state.features]
+            state.features_on_host = False
+            self.counters.features_restored += 1
         features_before, pending_before = len(state.features), state.pending_images
         try:
             self._add_images(state, images)
@@ -300,8 +363,118 @@ class SessionEngine:
         self.counters.sessions_expired += len(expired)
         return len(expired)
 
+    # --- memory budget -------------------------------------------------------
+
+    def _make_room(self, needed: int, asking: str) -> None:
+        """Free ``needed`` device bytes under the budget and reserve them, or raise OutOfMemoryBudget.
+
+        Other sessions give memory back, least recently used first (memory_budget.plan_room).
+        A refusal is decided before any step is taken, so it touches no session.
+        """
+        budget = self.memory_budget_bytes
+        if needed <= budget - self._store.device_bytes() - self._reserved:
+            self._reserved += needed
+            return
+        self._expire(self.clock())  # memory nobody will ask for again goes first
+        victims = [
+            Holding(r.session_id, r.device_kv_bytes, r.device_feature_bytes, r.host_feature_bytes)
+            for r in self._store.lru_records()
+            if r.session_id != asking and not r.busy
+        ]
+        plan = memory_budget.plan_room(
+            victims,
+            needed,
+            budget=budget,
+            device_used=self._store.device_bytes() + self._reserved,
+            host_budget=self.host_budget_bytes,
+            host_used=self._store.host_bytes(),
+        )
+        if isinstance(plan, NoRoom):
+            self.counters.memory_refusals += 1
+            raise OutOfMemoryBudget(
+                f"this request needs {needed} bytes of session memory; this worker's budget is "
+                f"{budget} bytes and other sessions could give back only {plan.free + plan.reclaimable}. "
+                "Ask for fewer new tokens or images, or retry later"
+            )
+        for step in plan:
+            record, state = self._store.lookup(step.session_id), self._states[step.session_id]
+            if step.kind is StepKind.DROP_KV:
+                state.cache = None
+                self.counters.kv_dropped += 1
+            elif step.kind is StepKind.OFFLOAD_FEATURES:
+                state.features = [_to_host(f) for f in state.features]
+                state.features_on_host = True
+                self.counters.features_offloaded += 1
+            else:
+                self._free(step.session_id)
+                self.counters.sessions_evicted += 1
+                log.info("memory budget: evicted a session")
+                continue
+            self._account(record, state)
+        self._reserved += needed
+
+    def _account(self, record: SessionRecord, state: _SessionState) -> None:
+        """Record the session's bytes per tier, measured on its tensors."""
+        record.device_kv_bytes = generation.cache_bytes(state.cache)
+        features = state.feature_bytes()
+        record.host_feature_bytes = features if state.features_on_host else 0
+        record.device_feature_bytes = 0 if state.features_on_host else features
+
+    def _resolve_budget(self, activation_reserve: int) -> int:
+        configured = self.config.memory_budget_bytes
+        if configured > 0:
+            return configured
+        device = self.loaded.device
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            fraction, where = memory_budget.CUDA_FREE_FRACTION, f"free memory on {device}"
+        else:
+            free = memory_budget.read_mem_available()
+            fraction, where = memory_budget.CPU_AVAILABLE_FRACTION, "the host's MemAvailable"
+        budget = memory_budget.auto_budget(free, fraction, activation_reserve)
+        if budget <= 0:
+            raise ConfigError(
+                f"no memory left for sessions: {fraction:.0%} of {where} ({free} bytes) minus "
+                f"{activation_reserve} bytes reserved for one prefill's activations is {budget}. "
+                "Use a smaller model or dtype, or set memory_budget_bytes"
+            )
+        return budget
+
+    def _resolve_host_budget(self, requested: int | None) -> int:
+        if requested is not None:
+            if requested < 0:
+                raise ConfigError(f"host_budget_bytes must be >= 0, got {requested}")
+            return requested
+        if self.loaded.device.type != "cuda":
+            return 0  # the device is the host: moving features "to host" would free nothing
+        share = memory_budget.read_mem_available() * memory_budget.HOST_AVAILABLE_FRACTION
+        return int(share / max(1, torch.cuda.device_count()))
+
     def _free(self, session_id: str) -> None:
         self._store.remove(session_id)
         self._states.pop(session_id, None)
         log.info("sessions: %d open, %d bytes held", len(self._store), self.bytes_held())
 
+
+def _sizes(loaded: LoadedModel) -> tuple[int, int, int]:
+    """(KV bytes per token, feature bytes per image, activation reserve of one full prefill)."""
+    text = loaded.model.config.get_text_config()
+    dtype_bytes = loaded.dtype.itemsize
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = memory_budget.kv_bytes_per_token(text.num_hidden_layers, kv_heads, head_dim, dtype_bytes)
+    per_image = loaded.tokens_per_image * text.hidden_size * dtype_bytes
+    reserve = memory_budget.prefill_activation_bytes(
+        loaded.max_context, text.hidden_size, text.intermediate_size, dtype_bytes
+    )
+    return per_token, per_image, reserve
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, in pinned memory so it comes back with an async copy."""
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu")
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    host.copy_(tensor)
+    return host

@@ -1,4 +1,4 @@
-"""Session bookkeeping: ids, expiry, LRU order, bytes held. No tensors live here.
+"""Session bookkeeping: ids, expiry, LRU order, bytes held per memory tier. No tensors live here.
 
 "No room" is returned as a value (``None``) and acted on by the caller.
 Torch-free, so the protocol layer can mint ids without importing torch.
@@ -33,7 +33,18 @@ class SessionRecord:
     expires_at: float
     last_used: float
     busy: bool = False
-    bytes_held: int = 0
+    # Bytes per memory tier (see memory_budget.py): KV and features on the device, features on host.
+    device_kv_bytes: int = 0
+    device_feature_bytes: int = 0
+    host_feature_bytes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_kv_bytes + self.device_feature_bytes
+
+    @property
+    def bytes_held(self) -> int:
+        return self.device_bytes + self.host_feature_bytes
 
 
 class SessionStore:
@@ -75,5 +86,15 @@ class SessionStore:
     def total_bytes(self) -> int:
         return sum(r.bytes_held for r in self._records.values())
 
+    def device_bytes(self) -> int:
+        return sum(r.device_bytes for r in self._records.values())
+
+    def host_bytes(self) -> int:
+        return sum(r.host_feature_bytes for r in self._records.values())
+
     def lru_order(self) -> list[str]:
         return list(self._records)
+
+    def lru_records(self) -> list[SessionRecord]:
+        """Every record, least recently used first."""
+        return list(self._records.values())

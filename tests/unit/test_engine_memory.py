@@ -1,0 +1,278 @@
+"""The engine under a memory budget: LRU sessions give memory back in steps, answers stay exact.
+
+Tiny model, float32: one token of KV is 1024 bytes (2 x 2 layers x 4 heads x 16 x 4 bytes),
+one image's features 4096 bytes (16 tokens x 64 x 4 bytes). A first turn with one image and
+QUESTIONS[0] has a 30-token context, so it reserves (30 + 10) tokens of KV.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llava_sessions.config import ServingConfig
+from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
+from llava_sessions.handler.engine import memory_budget
+from llava_sessions.handler.engine.engine import SessionEngine
+from llava_sessions.handler.engine.generation import cache_bytes
+from llava_sessions.handler.replies import error_reply
+from tests.unit.test_engine import (
+    GREEDY,
+    QUESTIONS,
+    FakeClock,
+    make_engine,
+    prompt_ids_of_last_turn,
+    stateless_answer,
+)
+
+KV_TOKEN = 1024
+FEATURES = 4096
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from threads, and loses a lot on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def budgeted(loaded, budget, host_budget):
+    return SessionEngine(loaded, ServingConfig(memory_budget_bytes=budget), FakeClock(), host_budget_bytes=host_budget)
+
+
+def measured(engine) -> dict[str, int]:
+    """Bytes by tier, measured on the tensors themselves."""
+    tiers = {"device_kv": 0, "device_features": 0, "host_features": 0}
+    for state in engine._states.values():
+        tiers["device_kv"] += cache_bytes(state.cache)
+        tier = "host_features" if state.features_on_host else "device_features"
+        tiers[tier] += state.feature_bytes()
+    return tiers
+
+
+def tier_of(engine, session_id) -> str:
+    if not engine.has_session(session_id):
+        return "gone"
+    state = engine._states[session_id]
+    if state.features_on_host:
+        return "cold"
+    if cache_bytes(state.cache):
+        return "hot"
+    return "warm" if state.feature_bytes() else "empty"  # empty: no images, no KV
+
+
+def check_accounting(engine) -> dict[str, int]:
+    tiers = measured(engine)
+    assert engine.bytes_by_tier() == tiers
+    assert tiers["device_kv"] + tiers["device_features"] <= engine.memory_budget_bytes
+    assert tiers["host_features"] <= engine.host_budget_bytes
+    assert engine._reserved == 0
+    return tiers
+
+
+def counts(engine):
+    c = engine.counters
+    return (c.kv_dropped, c.features_offloaded, c.features_restored, c.sessions_evicted)
+
+
+def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, images):
+    engine = make_engine(loaded_tiny)
+    assert (engine.kv_bytes_per_token, engine.feature_bytes_per_image) == (KV_TOKEN, FEATURES)
+    session = engine.open_session(images)
+    result = engine.turn(session.session_id, QUESTIONS[0], GREEDY)
+    state = engine._states[session.session_id]
+    assert state.feature_bytes() == 2 * FEATURES
+    kv_tokens = result.prompt_tokens + result.completion_tokens - 1
+    assert cache_bytes(state.cache) == kv_tokens * KV_TOKEN
+    assert engine.bytes_by_tier() == {
+        "device_kv": kv_tokens * KV_TOKEN,
+        "device_features": 2 * FEATURES,
+        "host_features": 0,
+    }
+
+
+def test_lru_sessions_give_back_kv_then_features_then_themselves(loaded_tiny, images):
+    r = (30 + 10) * KV_TOKEN  # a first turn's reservation
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + r, host_budget=FEATURES)
+    twin = make_engine(loaded_tiny)
+    s0, s1 = engine.open_session([images[0]]).session_id, engine.open_session([images[1]]).session_id
+    t0, t1 = twin.open_session([images[0]]).session_id, twin.open_session([images[1]]).session_id
+    assert counts(engine) == (0, 0, 0, 0)
+
+    # Fits exactly: nothing moves.
+    first = engine.turn(s0, QUESTIONS[0], GREEDY)
+    assert first.token_ids == twin.turn(t0, QUESTIONS[0], GREEDY).token_ids
+    assert first.completion_tokens == 10  # so s0 keeps 39 tokens of KV
+    assert counts(engine) == (0, 0, 0, 0)
+    check_accounting(engine)
+
+    # A third session's features: the only KV (s0's) is dropped, though s1 is older.
+    s2 = engine.open_session([images[0]]).session_id
+    t2 = twin.open_session([images[0]]).session_id
+    assert counts(engine) == (1, 0, 0, 0)
+    assert [tier_of(engine, s) for s in (s0, s1, s2)] == ["warm", "warm", "warm"]
+    check_accounting(engine)
+
+    # s2's turn: no KV left to drop, so the least recently used features (s1's) go to host.
+    assert engine.turn(s2, QUESTIONS[0], GREEDY).token_ids == twin.turn(t2, QUESTIONS[0], GREEDY).token_ids
+    assert counts(engine) == (1, 1, 0, 0)
+    assert [tier_of(engine, s) for s in (s0, s1, s2)] == ["warm", "cold", "hot"]
+    check_accounting(engine)
+
+    # s1 comes back: its features return to the device. Room: s2's KV is dropped first (the
+    # cheapest step anywhere in the LRU order), then s0, the least recently used, is evicted
+    # (the host is full with s1's own features, so s0 cannot go cold).
+    result = engine.turn(s1, QUESTIONS[0], GREEDY)
+    assert result.token_ids == twin.turn(t1, QUESTIONS[0], GREEDY).token_ids
+    history = prompt_ids_of_last_turn(engine, s1, result)
+    assert list(result.token_ids) == stateless_answer(loaded_tiny, history, [images[1]], 10)
+    assert counts(engine) == (2, 1, 1, 1)
+    assert [tier_of(engine, s) for s in (s0, s1, s2)] == ["gone", "hot", "warm"]
+    check_accounting(engine)
+
+    with pytest.raises(SessionNotFound):
+        engine.turn(s0, QUESTIONS[1], GREEDY)
+    assert counts(engine) == (2, 1, 1, 1)
+
+    # s2's second turn rebuilds 54 tokens of KV + 10: more than the budget could ever give it.
+    # Refused, and nothing else is touched.
+    before = (engine.bytes_by_tier(), [tier_of(engine, s) for s in (s1, s2)], engine.counters.prefill_tokens)
+    with pytest.raises(OutOfMemoryBudget) as refused:
+        engine.turn(s2, QUESTIONS[1], GREEDY)
+    assert error_reply(refused.value).status == 503
+    assert refused.value.to_dict()["error"]["code"] == "INSUFFICIENT_MEMORY"
+    assert (engine.bytes_by_tier(), [tier_of(engine, s) for s in (s1, s2)], engine.counters.prefill_tokens) == before
+    assert counts(engine) == (2, 1, 1, 1) and engine.counters.memory_refusals == 1
+    check_accounting(engine)
+
+    # The vision tower never ran again for anyone; closing gives everything back.
+    assert engine.counters.images_encoded == 3
+    engine.close_session(s1)
+    engine.close_session(s2)
+    assert check_accounting(engine) == {"device_kv": 0, "device_features": 0, "host_features": 0}
+
+
+def test_requests_that_cannot_fit_even_alone_are_refused_and_touch_nothing(loaded_tiny, images):
+    engine = budgeted(loaded_tiny, budget=3 * FEATURES, host_budget=FEATURES)
+    s = engine.open_session(images).session_id  # 2 images: 8 KiB of 12
+    before = (engine.bytes_by_tier(), engine.session_count(), engine.counters.images_encoded)
+    with pytest.raises(OutOfMemoryBudget):
+        engine.open_session(images + images)  # 16 KiB of features: more than the whole budget
+    with pytest.raises(OutOfMemoryBudget):
+        engine.turn(s, QUESTIONS[0], GREEDY)  # 56 tokens of KV
+    assert (engine.bytes_by_tier(), engine.session_count(), engine.counters.images_encoded) == before
+    assert tier_of(engine, s) == "warm" and counts(engine) == (0, 0, 0, 0)
+    assert engine.counters.memory_refusals == 2
+    check_accounting(engine)
+
+
+@pytest.mark.parametrize("seed", [1234, 4])
+def test_many_sessions_churning_under_a_tight_budget_answer_like_an_unconstrained_twin(loaded_tiny, images, seed):
+    rng = random.Random(seed)
+    budget = 100 * KV_TOKEN  # 2.5 first turns' KV; sessions take two turns, then close
+    engine = budgeted(loaded_tiny, budget=budget, host_budget=FEATURES)
+    twin = make_engine(loaded_tiny)
+    twin_of: dict[str, str] = {}
+    turns_of: dict[str, int] = {}
+    images_of: dict[str, list] = {}
+    gone: set[str] = set()
+    seen_not_found = 0
+    stateless_checks = 0
+
+    def on_token(_token):
+        tiers = measured(engine)
+        assert tiers["device_kv"] + tiers["device_features"] <= budget
+
+    for _ in range(80):
+        live = [s for s in twin_of if s not in gone]
+        if len(live) < 10 and (len(live) < 6 or rng.random() < 0.4):
+            pics = [images[rng.randrange(2)]] if rng.random() < 0.85 else []
+            before = _snapshot(engine)
+            sid = engine.open_session(pics).session_id
+            _check_step(engine, before, asking=sid, was_cold=False)
+            twin_of[sid] = twin.open_session(pics).session_id
+            turns_of[sid], images_of[sid] = 0, list(pics)
+        else:
+            sid = rng.choice(list(twin_of))
+            if sid in gone:
+                with pytest.raises(SessionNotFound):
+                    engine.turn(sid, QUESTIONS[0], GREEDY)
+                seen_not_found += 1
+                twin.close_session(twin_of.pop(sid))
+                continue
+            question = QUESTIONS[turns_of[sid]]
+            extra = [images[1]] if turns_of[sid] == 1 and rng.random() < 0.2 else []
+            before = _snapshot(engine)
+            was_cold = tier_of(engine, sid) == "cold"
+            result = engine.turn(sid, question, GREEDY, images=extra, on_token=on_token)
+            _check_step(engine, before, asking=sid, was_cold=was_cold)
+            expected = twin.turn(twin_of[sid], question, GREEDY, images=extra)
+            assert result.token_ids == expected.token_ids
+            images_of[sid] += extra
+            turns_of[sid] += 1
+            if result.cached_tokens == 0 and turns_of[sid] > 1 and stateless_checks < 4:
+                history = prompt_ids_of_last_turn(engine, sid, result)
+                assert list(result.token_ids) == stateless_answer(loaded_tiny, history, images_of[sid], 10)
+                stateless_checks += 1
+            if turns_of[sid] == 2:
+                engine.close_session(sid)
+                twin.close_session(twin_of.pop(sid))
+        gone |= {s for s in twin_of if not engine.has_session(s)}
+        check_accounting(engine)
+
+    c = engine.counters
+    # Every kind of step happened, features were never re-encoded, nothing was refused.
+    assert min(c.kv_dropped, c.features_offloaded, c.features_restored, c.sessions_evicted) > 0, counts(engine)
+    assert seen_not_found > 0 and stateless_checks > 0
+    assert c.memory_refusals == 0
+    assert c.images_encoded == twin.counters.images_encoded
+
+
+def _snapshot(engine):
+    """LRU order (oldest first) with each session's tier, and the counters, before an operation."""
+    return [(sid, tier_of(engine, sid)) for sid in engine._store.lru_order()], counts(engine)
+
+
+def _check_step(engine, before, asking, was_cold):
+    """The operation's demotions follow the plan's rules, and the counters count exactly them."""
+    tiers_before, counts_before = before
+    others = [(sid, tier) for sid, tier in tiers_before if sid != asking]
+    after = {sid: tier_of(engine, sid) for sid, _ in others}
+    dropped = [sid for sid, tier in others if tier == "hot" and after[sid] != "hot"]
+    offloaded = [sid for sid, tier in others if tier in ("hot", "warm") and after[sid] == "cold"]
+    evicted = [sid for sid, _ in others if after[sid] == "gone"]
+    # KVs go least recently used first: those dropped are the oldest hot ones.
+    hot = [sid for sid, tier in others if tier == "hot"]
+    assert dropped == hot[: len(dropped)]
+    if offloaded or evicted:
+        assert not any(tier == "hot" for tier in after.values())  # every KV went first
+    # No warm session older than an evicted one survives.
+    order = [sid for sid, _ in others]
+    for victim in evicted:
+        older = order[: order.index(victim)]
+        assert not any(after[sid] == "warm" for sid in older)
+    delta = tuple(now - then for now, then in zip(counts(engine), counts_before))
+    assert delta == (len(dropped), len(offloaded), int(was_cold), len(evicted))
+
+
+def test_budget_config(monkeypatch, loaded_tiny):
+    assert ServingConfig().memory_budget_bytes == 0
+    config = ServingConfig.from_sources({}, environ={"LLAVA_SESSIONS_MEMORY_BUDGET_BYTES": "123456"})
+    assert config.memory_budget_bytes == 123456
+    with pytest.raises(ConfigError, match="memory_budget_bytes"):
+        ServingConfig(memory_budget_bytes=-1)
+    assert SessionEngine(loaded_tiny, config).memory_budget_bytes == 123456
+
+    # Auto on CPU: half of MemAvailable, less one full-context prefill's activations.
+    reserve = 512 * (4 * 64 + 2 * 128) * 4
+    monkeypatch.setattr(memory_budget, "read_mem_available", lambda: 10 * 2**20)
+    engine = make_engine(loaded_tiny)
+    assert engine.memory_budget_bytes == 5 * 2**20 - reserve
+    assert engine.host_budget_bytes == 0  # on CPU the device is the host: no cold tier
+    monkeypatch.setattr(memory_budget, "read_mem_available", lambda: reserve)
+    with pytest.raises(ConfigError, match="no memory left for sessions"):
+        make_engine(loaded_tiny)

@@ -3,7 +3,9 @@
 Every metric carries the model copy's name (llava-0, llava-1, ...): copies
 share one TorchServe, and gauges without it would overwrite each other.
 Timings are in seconds so Prometheus' default histogram buckets (5 ms to 10 s)
-fit them. Counters are fed deltas of the engine's own exact counters.
+fit them. Counters are fed deltas of the engine's own exact counters. Gauges
+are refreshed after each batch, so what the expiry sweeper frees between
+requests shows at the next request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ KV_CACHE_MISSES = "llava_kv_cache_misses"
 PREFILL_TOKENS = "llava_prefill_tokens"
 DECODE_TOKENS = "llava_decode_tokens"
 SESSIONS_ENDED = "llava_sessions_ended"
+MEMORY_STEPS = "llava_memory_budget_steps"
 TTFT = "llava_time_to_first_token_seconds"
 TPOT = "llava_time_per_output_token_seconds"
 
@@ -29,6 +32,9 @@ _COUNTER_SOURCES = {
     "sessions_closed": (SESSIONS_ENDED, ["closed"]),
     "sessions_expired": (SESSIONS_ENDED, ["expired"]),
     "sessions_evicted": (SESSIONS_ENDED, ["evicted"]),
+    "kv_dropped": (MEMORY_STEPS, ["kv_dropped"]),
+    "features_offloaded": (MEMORY_STEPS, ["features_offloaded"]),
+    "features_restored": (MEMORY_STEPS, ["features_restored"]),
 }
 
 _DECLARATIONS = [
@@ -39,6 +45,7 @@ _DECLARATIONS = [
     (PREFILL_TOKENS, "count", [], MetricTypes.COUNTER),
     (DECODE_TOKENS, "count", [], MetricTypes.COUNTER),
     (SESSIONS_ENDED, "count", ["reason"], MetricTypes.COUNTER),
+    (MEMORY_STEPS, "count", ["step"], MetricTypes.COUNTER),
     (TTFT, "s", [], MetricTypes.HISTOGRAM),
     (TPOT, "s", [], MetricTypes.HISTOGRAM),
 ]

@@ -32,6 +32,7 @@ class LlavaSessionHandler:
     def __init__(self):
         self.engine = None
         self.config: ServingConfig | None = None
+        self.metrics = None  # SessionMetrics when TorchServe provides a metrics cache
         self.initialized = False
 
     # --- hook 1: once per worker --------------------------------------------
@@ -49,6 +50,10 @@ class LlavaSessionHandler:
         self.engine = SessionEngine(load_model(source, device, self.config.dtype), self.config)
         # Check often enough that a session outlives its TTL by at most a quarter of it.
         self.engine.start_expiry_sweeper(interval_s=min(5.0, self.config.session_ttl_s / 4))
+        if getattr(context, "metrics", None) is not None:
+            from llava_sessions.handler.metrics import SessionMetrics
+
+            self.metrics = SessionMetrics(context.metrics, context.model_name)
         self.initialized = True
 
     # --- TorchServe's entry point -------------------------------------------
@@ -60,6 +65,8 @@ class LlavaSessionHandler:
             reply = self.handle_one(row, headers, streaming.TorchServeSink(context, idx))
             self._send(context, idx, reply)
             bodies.append(reply.render())
+        if self.metrics is not None:
+            self.metrics.observe_engine(self.engine)
         return bodies
 
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
@@ -118,7 +125,10 @@ class LlavaSessionHandler:
             images = image_sources.load_images(request.images, self.config)
             params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
             on_token = stream.on_token if stream is not None else None
-            return self.engine.turn(request.session_id, request.prompt, params, images=images, on_token=on_token)
+            result = self.engine.turn(request.session_id, request.prompt, params, images=images, on_token=on_token)
+            if self.metrics is not None:
+                self.metrics.observe_turn(result.cached_tokens, result.ttft_s, result.time_per_output_token_s)
+            return result
         self.engine.close_session(request.session_id)
         return None
 

@@ -61,6 +61,12 @@ class TurnResult:
     cached_tokens: int  # of those, how many came from the session's KV cache
     completion_tokens: int
     finish_reason: str  # "stop" (eos) or "length"
+    ttft_s: float  # from the turn's start (images, room, prefill) to its first token
+    decode_s: float  # from the first token to the last
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        return self.decode_s / (self.completion_tokens - 1) if self.completion_tokens > 1 else None
 
 
 @dataclass
@@ -260,6 +266,7 @@ class SessionEngine:
         return record, self._states[session_id]
 
     def _run_turn(self, session_id, state, prompt, params, images, on_token) -> TurnResult:
+        started = time.perf_counter()
         total_images = len(state.features) + len(images)
         if total_images > self.config.max_images_per_session:
             raise TooManyImages(
@@ -290,7 +297,7 @@ class SessionEngine:
         features_before, pending_before = len(state.features), state.pending_images
         try:
             self._add_images(state, images)
-            answer, cached = self._generate(state, turn_ids, params, max_new, on_token)
+            answer, cached, first_token_at = self._generate(state, turn_ids, params, max_new, on_token)
         except BaseException:
             # Leave the session as it was before this turn; the KV is rebuilt next turn.
             del state.features[features_before:]
@@ -312,10 +319,12 @@ class SessionEngine:
             cached_tokens=cached,
             completion_tokens=len(answer),
             finish_reason=finish,
+            ttft_s=first_token_at - started,
+            decode_s=time.perf_counter() - first_token_at,
         )
 
-    def _generate(self, state, turn_ids, params, max_new, on_token) -> tuple[list[int], int]:
-        """Prefill what the cache lacks, then decode; returns (answer ids, cached tokens)."""
+    def _generate(self, state, turn_ids, params, max_new, on_token) -> tuple[list[int], int, float]:
+        """Prefill what the cache lacks, then decode; returns (answer ids, cached tokens, first-token time)."""
         loaded = self.loaded
         full_ids = state.token_ids + turn_ids
         if state.cache is None:
@@ -327,13 +336,16 @@ class SessionEngine:
         logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
         self.counters.prefill_tokens += len(feed)
         answer: list[int] = []
+        first_token_at = 0.0
         while True:
             token = generation.select_next_token(logits, params, None)
             answer.append(token)
+            if len(answer) == 1:
+                first_token_at = time.perf_counter()
             if on_token is not None:
                 on_token(token)
             if token in loaded.eos_token_ids or len(answer) >= max_new:
-                return answer, cached
+                return answer, cached, first_token_at
             logits = generation.decode_one_token(loaded, token, state.cache)
             self.counters.decode_tokens += 1
 

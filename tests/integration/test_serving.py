@@ -138,6 +138,21 @@ def test_interleaved_sessions_on_two_workers_match_a_fresh_engine(server, loaded
         assert invoke(server.url, {"prompt": "again?"}, sid).json()["error"]["code"] == "SESSION_NOT_FOUND"
 
 
+def test_metrics_reach_prometheus_per_worker(server):
+    """After the interleaved test: counters and gauges of both copies on TorchServe's metrics port."""
+    text = requests.get(server.torchserve.metrics_url, timeout=10).text
+
+    def values(name: str) -> dict[str, float]:
+        found = re.findall(rf'^{name}\{{ModelName="(llava-\d)"[^}}]*\}} ([\d.eE+-]+)$', text, re.MULTILINE)
+        return {model: float(value) for model, value in found}
+
+    assert set(values("llava_sessions_open")) == {"llava-0", "llava-1"}
+    assert sum(values("llava_kv_cache_hits").values()) >= 8 * (len(QUESTIONS) - 1)
+    assert sum(values("llava_prefill_tokens").values()) > 0
+    assert sum(values("llava_time_to_first_token_seconds_count").values()) >= 8 * len(QUESTIONS)
+    assert "llava_session_bytes" in text
+
+
 def test_a_bad_request_leaves_other_sessions_untouched(server):
     sid = invoke(server.url, {"requestType": "NEW_SESSION", "images": [png_b64(session_images(2)[1])]}).json()[
         "session_id"

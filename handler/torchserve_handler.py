@@ -2,8 +2,10 @@
 
 Four hooks, read top to bottom: ``initialize`` loads the engine once per worker;
 per request ``decode_request`` parses headers and body, ``run`` calls the
-engine, ``encode_response`` sets headers and renders JSON. ``handle`` is
-TorchServe's entry point and only glues them together. A client mistake never
+engine for an open or a close and ``run_batch`` for the batch's turns together
+(their decoding is batched across sessions), ``encode_response`` sets headers
+and renders JSON. ``handle`` is TorchServe's entry point and only glues them
+together. A client mistake never
 raises out of ``handle`` (that would fail the whole batch): it becomes a 4xx
 JSON error for that request alone. A turn with ``"stream": true`` sends one
 event per token as it is generated (``handler/streaming.py``) to that request
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 from http import HTTPStatus
+from types import SimpleNamespace
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InternalError, SessionsError
@@ -23,6 +26,17 @@ from llava_sessions.handler import image_sources, protocol, streaming
 from llava_sessions.handler.replies import Reply, error_reply
 
 log = logging.getLogger(__name__)
+
+
+def _item(idx: int) -> SimpleNamespace:
+    """One request of a batch on its way through the hooks; ``reply`` is set once it is answered.
+
+    A namespace, not a class: TorchServe wants exactly one class in a handler module.
+    Fields: idx, request (parsed), stream (TokenStream or None), turn (the engine's
+    TurnRequest, for a turn), reply.
+    """
+    return SimpleNamespace(idx=idx, request=None, stream=None, turn=None, reply=None)
+
 
 # Where build_archive puts the checkpoint inside the model archive.
 ARCHIVE_MODEL_SUBDIR = "model"
@@ -59,29 +73,83 @@ class LlavaSessionHandler:
     # --- TorchServe's entry point -------------------------------------------
 
     def handle(self, data: list[dict], context) -> list[str]:
+        """The batch's requests in order; its turns (of different sessions) run together.
+
+        Each request is parsed (and a turn's images loaded) on its own. Opens and closes run
+        in place; turns wait and run in one ``run_batch`` call, so their decoding is batched.
+        A close that names a session with a waiting turn runs after that turn.
+        """
+        items = [_item(idx) for idx in range(len(data))]
+        waiting: list[SimpleNamespace] = []
+        for item, row in zip(items, data):
+            headers = context.get_all_request_header(item.idx) or {}
+            self._guarded(item, self._prepare, item, row, headers, streaming.TorchServeSink(context, item.idx))
+            if item.reply is not None:
+                continue
+            if isinstance(item.request, protocol.Turn):
+                waiting.append(item)
+                continue
+            if isinstance(item.request, protocol.CloseSession) and any(
+                w.request.session_id == item.request.session_id for w in waiting
+            ):
+                self._run_waiting(waiting)
+                waiting = []
+            self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
+        self._run_waiting(waiting)
         bodies = []
-        for idx, row in enumerate(data):
-            headers = context.get_all_request_header(idx) or {}
-            reply = self.handle_one(row, headers, streaming.TorchServeSink(context, idx))
-            self._send(context, idx, reply)
-            bodies.append(reply.render())
+        for item in items:
+            self._send(context, item.idx, item.reply)
+            bodies.append(item.reply.render())
         if self.metrics is not None:
             self.metrics.observe_engine(self.engine)
         return bodies
 
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
-        """One request; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
-        stream = None
+        """One request alone; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
+        item = _item(0)
+        self._guarded(item, self._prepare, item, row, headers, sink)
+        if item.reply is None:
+            if isinstance(item.request, protocol.Turn):
+                self._run_waiting([item])
+            else:
+                self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
+        return item.reply
+
+    def _prepare(self, item: SimpleNamespace, row: dict, headers: dict, sink) -> None:
+        """Hook 2 for one request, plus what a turn needs before it can join the batch."""
+        item.request = self.decode_request(row, headers)
+        item.stream = self._token_stream(item.request, sink)
+        if isinstance(item.request, protocol.Turn):
+            item.turn = self.turn_request(item.request, item.stream)
+
+    def _run_waiting(self, waiting: list[SimpleNamespace]) -> None:
+        if not waiting:
+            return
         try:
-            request = self.decode_request(row, headers)
-            stream = self._token_stream(request, sink)
-            return self.encode_response(request, self.run(request, stream), stream)
-        except SessionsError as error:
-            return self._error_reply(error, stream)
-        except Exception:
-            log.exception("request failed")
+            outcomes = self.run_batch([item.turn for item in waiting])
+        except Exception as error:  # the engine itself failed: every turn of the batch fails
+            outcomes = [error] * len(waiting)
+        for item, outcome in zip(waiting, outcomes):
+            if isinstance(outcome, Exception):
+                self._fail(item, outcome)
+            else:
+                self._guarded(item, self._respond, item, outcome)
+
+    def _respond(self, item: SimpleNamespace, result) -> None:
+        item.reply = self.encode_response(item.request, result, item.stream)
+
+    def _guarded(self, item: SimpleNamespace, step, *args) -> None:
+        """Run one step for one request; a failure becomes that request's error reply alone."""
+        try:
+            step(*args)
+        except Exception as error:
+            self._fail(item, error)
+
+    def _fail(self, item: SimpleNamespace, error: Exception) -> None:
+        if not isinstance(error, SessionsError):
+            log.error("request failed", exc_info=error)
             error = InternalError("the server failed to process this request; it has been logged")
-            return self._error_reply(error, stream)
+        item.reply = self._error_reply(error, item.stream)
 
     def _token_stream(self, request, sink) -> streaming.TokenStream | None:
         """The token stream of a native turn that asked for one; the AWS sample's dialect never streams."""
@@ -116,21 +184,36 @@ class LlavaSessionHandler:
     # --- hook 3: run on the engine -------------------------------------------
 
     def run(self, request, stream: streaming.TokenStream | None = None):
-        from llava_sessions.handler.engine.generation import SamplingParams
-
+        """Open or close a session; a lone turn runs as a batch of one."""
         if isinstance(request, protocol.OpenSession):
             images = image_sources.load_images(request.images, self.config)
             return self.engine.open_session(images)
         if isinstance(request, protocol.Turn):
-            images = image_sources.load_images(request.images, self.config)
-            params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
-            on_token = stream.on_token if stream is not None else None
-            result = self.engine.turn(request.session_id, request.prompt, params, images=images, on_token=on_token)
-            if self.metrics is not None:
-                self.metrics.observe_turn(result.cached_tokens, result.ttft_s, result.time_per_output_token_s)
-            return result
+            [outcome] = self.run_batch([self.turn_request(request, stream)])
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         self.engine.close_session(request.session_id)
         return None
+
+    def turn_request(self, request: protocol.Turn, stream: streaming.TokenStream | None = None):
+        """The engine's TurnRequest for a parsed turn: its images loaded, its stream's callback."""
+        from llava_sessions.handler.engine.engine import TurnRequest
+        from llava_sessions.handler.engine.generation import SamplingParams
+
+        images = image_sources.load_images(request.images, self.config)
+        params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
+        on_token = stream.on_token if stream is not None else None
+        return TurnRequest(request.session_id, request.prompt, params, tuple(images), on_token)
+
+    def run_batch(self, turns: list) -> list:
+        """Turns of different sessions on the engine together; a result or an exception for each."""
+        outcomes = self.engine.turns(turns)
+        if self.metrics is not None:
+            for result in outcomes:
+                if not isinstance(result, Exception):
+                    self.metrics.observe_turn(result.cached_tokens, result.ttft_s, result.time_per_output_token_s)
+        return outcomes
 
     # --- hook 4: render -------------------------------------------------------
 

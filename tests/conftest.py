@@ -26,11 +26,17 @@ def loaded_tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), torch.device("cpu"))
 
 
-@pytest.fixture
-def images():
-    """Two visibly different RGB images."""
+def noise_image(seed: int, size: int = 32):
+    """A reproducible RGB noise image (PIL's effect_noise is not seedable)."""
+    import numpy as np
     from PIL import Image
 
-    red = Image.new("RGB", (40, 30), (200, 10, 10))
-    noise = Image.effect_noise((32, 32), 60).convert("RGB")
-    return [red, noise]
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def images():
+    """Two visibly different RGB images, the same on every run."""
+    from PIL import Image
+
+    return [Image.new("RGB", (40, 30), (200, 10, 10)), noise_image(0)]

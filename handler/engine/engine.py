@@ -36,6 +36,7 @@ from llava_sessions.errors import (
     TooManySessions,
 )
 from llava_sessions.handler.engine import generation, memory_budget
+from llava_sessions.handler.engine.batch_decode import BatchedDecode, padding_tokens
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
@@ -51,6 +52,17 @@ TokenCallback = Callable[[int], None]
 class OpenedSession:
     session_id: str
     expires_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One turn for ``SessionEngine.turns``; ``on_token`` gets each token of this turn as it is picked."""
+
+    session_id: str
+    prompt: str
+    params: SamplingParams
+    images: Sequence = ()
+    on_token: TokenCallback | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,28 @@ class _SessionState:
         return self.feature_bytes() + generation.cache_bytes(self.cache)
 
 
+@dataclass
+class _Running:
+    """One turn of a batch, from its checks and reservation to its result."""
+
+    slot: int
+    request: TurnRequest
+    record: SessionRecord
+    state: _SessionState
+    turn_ids: list[int]
+    n_images: int
+    context: int
+    max_new: int
+    features_before: int
+    pending_before: int
+    started: float
+    cached: int = 0
+    answer: list[int] = field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    outcome: object = None  # the TurnResult or the exception, once known
+
+
 class SessionEngine:
     def __init__(
         self,
@@ -128,6 +162,7 @@ class SessionEngine:
         self.memory_budget_bytes = self._resolve_budget(activation_reserve)
         self.host_budget_bytes = self._resolve_host_budget(host_budget_bytes)
         self._reserved = 0  # device bytes promised to the operation in progress
+        self._batch_view_bytes = 0  # KV held by the batched decode view (sessions' KV + padding)
         log.info(
             "session memory budget: %d device bytes (%d KV bytes per token, %d feature bytes per image), "
             "%d host bytes for cold features",
@@ -180,15 +215,37 @@ class SessionEngine:
         images: Sequence = (),
         on_token: TokenCallback | None = None,
     ) -> TurnResult:
+        result = self.turns([TurnRequest(session_id, prompt, params, tuple(images), on_token)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def turns(self, requests: Sequence[TurnRequest]) -> list[TurnResult | Exception]:
+        """Run turns of different sessions together; one result or exception per request, in order.
+
+        Each request is checked, has its images encoded and its memory reserved on its own, in
+        order; a failing request gets its error in its slot and does not disturb the others.
+        Then each turn prefills on its own cache, and all of them decode together, one token
+        per turn per forward (batch_decode.py). Greedy answers are those of ``turn`` alone.
+        A second request for a session already in the call gets SessionBusy. A request that
+        does not fit the memory budget beside the earlier ones runs after them, in a later
+        wave; only one that does not fit even alone is refused (OutOfMemoryBudget).
+        """
+        results: list = [None] * len(requests)
+        started = time.perf_counter()
         with self._lock:
-            record, state = self._checkout(session_id)
-            try:
-                return self._run_turn(session_id, state, prompt, params, images, on_token)
-            finally:
-                self._reserved = 0
-                record.busy = False
-                self._account(record, state)
-                self._store.touch(record, self.clock())
+            pending, seen = [], set()
+            for slot, request in enumerate(requests):
+                if request.session_id in seen:
+                    results[slot] = SessionBusy(
+                        "another turn of this session is in the same batch; send the next turn after its answer"
+                    )
+                else:
+                    seen.add(request.session_id)
+                    pending.append(slot)
+            while pending:
+                pending = self._run_wave(requests, pending, results, started)
+        return results
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
@@ -265,89 +322,196 @@ class SessionEngine:
         record.busy = True
         return record, self._states[session_id]
 
-    def _run_turn(self, session_id, state, prompt, params, images, on_token) -> TurnResult:
-        started = time.perf_counter()
-        total_images = len(state.features) + len(images)
-        if total_images > self.config.max_images_per_session:
-            raise TooManyImages(
-                f"this turn would bring the session to {total_images} images; "
-                f"a session holds at most {self.config.max_images_per_session}"
-            )
-        n_images = state.pending_images + len(images)
-        turn_ids = self.formatter.user_turn_ids(state.conversation, prompt, n_images)
-        context = len(state.token_ids) + len(turn_ids)
-        if context + 1 > self.loaded.max_context:
-            raise PromptTooLong(
-                f"the conversation would be {context} tokens; this model's context is "
-                f"{self.loaded.max_context}. Open a new session or ask a shorter question"
-            )
-        max_new = min(params.max_new_tokens, self.loaded.max_context - context)
-        # Worst case before running: the KV grows by what it lacks plus every decoded token,
-        # new images add features, and cold features come back to the device.
-        cached = state.cache.get_seq_length() if state.cache is not None else 0
-        needed = (context - cached + max_new) * self.kv_bytes_per_token
-        needed += len(images) * self.feature_bytes_per_image
-        if state.features_on_host:
-            needed += state.feature_bytes()
-        self._make_room(needed, session_id)
-        if state.features_on_host:
-            state.features = [f.to(self.loaded.device, non_blocking=True) for f in state.features]
-            state.features_on_host = False
-            self.counters.features_restored += 1
-        features_before, pending_before = len(state.features), state.pending_images
+    def _run_wave(self, requests, slots: list[int], results: list, started: float) -> list[int]:
+        """Start the turns of ``slots`` that fit together and run them; return the slots deferred."""
+        wave: list[_Running] = []
+        deferred: list[int] = []
         try:
-            self._add_images(state, images)
-            answer, cached, first_token_at = self._generate(state, turn_ids, params, max_new, on_token)
+            for slot in slots:
+                try:
+                    running = self._start_turn(slot, requests[slot], started, may_defer=bool(wave))
+                except Exception as error:
+                    results[slot] = error
+                    continue
+                if running is None:
+                    deferred.append(slot)
+                else:
+                    wave.append(running)
+            self._generate(wave)
+        finally:
+            self._reserved = 0
+            self._batch_view_bytes = 0
+            for running in wave:
+                if running.outcome is None:  # only when something other than an Exception propagates
+                    self._roll_back(running)
+                running.record.busy = False
+                self._account(running.record, running.state)
+                self._store.touch(running.record, self.clock())
+        for running in wave:
+            results[running.slot] = running.outcome
+        return deferred
+
+    def _start_turn(self, slot: int, request: TurnRequest, started: float, may_defer: bool) -> _Running | None:
+        """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now)."""
+        session_id, images = request.session_id, request.images
+        record, state = self._checkout(session_id)
+        try:
+            total_images = len(state.features) + len(images)
+            if total_images > self.config.max_images_per_session:
+                raise TooManyImages(
+                    f"this turn would bring the session to {total_images} images; "
+                    f"a session holds at most {self.config.max_images_per_session}"
+                )
+            n_images = state.pending_images + len(images)
+            turn_ids = self.formatter.user_turn_ids(state.conversation, request.prompt, n_images)
+            context = len(state.token_ids) + len(turn_ids)
+            if context + 1 > self.loaded.max_context:
+                raise PromptTooLong(
+                    f"the conversation would be {context} tokens; this model's context is "
+                    f"{self.loaded.max_context}. Open a new session or ask a shorter question"
+                )
+            max_new = min(request.params.max_new_tokens, self.loaded.max_context - context)
+            # Worst case before running: the KV grows by what it lacks plus every decoded token,
+            # new images add features, and cold features come back to the device.
+            cached = state.cache.get_seq_length() if state.cache is not None else 0
+            needed = (context - cached + max_new) * self.kv_bytes_per_token
+            needed += len(images) * self.feature_bytes_per_image
+            if state.features_on_host:
+                needed += state.feature_bytes()
+            if not self._make_room(needed, session_id, refuse=not may_defer):
+                record.busy = False  # untouched; it runs in the next wave
+                return None
+            if state.features_on_host:
+                state.features = [f.to(self.loaded.device, non_blocking=True) for f in state.features]
+                state.features_on_host = False
+                self.counters.features_restored += 1
+            running = _Running(
+                slot, request, record, state, turn_ids, n_images, context, max_new,
+                features_before=len(state.features), pending_before=state.pending_images, started=started,
+            )
+            try:
+                self._add_images(state, images)
+            except BaseException:
+                self._roll_back(running)
+                raise
+            return running
         except BaseException:
-            # Leave the session as it was before this turn; the KV is rebuilt next turn.
-            del state.features[features_before:]
-            state.pending_images = pending_before
-            state.cache = None
+            record.busy = False
+            self._account(record, state)
+            self._store.touch(record, self.clock())
             raise
+
+    def _generate(self, wave: list[_Running]) -> None:
+        """Prefill each turn on its own cache, then decode the unfinished ones together.
+
+        Sets each turn's outcome; a turn that fails is rolled back alone (anything that is not
+        an Exception propagates, and _run_wave rolls back every turn without an outcome).
+        """
+        decoding = []
+        for running in wave:
+            try:
+                if self._pick(running, self._prefill(running)):
+                    decoding.append(running)
+            except Exception as error:
+                self._fail(running, error)
+        if decoding:
+            # The batched view holds the rows' padding beside their own KV: reserve it, or
+            # decode one turn at a time (no padding) when the budget has no room for it.
+            lengths = [running.state.cache.get_seq_length() for running in decoding]
+            pad_bytes = padding_tokens(lengths) * self.kv_bytes_per_token
+            if self._make_room(pad_bytes, None, refuse=False):
+                groups = [decoding]
+            else:
+                groups = [[running] for running in decoding]
+            for group in groups:
+                self._decode_together(group)
+        for running in wave:
+            if running.outcome is None:
+                running.outcome = self._finish(running)
+
+    def _prefill(self, running: _Running) -> torch.Tensor:
+        """Run what the session's cache lacks (history and this turn) on it; return the next-token logits."""
+        loaded, state = self.loaded, running.state
+        full_ids = state.token_ids + running.turn_ids
+        if state.cache is None:
+            state.cache = generation.new_cache(loaded)
+        running.cached = state.cache.get_seq_length()
+        feed = full_ids[running.cached:]
+        image_rows = self._image_rows(state, full_ids, running.cached)
+        input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
+        logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
+        self.counters.prefill_tokens += len(feed)
+        return logits
+
+    def _pick(self, running: _Running, logits: torch.Tensor) -> bool:
+        """Pick the turn's next token from its logits [1, V] and send it; True while it goes on."""
+        token = generation.select_next_token(
+            logits, running.request.params, None, suppressed=self.loaded.image_token_id
+        )
+        running.answer.append(token)
+        running.last_token_at = time.perf_counter()
+        if len(running.answer) == 1:
+            running.first_token_at = running.last_token_at
+        if running.request.on_token is not None:
+            running.request.on_token(token)
+        return token not in self.loaded.eos_token_ids and len(running.answer) < running.max_new
+
+    def _decode_together(self, group: list[_Running]) -> None:
+        """Decode the group's turns in one batch, a token per turn per forward, until all are done."""
+        rows = {running.slot: running for running in group}
+        view = BatchedDecode(self.loaded, {slot: running.state.cache for slot, running in rows.items()})
+        while len(view):
+            self._batch_view_bytes = view.bytes_held()
+            try:
+                logits = view.step({slot: rows[slot].answer[-1] for slot in view.keys})
+            except Exception as error:  # the forward failed: every turn still in the batch fails
+                for slot in view.keys:
+                    self._fail(rows[slot], error)
+                return
+            self.counters.decode_tokens += len(view)
+            finished, failed = [], []
+            for slot in view.keys:
+                try:
+                    if not self._pick(rows[slot], logits[slot]):
+                        finished.append(slot)
+                except Exception as error:
+                    self._fail(rows[slot], error)
+                    failed.append(slot)
+            view.leave(finished, failed)
+
+    def _finish(self, running: _Running) -> TurnResult:
+        """Commit a finished turn to its session's history."""
+        state, answer = running.state, running.answer
         text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
         finish = "stop" if answer and answer[-1] in self.loaded.eos_token_ids else "length"
-        state.token_ids.extend(turn_ids)
+        state.token_ids.extend(running.turn_ids)
         state.token_ids.extend(answer)
         state.token_ids.extend(self.formatter.closing_ids(answer, self.loaded.eos_token_ids))
-        state.conversation.messages.append(state.conversation.user_message(prompt, n_images))
+        state.conversation.messages.append(state.conversation.user_message(running.request.prompt, running.n_images))
         state.conversation.messages.append(Conversation.assistant_message(text))
         state.pending_images = 0
         return TurnResult(
             text=text,
             token_ids=tuple(answer),
-            prompt_tokens=context,
-            cached_tokens=cached,
+            prompt_tokens=running.context,
+            cached_tokens=running.cached,
             completion_tokens=len(answer),
             finish_reason=finish,
-            ttft_s=first_token_at - started,
-            decode_s=time.perf_counter() - first_token_at,
+            ttft_s=running.first_token_at - running.started,
+            decode_s=running.last_token_at - running.first_token_at,
         )
 
-    def _generate(self, state, turn_ids, params, max_new, on_token) -> tuple[list[int], int, float]:
-        """Prefill what the cache lacks, then decode; returns (answer ids, cached tokens, first-token time)."""
-        loaded = self.loaded
-        full_ids = state.token_ids + turn_ids
-        if state.cache is None:
-            state.cache = generation.new_cache(loaded)
-        cached = state.cache.get_seq_length()
-        feed = full_ids[cached:]
-        image_rows = self._image_rows(state, full_ids, cached)
-        input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
-        logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
-        self.counters.prefill_tokens += len(feed)
-        answer: list[int] = []
-        first_token_at = 0.0
-        while True:
-            token = generation.select_next_token(logits, params, None)
-            answer.append(token)
-            if len(answer) == 1:
-                first_token_at = time.perf_counter()
-            if on_token is not None:
-                on_token(token)
-            if token in loaded.eos_token_ids or len(answer) >= max_new:
-                return answer, cached, first_token_at
-            logits = generation.decode_one_token(loaded, token, state.cache)
-            self.counters.decode_tokens += 1
+    def _fail(self, running: _Running, error: Exception) -> None:
+        self._roll_back(running)
+        running.outcome = error
+
+    @staticmethod
+    def _roll_back(running: _Running) -> None:
+        """Leave the session as it was before this turn; the KV is rebuilt next turn."""
+        state = running.state
+        del state.features[running.features_before:]
+        state.pending_images = running.pending_before
+        state.cache = None
 
     def _image_rows(self, state, full_ids: list[int], start: int) -> torch.Tensor | None:
         """Feature rows for the image tokens in full_ids[start:], in placeholder order."""
@@ -377,16 +541,18 @@ class SessionEngine:
 
     # --- memory budget -------------------------------------------------------
 
-    def _make_room(self, needed: int, asking: str) -> None:
+    def _make_room(self, needed: int, asking: str | None, refuse: bool = True) -> bool:
         """Free ``needed`` device bytes under the budget and reserve them, or raise OutOfMemoryBudget.
 
         Other sessions give memory back, least recently used first (memory_budget.plan_room).
-        A refusal is decided before any step is taken, so it touches no session.
+        A refusal is decided before any step is taken, so it touches no session. With
+        ``refuse=False`` a refusal returns False instead (and is not counted); True: reserved.
+        Sessions checked out by the running turns (busy) never give memory back.
         """
         budget = self.memory_budget_bytes
         if needed <= budget - self._store.device_bytes() - self._reserved:
             self._reserved += needed
-            return
+            return True
         self._expire(self.clock())  # memory nobody will ask for again goes first
         victims = [
             Holding(r.session_id, r.device_kv_bytes, r.device_feature_bytes, r.host_feature_bytes)
@@ -402,6 +568,8 @@ class SessionEngine:
             host_used=self._store.host_bytes(),
         )
         if isinstance(plan, NoRoom):
+            if not refuse:
+                return False
             self.counters.memory_refusals += 1
             raise OutOfMemoryBudget(
                 f"this request needs {needed} bytes of session memory; this worker's budget is "
@@ -424,6 +592,7 @@ class SessionEngine:
                 continue
             self._account(record, state)
         self._reserved += needed
+        return True
 
     def _account(self, record: SessionRecord, state: _SessionState) -> None:
         """Record the session's bytes per tier, measured on its tensors."""

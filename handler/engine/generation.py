@@ -60,15 +60,45 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_one_token(loaded: LoadedModel, token: int, cache: DynamicCache) -> torch.Tensor:
-    input_ids = torch.tensor([[token]], device=loaded.device)  # [1, 1]
-    out = loaded.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :]  # [1, V]
+def decode_one_token(
+    loaded: LoadedModel,
+    token: int | list[int],
+    cache: DynamicCache,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feed one token per row on top of ``cache``; return next-token logits [B, V].
+
+    One session: ``token`` an int, B = 1. Several (batch_decode.py): a list of B tokens, with
+    the batched cache's attention_mask [B, past + 1] and each row's position_ids [B, 1].
+    """
+    tokens = [token] if isinstance(token, int) else list(token)
+    input_ids = torch.tensor([[t] for t in tokens], device=loaded.device)  # [B, 1]
+    out = loaded.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]  # [B, V]
 
 
-def select_next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else nucleus sampling."""
+def select_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    suppressed: int | None = None,
+) -> int:
+    """Greedy at temperature 0, else nucleus sampling; never the ``suppressed`` id.
+
+    The image placeholder is suppressed: an answer must not add an image token that
+    has no features behind it (the next prefill could not fill it).
+    """
     logits = logits[0].float()  # [V]
+    if suppressed is not None:
+        logits = logits.index_fill(0, torch.tensor([suppressed], device=logits.device), float("-inf"))
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)

@@ -54,6 +54,7 @@ def stateless_answer(loaded, history_ids, images, max_new_tokens):
         attention_mask=torch.ones_like(ids),
         do_sample=False,
         max_new_tokens=max_new_tokens,
+        suppress_tokens=[loaded.image_token_id],  # as the engine does: a placeholder is never an answer
         **kwargs,
     )
     return out[0, len(history_ids):].tolist()
@@ -130,6 +131,21 @@ def test_sessions_do_not_disturb_each_other(loaded_tiny, images):
         answers.append(engine.turn(a.session_id, question, GREEDY).token_ids)
         engine.turn(b.session_id, question, GREEDY)
     assert answers == expected
+
+
+def test_the_model_never_generates_the_image_placeholder(loaded_tiny):
+    """With this image the random tiny model's first greedy answer would contain <image>
+    (found by search); an answer must never add a placeholder that has no features."""
+    from tests.conftest import noise_image
+
+    image = noise_image(2)
+    engine = make_engine(loaded_tiny)
+    session = engine.open_session([image])
+    for question in QUESTIONS:
+        result = engine.turn(session.session_id, question, GREEDY)
+        assert loaded_tiny.image_token_id not in result.token_ids
+        history = prompt_ids_of_last_turn(engine, session.session_id, result)
+        assert list(result.token_ids) == stateless_answer(loaded_tiny, history, [image], 10)
 
 
 def test_session_ids_are_random_and_sagemaker_shaped(loaded_tiny):

@@ -1,0 +1,126 @@
+"""Decode several sessions' turns together: one forward per step for all of them.
+
+Each session keeps its own DynamicCache (their lengths differ). For the decode steps they are
+gathered into one batched view: per layer, keys and values [B, kv_heads, L, head_dim] with
+each row left-padded with zeros to the longest history, a 2-D attention mask [B, L + 1] that
+hides the padding, and explicit ``position_ids`` [B, 1] holding each row's own next position
+(padding must not shift the rotary positions). A row that finishes (eos, its token limit) or
+fails leaves the view; a finished row's KV goes back, without padding, into its session's
+own cache: exactly the tokens the one-session path would have cached.
+
+A lone row decodes on its session's own cache, as the one-session path always did.
+
+Memory (device bytes): while the view is built, each session's cache is emptied into it layer
+by layer, so a session's KV is held once (in the view) and the view holds, beyond the
+sessions' own KV, only the padding: ``padding_tokens()`` tokens of KV, which the engine
+reserves under its budget before building the view. Like a lone session's DynamicCache, each
+step's concatenation and each change of rows briefly hold one layer twice; that transient is
+the same kind as the single-session path's and is not session memory.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Iterable
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from llava_sessions.handler.engine import generation
+from llava_sessions.handler.engine.model_loader import LoadedModel
+
+
+def padding_tokens(lengths: list[int]) -> int:
+    """Zero-padded KV positions a view of histories of these lengths holds."""
+    return sum(max(lengths) - n for n in lengths) if lengths else 0
+
+
+class BatchedDecode:
+    """The decode state of B sessions; rows are named by caller-chosen keys."""
+
+    def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache]):
+        self.loaded = loaded
+        self.keys = list(rows)
+        self.caches = [rows[k] for k in self.keys]
+        lengths = [cache.get_seq_length() for cache in self.caches]
+        if not lengths or min(lengths) == 0:
+            raise ValueError("every row needs a non-empty cache (prefill first)")
+        longest = max(lengths)
+        self.pads = [longest - n for n in lengths]
+        self.positions = list(lengths)  # each row's next position = its real length
+        device = loaded.device
+        self.mask = torch.ones(len(lengths), longest, dtype=torch.long, device=device)  # [B, L]
+        for row, pad in enumerate(self.pads):
+            self.mask[row, :pad] = 0
+        self.shared = len(self.caches) == 1
+        if self.shared:
+            self.view = self.caches[0]  # one row: decode on the session's own cache, no copy
+            return
+        self.view = generation.new_cache(loaded)
+        for layer_idx in range(len(self.caches[0].layers)):
+            keys, values = [], []
+            for cache, pad in zip(self.caches, self.pads):
+                layer = cache.layers[layer_idx]
+                keys.append(F.pad(layer.keys, (0, 0, pad, 0)))  # [1, kv_heads, L, head_dim]
+                values.append(F.pad(layer.values, (0, 0, pad, 0)))
+            self.view.update(torch.cat(keys), torch.cat(values), layer_idx)
+            del keys, values
+            for cache in self.caches:
+                cache.layers[layer_idx].reset()  # the session's KV now lives in the view
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def bytes_held(self) -> int:
+        """Device bytes of the batched view; 0 when it is a lone session's own cache."""
+        return 0 if self.shared else generation.cache_bytes(self.view)
+
+    def step(self, tokens: dict[Hashable, int]) -> dict[Hashable, torch.Tensor]:
+        """Feed each row its token; return each row's next-token logits [1, V]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.keys), 1)], dim=1)  # [B, L + 1]
+        if len(self.keys) == 1:
+            # Alone (no padding left): exactly the one-session forward, default mask and positions.
+            mask = position_ids = None
+        else:
+            mask = self.mask
+            position_ids = torch.tensor([[p] for p in self.positions], device=self.loaded.device)  # [B, 1]
+        logits = generation.decode_one_token(
+            self.loaded, [tokens[k] for k in self.keys], self.view, attention_mask=mask, position_ids=position_ids
+        )  # [B, V]
+        self.positions = [p + 1 for p in self.positions]
+        return {k: logits[row : row + 1] for row, k in enumerate(self.keys)}
+
+    def leave(self, finished: Iterable[Hashable] = (), failed: Iterable[Hashable] = ()) -> None:
+        """Rows leave the view: finished ones get their KV back, unpadded; failed ones lose it."""
+        finished, failed = set(finished), set(failed)
+        if not finished and not failed:
+            return
+        if self.shared:  # the session's own cache: nothing to copy
+            self.keys, self.caches, self.pads, self.positions = [], [], [], []
+            self.mask = self.mask[:0]
+            return
+        keep = [row for row, k in enumerate(self.keys) if k not in finished and k not in failed]
+        cut = min((self.pads[row] for row in keep), default=0)  # padding no remaining row needs
+        index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
+        new_view = generation.new_cache(self.loaded)
+        for layer_idx, layer in enumerate(self.view.layers):
+            for row, k in enumerate(self.keys):
+                if k in finished:
+                    pad = self.pads[row]
+                    # update() concatenates onto the emptied layer: a copy, not a view of the batch.
+                    self.caches[row].update(
+                        layer.keys[row : row + 1, :, pad:], layer.values[row : row + 1, :, pad:], layer_idx
+                    )
+            if keep:
+                new_view.update(
+                    layer.keys.index_select(0, index)[:, :, cut:],
+                    layer.values.index_select(0, index)[:, :, cut:],
+                    layer_idx,
+                )
+            layer.reset()
+        self.view = new_view
+        self.mask = self.mask.index_select(0, index)[:, cut:]
+        self.keys = [self.keys[row] for row in keep]
+        self.caches = [self.caches[row] for row in keep]
+        self.pads = [self.pads[row] - cut for row in keep]
+        self.positions = [self.positions[row] for row in keep]

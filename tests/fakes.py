@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import textwrap
 from pathlib import Path
@@ -47,3 +49,10 @@ def write_fake_checkpoint(path: Path) -> Path:
     (path / "tokenizer_config.json").write_text("{}")
     (path / "notes.txt").write_text("not part of a checkpoint")
     return path
+
+
+def png_b64(image) -> str:
+    """An image as the base64 PNG a client puts in "images"."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

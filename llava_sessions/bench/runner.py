@@ -350,7 +350,6 @@ def run(options: Options, log=print) -> dict:
 
 def _figures(reduce, samples, full_samples, cold_samples, bare_total, conc, reference) -> dict:
     """TTFT per turn, decode rates and the six ratios, each repeat set reduced with ``reduce``."""
-    K = len(reference.turns)
     ttft = {name: [reduce(turn) for turn in values] for name, values in samples.items()}
     follow = {name: stats.followup(values) for name, values in ttft.items()}
     full_total = [reduce(v) for v in full_samples]

@@ -7,8 +7,6 @@ conversation; the vision tower runs once per image; close and expiry free memory
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import time
@@ -20,6 +18,7 @@ from PIL import Image
 
 from llava_sessions.archive import build_archive
 from llava_sessions.serving_stack import ServingStack
+from tests.fakes import png_b64
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +27,6 @@ CLOSED = "X-Amzn-SageMaker-Closed-Session-Id"
 QUESTIONS = ["What is in the picture?", "What colour is it?", "Is there anything on the left side?"]
 MAX_NEW = 8
 EXPIRES = re.compile(r"^([A-Za-z0-9-]+); Expires=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def session_images(n: int) -> list[Image.Image]:

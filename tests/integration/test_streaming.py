@@ -7,7 +7,6 @@ dicts botocore's event stream yields.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import time
@@ -18,6 +17,7 @@ from PIL import Image
 
 from llava_sessions.archive import build_archive
 from llava_sessions.serving_stack import ServingStack
+from tests.fakes import png_b64
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +49,6 @@ class TokenIterator:
             chunk = next(self.byte_iterator)
             self.buffer.seek(0, io.SEEK_END)
             self.buffer.write(chunk["PayloadPart"]["Bytes"])
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def invoke(url: str, body: dict, session: str | None = None, **kwargs) -> requests.Response:

@@ -29,17 +29,10 @@ from llava_sessions.handler.engine.prompt import Conversation
 from tests.unit.test_engine import QUESTIONS, make_engine, prompt_ids_of_last_turn, stateless_answer
 from tests.unit.test_engine_memory import FEATURES, KV_TOKEN, budgeted, check_accounting, measured
 from tests.unit.test_streaming import SESSION, batch, open_session, parse_events, turn  # noqa: F401
-from tests.unit.test_streaming import handler  # noqa: F401  (the adapter fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_NEW = [1, 3, 5, 8, 10, 12, 16]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
@@ -27,17 +26,11 @@ from tests.unit.test_engine import (
     stateless_answer,
 )
 
+# A 64-wide model gains nothing from threads, and loses a lot on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 KV_TOKEN = 1024
 FEATURES = 4096
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from threads, and loses a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def budgeted(loaded, budget, host_budget):

@@ -6,13 +6,10 @@ writes to the frontend; they are decoded back into predictions as the frontend d
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import struct
 from types import SimpleNamespace
 
-import pytest
 from ts.context import Context, RequestProcessor
 from ts.protocol.otf_message_handler import create_predict_response
 
@@ -20,7 +17,7 @@ from llava_sessions.errors import InternalError, SessionNotFound
 from llava_sessions.handler import streaming
 from llava_sessions.handler.engine import generation
 from llava_sessions.handler.engine.tiny_model import build_tokenizer
-from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+from tests.fakes import png_b64
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
 MAX_NEW = 12
@@ -110,28 +107,12 @@ def decode_frame(data: bytes) -> dict:
         pos -= 4
         request_id = chunk().decode()
         content_type = chunk().decode()
-        status, phrase = integer(), chunk().decode()
+        status, _phrase = integer(), chunk().decode()  # the phrase is read to advance
         headers = {chunk().decode(): chunk().decode() for _ in range(integer())}
         predictions[request_id] = {"content_type": content_type, "status": status, "headers": headers,
                                    "body": chunk().decode()}
     assert pos == len(data)
     return predictions
-
-
-def png_b64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def handler(tiny_model_dir):
-    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
-                      model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
-    h = LlavaSessionHandler()
-    h.initialize(context)
-    yield h
-    h.engine.stop()
 
 
 def batch(handler, requests: list[tuple[dict, dict]]):

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 
 import pytest
 from ts.context import Context, RequestProcessor
 
-from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+from tests.fakes import png_b64
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
-
-
-def png_b64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-@pytest.fixture(scope="module")
-def handler(tiny_model_dir):
-    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
-                      model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
-    h = LlavaSessionHandler()
-    h.initialize(context)
-    yield h
-    h.engine.stop()
 
 
 def call(handler, body, headers=None):

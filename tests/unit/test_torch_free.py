@@ -1,0 +1,31 @@
+"""Modules the deploy side, the router and clients import must not pull in torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TORCH_FREE = [
+    "llava_sessions.cli",
+    "llava_sessions.serving_stack",
+    "llava_sessions.session_routes",
+    "llava_sessions.affinity_router",
+    "llava_sessions.archive",
+    "llava_sessions.handler.protocol",
+    "llava_sessions.handler.image_sources",
+    "llava_sessions.handler.engine.session_store",
+    "llava_sessions.handler.engine.memory_budget",
+    "llava_sessions.deploy",
+]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_imports_no_torch(module):
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

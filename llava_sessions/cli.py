@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,12 @@ from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError
 
 DEFAULT_SESSIONS_PER_WORKER = 32
+
+# Command groups that live beside their code (torch-free deploy side). Each
+# module defines register(commands) adding its subparsers; imports of boto3
+# and friends stay inside the commands so --help stays fast.
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw TTFT per turn (needs matplotlib)")
     bench.set_defaults(run=cmd_bench)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
     return parser
 
 

@@ -7,6 +7,7 @@ what lets the same commands run against moto or the local runtime in tests.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from llava_sessions.errors import ConfigError
@@ -15,6 +16,8 @@ from llava_sessions.errors import ConfigError
 def session(region: str | None = None, profile: str | None = None):
     import boto3
 
+    # botocore reads AWS_DEFAULT_REGION; the SDKs' newer AWS_REGION is honoured too.
+    region = region or os.environ.get("AWS_REGION")
     boto_session = boto3.Session(region_name=region, profile_name=profile)
     if boto_session.region_name is None:
         raise ConfigError(

@@ -5,6 +5,13 @@ conversation with and without the new user message, so any checkpoint's own
 template is honoured. Only that difference is tokenised; the ids of earlier
 turns (and of generated answers) are kept exactly as they were, which keeps
 the session's KV cache valid.
+
+Rendering the whole history every turn would make a follow-up cost grow with
+the conversation, so a follow-up renders over a stand-in history instead: the
+first user message and the last assistant message (which keeps role
+alternation and first-turn specials). That is exact for templates that render
+each message on its own, which the formatter checks once at start against a
+full render; a template that fails the check gets full renders.
 """
 
 from __future__ import annotations
@@ -48,19 +55,42 @@ class TurnFormatter:
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
         self.template = getattr(tokenizer, "chat_template", None) or LLAVA_15_TEMPLATE
+        self.renders_locally = self._check_local_rendering()
 
     def user_turn_ids(self, conversation: Conversation, text: str, n_images: int) -> list[int]:
         """Ids of one user turn plus the assistant prompt, image placeholders expanded."""
-        message = conversation.user_message(text, n_images)
-        before = self._render(conversation.messages, add_generation_prompt=False)
-        after = self._render(conversation.messages + [message], add_generation_prompt=True)
-        if not after.startswith(before):
-            raise InternalError("the checkpoint's chat template is not prefix-stable; incremental turns need one that is")
+        history = self._stand_in(conversation.messages) if self.renders_locally else conversation.messages
         first_turn = not conversation.messages
         ids = self.tokenizer(
-            after[len(before):], add_special_tokens=first_turn
+            self._turn_text(history, conversation.user_message(text, n_images)), add_special_tokens=first_turn
         )["input_ids"]
         return self._expand_images(ids, n_images)
+
+    def _turn_text(self, history: list[dict], message: dict) -> str:
+        before = self._render(history, add_generation_prompt=False)
+        after = self._render(history + [message], add_generation_prompt=True)
+        if not after.startswith(before):
+            raise InternalError("the checkpoint's chat template is not prefix-stable; incremental turns need one that is")
+        return after[len(before):]
+
+    @staticmethod
+    def _stand_in(messages: list[dict]) -> list[dict]:
+        # [first user message, last assistant message]: O(1) to render, alternation kept.
+        return messages if len(messages) <= 2 else [messages[0], messages[-1]]
+
+    def _check_local_rendering(self) -> bool:
+        """Does a follow-up render the same over the stand-in history as over the whole one?"""
+        sample = Conversation()
+        for k in range(3):
+            sample.messages.append(sample.user_message(f"question {k}", 1 if k == 0 else 0))
+            sample.messages.append(Conversation.assistant_message(f"answer {k}"))
+        message = sample.user_message("one more question", 0)
+        try:
+            return self._turn_text(self._stand_in(sample.messages), message) == self._turn_text(
+                sample.messages, message
+            )
+        except Exception:  # a template that rejects the sample: keep the always-correct full render
+            return False
 
     def closing_ids(self, answer_ids: list[int], eos_token_ids: frozenset[int]) -> list[int]:
         """An answer cut short by max_new_tokens still ends its turn with eos, as the template does."""

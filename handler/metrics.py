@@ -5,11 +5,17 @@ share one TorchServe, and gauges without it would overwrite each other.
 Timings are in seconds so Prometheus' default histogram buckets (5 ms to 10 s)
 fit them. Counters are fed deltas of the engine's own exact counters. Gauges
 are refreshed after each batch, so what the expiry sweeper frees between
-requests shows at the next request.
+requests shows at the next request, and sent only when they change.
+
+Each metric is a log line the frontend parses, about 0.1 ms apiece: a thread
+writes them, so they cost the request path only a queue put and are written
+while the worker waits for its next batch.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import asdict
 
 from ts.metrics.metric_type_enum import MetricTypes
@@ -60,6 +66,13 @@ class SessionMetrics:
             ts_metrics.add_metric_to_cache(name, unit, ["ModelName", *dimensions], metric_type)
             self._types[name] = metric_type
         self._last_counters: dict[str, int] = {}
+        self._last_gauges: dict[tuple, float] = {}
+        self._pending: queue.Queue = queue.Queue()
+        threading.Thread(target=self._write_forever, name="session-metrics", daemon=True).start()
+
+    def flush(self) -> None:
+        """Wait until every metric observed so far has been written."""
+        self._pending.join()
 
     def observe_turn(self, cached_tokens: int, ttft_s: float, time_per_output_token_s: float | None) -> None:
         self._emit(KV_CACHE_HITS if cached_tokens > 0 else KV_CACHE_MISSES, 1)
@@ -69,9 +82,9 @@ class SessionMetrics:
 
     def observe_engine(self, engine) -> None:
         """Gauges of what the engine holds now, and counter growth since the last call."""
-        self._emit(SESSIONS_OPEN, engine.session_count())
+        self._gauge(SESSIONS_OPEN, engine.session_count())
         for tier, held in engine.bytes_by_tier().items():
-            self._emit(SESSION_BYTES, held, [tier])
+            self._gauge(SESSION_BYTES, held, [tier])
         counters = asdict(engine.counters)
         for field, (name, dimensions) in _COUNTER_SOURCES.items():
             if field not in counters:
@@ -81,6 +94,19 @@ class SessionMetrics:
                 self._emit(name, delta, dimensions)
         self._last_counters = counters
 
+    def _gauge(self, name: str, value: float, dimensions: list[str] | None = None) -> None:
+        key = (name, *(dimensions or []))
+        if self._last_gauges.get(key) != value:
+            self._last_gauges[key] = value
+            self._emit(name, value, dimensions)
+
     def _emit(self, name: str, value: float, dimensions: list[str] | None = None) -> None:
-        metric = self._metrics.get_metric(name, self._types[name])
-        metric.add_or_update(value, [self._model, *(dimensions or [])])
+        self._pending.put((name, value, [self._model, *(dimensions or [])]))
+
+    def _write_forever(self) -> None:
+        while True:
+            name, value, dimension_values = self._pending.get()
+            try:
+                self._metrics.get_metric(name, self._types[name]).add_or_update(value, dimension_values)
+            finally:
+                self._pending.task_done()

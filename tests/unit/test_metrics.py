@@ -56,6 +56,7 @@ def test_engine_gauges_and_counter_deltas(caplog):
     engine.open, engine.tiers["device_kv"] = 3, 4096
     engine.counters.prefill_tokens, engine.counters.sessions_expired = 40, 1
     metrics.observe_engine(engine)
+    metrics.flush()
     first = emitted(caplog)
     assert ("llava_sessions_open", "3", "ModelName:llava-1") in first
     assert ("llava_session_bytes", "4096", "ModelName:llava-1,tier:device_kv") in first
@@ -63,10 +64,15 @@ def test_engine_gauges_and_counter_deltas(caplog):
     assert ("llava_sessions_ended", "1", "ModelName:llava-1,reason:expired") in first
 
     engine.counters.prefill_tokens = 55  # counters are sent as growth, not totals
+    engine.tiers["device_kv"] = 8192
     metrics.observe_engine(engine)
+    metrics.flush()
     second = emitted(caplog)
     assert ("llava_prefill_tokens", "15", "ModelName:llava-1") in second
     assert not [m for m in second if m[0] == "llava_sessions_ended"]
+    # gauges are sent when they change only
+    assert ("llava_session_bytes", "8192", "ModelName:llava-1,tier:device_kv") in second
+    assert not [m for m in second if m[0] == "llava_sessions_open"]
 
 
 def test_turn_timings_and_cache_hits(caplog):
@@ -74,6 +80,7 @@ def test_turn_timings_and_cache_hits(caplog):
     metrics = make_metrics()
     metrics.observe_turn(cached_tokens=0, ttft_s=0.25, time_per_output_token_s=None)
     metrics.observe_turn(cached_tokens=120, ttft_s=0.03, time_per_output_token_s=0.01)
+    metrics.flush()
     lines = emitted(caplog)
     names = [m[0] for m in lines]
     assert names.count("llava_kv_cache_misses") == 1 and names.count("llava_kv_cache_hits") == 1

@@ -77,7 +77,8 @@ MAX_SESSION_ID_CHARS = SESSION_ID_MAX_LEN
 MAX_TEMPERATURE = 2.0
 
 _GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "stream")
-_NATIVE_OPEN_FIELDS = ("requestType", "images")
+# An open may carry the first question: one round trip to the first answer.
+_NATIVE_OPEN_FIELDS = ("requestType", "images", "prompt", "max_new_tokens", "temperature", "top_p")
 _NATIVE_TURN_FIELDS = ("prompt", *_GENERATION_FIELDS, "images")
 _NATIVE_CLOSE_FIELDS = ("requestType",)
 _SAMPLE_START_FIELDS = ("type", "path", "session_id")
@@ -95,6 +96,8 @@ _OPEN_FIRST = (
 class OpenSession:
     images: tuple[str, ...]
     style: str
+    # The first question, answered in the open's reply; its session_id is filled in once opened.
+    first_turn: "Turn | None" = None
 
 
 @dataclass(frozen=True)
@@ -239,13 +242,23 @@ def _parse_native(payload: dict, header_id: str | None, config: ServingConfig) -
 
 
 def _native_open(payload: dict, header_id: str | None, config: ServingConfig) -> OpenSession:
-    _check_fields(payload, _NATIVE_OPEN_FIELDS, "NEW_SESSION")
     if header_id is not None:
         raise InvalidRequest(
             f"requestType NEW_SESSION opens a new session, but the {SESSION_HEADER} header names one; "
             f"send SessionId={NEW_SESSION} to open, or leave requestType out to continue the session"
         )
-    return OpenSession(images=_images(payload.get("images", []), config), style=NATIVE)
+    if "stream" in payload:
+        raise InvalidRequest(
+            "a NEW_SESSION answers its first question in one piece (SageMaker cannot stream an open); "
+            "leave 'stream' out, or open first and stream the question as a turn"
+        )
+    _check_fields(payload, _NATIVE_OPEN_FIELDS, "NEW_SESSION")
+    first_turn = None
+    if "prompt" in payload:
+        first_turn = _turn(payload, "prompt", "", (), NATIVE, config)
+    elif set(payload) & set(_GENERATION_FIELDS):
+        raise InvalidRequest("generation settings in a NEW_SESSION need a 'prompt' to apply to; add one or leave them out")
+    return OpenSession(images=_images(payload.get("images", []), config), style=NATIVE, first_turn=first_turn)
 
 
 def _native_turn(payload: dict, header_id: str | None, config: ServingConfig) -> Turn:
@@ -456,10 +469,11 @@ def open_session_header_value(session_id: str, expires_epoch: float) -> str:
 # --- response bodies ---------------------------------------------------------------
 
 
-def open_response(session_id: str, expires_epoch: float, style: str = NATIVE) -> dict:
+def open_response(session_id: str, expires_epoch: float, style: str = NATIVE, first_answer: dict | None = None) -> dict:
+    """``first_answer``: the turn_response of a question sent with the open, merged in."""
     if _check_style(style) == AWS_SAMPLE:
         return {"session_id": session_id}
-    return {"session_id": session_id, "expires_at": format_expires(expires_epoch)}
+    return {"session_id": session_id, "expires_at": format_expires(expires_epoch), **(first_answer or {})}
 
 
 def turn_response(

@@ -14,6 +14,7 @@ alone; its last event is what ``handle`` returns for it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -187,7 +188,8 @@ class LlavaSessionHandler:
         """Open or close a session; a lone turn runs as a batch of one."""
         if isinstance(request, protocol.OpenSession):
             images = image_sources.load_images(request.images, self.config)
-            return self.engine.open_session(images)
+            opened = self.engine.open_session(images)
+            return opened, self._answer_first_question(request, opened.session_id)
         if isinstance(request, protocol.Turn):
             [outcome] = self.run_batch([self.turn_request(request, stream)])
             if isinstance(outcome, Exception):
@@ -195,6 +197,19 @@ class LlavaSessionHandler:
             return outcome
         self.engine.close_session(request.session_id)
         return None
+
+    def _answer_first_question(self, request: protocol.OpenSession, session_id: str):
+        """The open's own question, as the session's first turn; None when it brought none.
+
+        If it fails the session is closed again: the client gets an error, not the id.
+        """
+        if request.first_turn is None:
+            return None
+        try:
+            return self.run(dataclasses.replace(request.first_turn, session_id=session_id))
+        except Exception:
+            self.engine.close_session(session_id)
+            raise
 
     def turn_request(self, request: protocol.Turn, stream: streaming.TokenStream | None = None):
         """The engine's TurnRequest for a parsed turn: its images loaded, its stream's callback."""
@@ -219,27 +234,32 @@ class LlavaSessionHandler:
 
     def encode_response(self, request, result, stream: streaming.TokenStream | None = None) -> Reply:
         if isinstance(request, protocol.OpenSession):
-            header = protocol.open_session_header_value(result.session_id, result.expires_at)
+            opened, first = result
+            header = protocol.open_session_header_value(opened.session_id, opened.expires_at)
+            answer = None if first is None else self._turn_body(first, request.style)
             return Reply(
                 200,
-                protocol.open_response(result.session_id, result.expires_at, request.style),
+                protocol.open_response(opened.session_id, opened.expires_at, request.style, answer),
                 {protocol.SESSION_HEADER: header},
             )
         if isinstance(request, protocol.Turn):
             if stream is not None:
                 return stream.final_reply(result)
-            body = protocol.turn_response(
-                result.text,
-                prompt_tokens=result.prompt_tokens,
-                cached_tokens=result.cached_tokens,
-                completion_tokens=result.completion_tokens,
-                style=request.style,
-            )
-            return Reply(200, body)
+            return Reply(200, self._turn_body(result, request.style))
         return Reply(
             200,
             protocol.close_response(request.session_id, request.style),
             {protocol.CLOSED_SESSION_HEADER: request.session_id},
+        )
+
+    @staticmethod
+    def _turn_body(result, style: str) -> dict:
+        return protocol.turn_response(
+            result.text,
+            prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            completion_tokens=result.completion_tokens,
+            style=style,
         )
 
     def _send(self, context, idx: int, reply: Reply) -> None:

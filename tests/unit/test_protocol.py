@@ -74,6 +74,30 @@ def test_native_open_without_images():
     assert parse({"requestType": "NEW_SESSION"}, NEW_SESSION) == OpenSession(images=(), style=NATIVE)
 
 
+def test_native_open_may_bring_the_first_question():
+    request = parse({"requestType": "NEW_SESSION", "images": ["aGk="], "prompt": "What is it?",
+                     "max_new_tokens": 7, "temperature": 0.5}, NEW_SESSION)
+    assert request.images == ("aGk=",)
+    assert request.first_turn == Turn(session_id="", prompt="What is it?", max_new_tokens=7, temperature=0.5,
+                                      top_p=1.0, images=(), stream=False, style=NATIVE)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"requestType": "NEW_SESSION", "prompt": "hi", "stream": True}, "cannot stream an open"),
+    ({"requestType": "NEW_SESSION", "max_new_tokens": 5}, "need a 'prompt'"),
+    ({"requestType": "NEW_SESSION", "prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_native_open_question_mistakes(body, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse(body, NEW_SESSION)
+
+
+def test_open_response_carries_the_first_answer():
+    answer = turn_response("A cat.", prompt_tokens=30, cached_tokens=0, completion_tokens=3)
+    body = open_response(SID, 0, NATIVE, answer)
+    assert body["session_id"] == SID and body["generated_text"] == "A cat." and body["usage"]["prompt_tokens"] == 30
+
+
 def test_native_open_with_a_session_id_in_header_is_refused():
     with pytest.raises(InvalidRequest, match="NEW_SESSION"):
         parse({"requestType": "NEW_SESSION"}, SID)
@@ -175,7 +199,7 @@ def test_unknown_request_type_lists_the_allowed_ones(request_type):
 @pytest.mark.parametrize(
     "body, session_header",
     [
-        ({"requestType": "NEW_SESSION", "prompt": "hi"}, None),
+        ({"requestType": "NEW_SESSION", "question": "hi"}, None),
         ({"prompt": "hi", "session_id": SID}, SID),
         ({"prompt": "hi", "max_tokens": 5}, SID),
         ({"requestType": "CLOSE", "images": []}, SID),

@@ -45,6 +45,34 @@ def test_open_turn_close_round_trip(handler, images):
     assert status == 404 and body["error"]["code"] == "SESSION_NOT_FOUND"
 
 
+def test_an_open_can_bring_the_first_question_and_answer_it_in_the_same_reply(handler, images):
+    image = png_b64(images[0])
+    question = {"prompt": "What is this?", "max_new_tokens": 6}
+    status, together, headers = call(handler, {"requestType": "NEW_SESSION", "images": [image], **question},
+                                     {SESSION: "NEW_SESSION"})
+    assert status == 200 and headers[SESSION].startswith(together["session_id"] + "; Expires=")
+    _, opened, _ = call(handler, {"requestType": "NEW_SESSION", "images": [image]})
+    _, separate, _ = call(handler, question, {SESSION: opened["session_id"]})
+    assert together["generated_text"] == separate["generated_text"]
+    assert together["usage"] == separate["usage"]
+    # the session goes on from there exactly like the two-request one
+    follow_up = {"prompt": "And then?", "max_new_tokens": 6}
+    assert (call(handler, follow_up, {SESSION: together["session_id"]})[1]
+            == call(handler, follow_up, {SESSION: opened["session_id"]})[1])
+    for body in (together, opened):
+        call(handler, {"requestType": "CLOSE"}, {SESSION: body["session_id"]})
+
+
+def test_an_open_whose_question_fails_leaves_no_session_behind(handler, images):
+    before = handler.engine.session_count()
+    status, body, headers = call(handler, {"requestType": "NEW_SESSION", "images": [png_b64(images[0])],
+                                           "prompt": "x" * 100, "max_new_tokens": 100000})
+    assert status == 400 and body["error"]["code"] == "INVALID_REQUEST" and SESSION not in headers
+    status, body, headers = call(handler, {"requestType": "NEW_SESSION", "prompt": "word " * 3000})
+    assert status == 400 and body["error"]["code"] == "PROMPT_TOO_LONG" and SESSION not in headers
+    assert handler.engine.session_count() == before
+
+
 @pytest.mark.parametrize(
     "body, headers, status, code",
     [

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from llava_sessions.handler.engine import generation
+from llava_sessions.handler.engine import generation, kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
 
 
@@ -38,9 +38,11 @@ def padding_tokens(lengths: list[int]) -> int:
 class BatchedDecode:
     """The decode state of B sessions; rows are named by caller-chosen keys."""
 
-    def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache]):
+    def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache], remaining: dict[Hashable, int]):
+        """``remaining``: how many more tokens each row may feed (the view keeps room for them)."""
         self.loaded = loaded
         self.keys = list(rows)
+        self.remaining = dict(remaining)
         self.caches = [rows[k] for k in self.keys]
         lengths = [cache.get_seq_length() for cache in self.caches]
         if not lengths or min(lengths) == 0:
@@ -56,7 +58,7 @@ class BatchedDecode:
         if self.shared:
             self.view = self.caches[0]  # one row: decode on the session's own cache, no copy
             return
-        self.view = generation.new_cache(loaded)
+        self.view = self._new_view()
         for layer_idx in range(len(self.caches[0].layers)):
             keys, values = [], []
             for cache, pad in zip(self.caches, self.pads):
@@ -67,6 +69,8 @@ class BatchedDecode:
             del keys, values
             for cache in self.caches:
                 cache.layers[layer_idx].reset()  # the session's KV now lives in the view
+        for cache in self.caches:
+            kv_cache.make_room(cache, 0)  # rows come back unpadded and exact-sized
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -88,6 +92,8 @@ class BatchedDecode:
             self.loaded, [tokens[k] for k in self.keys], self.view, attention_mask=mask, position_ids=position_ids
         )  # [B, V]
         self.positions = [p + 1 for p in self.positions]
+        for k in self.keys:
+            self.remaining[k] -= 1
         return {k: logits[row : row + 1] for row, k in enumerate(self.keys)}
 
     def leave(self, finished: Iterable[Hashable] = (), failed: Iterable[Hashable] = ()) -> None:
@@ -102,7 +108,9 @@ class BatchedDecode:
         keep = [row for row, k in enumerate(self.keys) if k not in finished and k not in failed]
         cut = min((self.pads[row] for row in keep), default=0)  # padding no remaining row needs
         index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
-        new_view = generation.new_cache(self.loaded)
+        for k in finished | failed:
+            self.remaining.pop(k, None)
+        new_view = self._new_view()
         for layer_idx, layer in enumerate(self.view.layers):
             for row, k in enumerate(self.keys):
                 if k in finished:
@@ -124,3 +132,9 @@ class BatchedDecode:
         self.caches = [self.caches[row] for row in keep]
         self.pads = [self.pads[row] - cut for row in keep]
         self.positions = [self.positions[row] for row in keep]
+
+    def _new_view(self) -> DynamicCache:
+        """An empty batched cache with room for the longest remaining row: steps write in place."""
+        view = generation.new_cache(self.loaded)
+        kv_cache.make_room(view, max(self.remaining.values(), default=0))
+        return view

@@ -35,7 +35,7 @@ from llava_sessions.errors import (
     TooManyImages,
     TooManySessions,
 )
-from llava_sessions.handler.engine import generation, memory_budget
+from llava_sessions.handler.engine import generation, kv_cache, memory_budget
 from llava_sessions.handler.engine.batch_decode import BatchedDecode, padding_tokens
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
@@ -418,7 +418,11 @@ class SessionEngine:
             # The batched view holds the rows' padding beside their own KV: reserve it, or
             # decode one turn at a time (no padding) when the budget has no room for it.
             lengths = [running.state.cache.get_seq_length() for running in decoding]
-            pad_bytes = padding_tokens(lengths) * self.kv_bytes_per_token
+            # The view also has room for the longest remaining turn in every row (beyond what
+            # each row reserved for itself).
+            remaining = [running.max_new - len(running.answer) for running in decoding]
+            spare_room = sum(max(remaining) - left for left in remaining)
+            pad_bytes = (padding_tokens(lengths) + spare_room) * self.kv_bytes_per_token
             if self._make_room(pad_bytes, None, refuse=False):
                 groups = [decoding]
             else:
@@ -436,6 +440,8 @@ class SessionEngine:
         if state.cache is None:
             state.cache = generation.new_cache(loaded)
         running.cached = state.cache.get_seq_length()
+        # Room for the tokens decoding may append (reserved in _start_turn): no copy per token.
+        kv_cache.make_room(state.cache, running.max_new - 1)
         feed = full_ids[running.cached:]
         image_rows = self._image_rows(state, full_ids, running.cached)
         input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
@@ -459,7 +465,11 @@ class SessionEngine:
     def _decode_together(self, group: list[_Running]) -> None:
         """Decode the group's turns in one batch, a token per turn per forward, until all are done."""
         rows = {running.slot: running for running in group}
-        view = BatchedDecode(self.loaded, {slot: running.state.cache for slot, running in rows.items()})
+        view = BatchedDecode(
+            self.loaded,
+            {slot: running.state.cache for slot, running in rows.items()},
+            {slot: running.max_new - len(running.answer) for slot, running in rows.items()},
+        )
         while len(view):
             self._batch_view_bytes = view.bytes_held()
             try:
@@ -482,6 +492,7 @@ class SessionEngine:
     def _finish(self, running: _Running) -> TurnResult:
         """Commit a finished turn to its session's history."""
         state, answer = running.state, running.answer
+        kv_cache.fit(state.cache)  # between turns a session holds exactly its tokens
         text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
         finish = "stop" if answer and answer[-1] in self.loaded.eos_token_ids else "length"
         state.token_ids.extend(running.turn_ids)

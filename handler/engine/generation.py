@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from llava_sessions.handler.engine import kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
 
 
@@ -32,7 +33,8 @@ def encode_images(loaded: LoadedModel, images: list) -> list[torch.Tensor]:
 
 
 def new_cache(loaded: LoadedModel) -> DynamicCache:
-    return DynamicCache(config=loaded.model.config.get_text_config())
+    """An empty per-session KV cache that appends in place (kv_cache.py)."""
+    return kv_cache.new_cache(loaded.model.config.get_text_config())
 
 
 @torch.inference_mode()
@@ -111,12 +113,4 @@ def select_next_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def cache_bytes(cache: DynamicCache | None) -> int:
-    if cache is None:
-        return 0
-    total = 0
-    for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-    return total
+cache_bytes = kv_cache.cache_bytes

@@ -239,9 +239,9 @@ def sizes_of_views(monkeypatch):
     sizes = []
 
     class Spy(batch_decode.BatchedDecode):
-        def __init__(self, loaded, rows):
+        def __init__(self, loaded, rows, remaining):
             sizes.append(len(rows))
-            super().__init__(loaded, rows)
+            super().__init__(loaded, rows, remaining)
 
     monkeypatch.setattr(engine_module, "BatchedDecode", Spy)
     return sizes

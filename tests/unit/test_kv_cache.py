@@ -1,0 +1,60 @@
+"""AppendLayer: the same keys and values as transformers' DynamicLayer, written in place."""
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from llava_sessions.handler.engine.kv_cache import AppendLayer, cache_bytes, fit, make_room, new_cache
+
+
+def chunks(seed: int, sizes: list[int], batch: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, n, 8, generator=generator), torch.randn(batch, 3, n, 8, generator=generator))
+            for n in sizes]
+
+
+def test_appends_equal_concatenation_and_reuse_one_buffer():
+    reference, layer = DynamicLayer(), AppendLayer()
+    layer.room = 6
+    buffers = set()
+    for keys, values in chunks(0, [5, 1, 1, 1, 1, 1, 1, 3]):
+        want = reference.update(keys, values)
+        got = layer.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        buffers.add(layer._key_buffer.data_ptr())
+    # 5 tokens + room 6 took the six single tokens in place; the chunk of 3 grew it once more
+    assert len(buffers) == 2
+    assert layer.get_seq_length() == reference.get_seq_length() == 14
+
+
+def test_tensors_replaced_from_outside_are_respected():
+    layer = AppendLayer()
+    layer.room = 10
+    (k1, v1), (k2, v2), (k3, v3) = chunks(1, [4, 2, 1])
+    layer.update(k1, v1)
+    layer.update(k2, v2)
+    layer.keys, layer.values = layer.keys[:, :, :3], layer.values[:, :, :3]  # a crop, as transformers does it
+    keys, values = layer.update(k3, v3)
+    assert torch.equal(keys, torch.cat([k1[:, :, :3], k3], dim=2))
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()  # e.g. offloaded and back
+    keys, _ = layer.update(k3, v3)
+    assert torch.equal(keys, torch.cat([k1[:, :, :3], k3, k3], dim=2))
+
+
+def test_room_is_counted_while_held_and_fit_gives_it_back():
+    cache = new_cache(_config())
+    make_room(cache, 20)
+    (keys, values), = chunks(2, [5], batch=1)
+    for layer_idx in range(len(cache.layers)):
+        cache.update(keys, values, layer_idx)
+    per_token = 2 * len(cache.layers) * 3 * 8 * 4  # K and V, layers, heads x head_dim float32
+    assert cache_bytes(cache) == 25 * per_token
+    fit(cache)
+    assert cache_bytes(cache) == 5 * per_token
+    assert torch.equal(cache.layers[0].keys, keys)
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3, hidden_size=24,
+                       head_dim=8, intermediate_size=32, vocab_size=10)

@@ -51,7 +51,8 @@ def table(result: dict) -> str:
     conc = result["concurrency"]
     lines += [
         "",
-        f"cold open: ours open+turn 1 {cold['ours_open_plus_turn1'] * 1e3:.1f} ms,"
+        f"cold open: ours open with the first question {cold['ours_open_with_question'] * 1e3:.1f} ms"
+        f" (an image-only open {cold['ours_image_only_open'] * 1e3:.1f} ms),"
         f" stateless turn 1 {cold['stateless_turn1'] * 1e3:.1f} ms",
         "decode tok/s per turn: ours " + _fmt_list(dec["ours"]) + "; bare generate " + _fmt_list(dec["bare_generate"])
         + "; bare decode step " + _fmt_list(dec["floor_one_step"]),

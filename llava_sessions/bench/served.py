@@ -39,7 +39,7 @@ class TurnSample:
 class ServedSamples:
     """Raw timings of one repeat; indices are 0-based turns."""
 
-    open_s: list[float] = field(default_factory=list)
+    open_s: list[float] = field(default_factory=list)  # image-only opens of S_2..
     probe: dict[int, TurnSample] = field(default_factory=dict)
     full: dict[int, list[TurnSample]] = field(default_factory=dict)
 
@@ -71,29 +71,45 @@ class Client:
         elapsed, response = self._post({"requestType": "NEW_SESSION", "images": [png_b64]})
         return elapsed, response.json()["session_id"]
 
+    def open_with_question(self, png_b64: str, prompt: str, max_new_tokens: int) -> tuple[TurnSample, str]:
+        """One request: open with the image and answer the first question (a cold first turn)."""
+        body = {"requestType": "NEW_SESSION", "images": [png_b64], "prompt": prompt,
+                "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
+        elapsed, response = self._post(body)
+        reply = response.json()
+        return _turn_sample(elapsed, reply), reply["session_id"]
+
     def turn(self, session_id: str, prompt: str, max_new_tokens: int) -> TurnSample:
         body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
         elapsed, response = self._post(body, session_id)
-        reply = response.json()
-        usage = reply["usage"]
-        return TurnSample(
-            seconds=elapsed,
-            token_ids=reply.get("token_ids"),
-            text=reply["generated_text"],
-            completion_tokens=int(usage["completion_tokens"]),
-            prompt_tokens=int(usage["prompt_tokens"]),
-            cached_tokens=int(usage["cached_tokens"]),
-        )
+        return _turn_sample(elapsed, response.json())
 
     def close(self, session_id: str) -> None:
         self._post({"requestType": "CLOSE"}, session_id)
 
 
+def _turn_sample(elapsed: float, reply: dict) -> TurnSample:
+    usage = reply["usage"]
+    return TurnSample(
+        seconds=elapsed,
+        token_ids=reply.get("token_ids"),
+        text=reply["generated_text"],
+        completion_tokens=int(usage["completion_tokens"]),
+        prompt_tokens=int(usage["prompt_tokens"]),
+        cached_tokens=int(usage["cached_tokens"]),
+    )
+
+
 def staircase(client: Client, png_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
-    """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session."""
+    """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session.
+
+    S_1 opens with its question in the same request, as a client does for a cold first turn.
+    """
     samples = ServedSamples()
     turns = len(prompts)
-    for k in range(turns + 1):  # k == turns: the all-full session
+    samples.probe[0], session_id = client.open_with_question(png_b64, prompts[0], 1)
+    client.close(session_id)
+    for k in range(1, turns + 1):  # k == turns: the all-full session
         open_s, session_id = client.open(png_b64)
         samples.open_s.append(open_s)
         try:
@@ -150,6 +166,66 @@ def concurrency(
         single_tokens=alone.completion_tokens,
         concurrent_tokens=tokens,
     )
+
+
+class StackProcess:
+    """The serving stack in a process of its own, as ``llava-sessions serve`` runs it.
+
+    The bench's client threads then do not share an interpreter lock with the router, as no
+    real client does. The child stops the stack when told, or when this process goes away.
+    """
+
+    def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0):
+        self.args = (str(model_dir), str(work_dir), device)
+        self.ready_timeout = ready_timeout
+        self.url: str | None = None
+
+    def __enter__(self) -> "StackProcess":
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve_until_told, args=(*self.args, child_conn), name="bench-stack")
+        self._process.start()
+        child_conn.close()
+        try:
+            if not self._conn.poll(self.ready_timeout):
+                raise ServerError(f"the serving stack was not ready within {self.ready_timeout:.0f} s")
+            status, detail = self._conn.recv()
+        except (EOFError, ServerError):
+            self.__exit__(None, None, None)
+            raise ServerError("the serving stack's process exited before it was ready") from None
+        if status != "ready":
+            self.__exit__(None, None, None)
+            raise ServerError(f"the serving stack did not start: {detail}")
+        self.url = detail
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._conn.send("stop")
+        except (OSError, ValueError):
+            pass
+        self._process.join(120)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(10)
+        self._conn.close()
+
+
+def _serve_until_told(model_dir: str, work_dir: str, device: str, conn) -> None:
+    try:
+        stack = start_stack(Path(model_dir), Path(work_dir), device)
+    except Exception as error:
+        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    try:
+        conn.send(("ready", stack.url))
+        conn.recv()  # "stop", or EOFError when the bench went away
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        stack.stop()
 
 
 def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32):

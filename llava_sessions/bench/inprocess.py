@@ -47,17 +47,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_png(png_b64: str):
+def decode_image(image_b64: str):
     from PIL import Image
 
-    return Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")
+    return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")
 
 
-def reference_run(loaded: LoadedModel, png_b64: str, prompts: list[str], max_new_tokens: int) -> Reference:
+def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_new_tokens: int) -> Reference:
     """The conversation once through the session engine, greedily; its histories are the ground truth."""
     engine = SessionEngine(loaded, ServingConfig(max_sessions_per_worker=2))
     formatter = engine.formatter
-    opened = engine.open_session([decode_png(png_b64)])
+    opened = engine.open_session([decode_image(image_b64)])
     bytes_after_open = engine.bytes_held()
     conversation, history, turns, question_tokens = Conversation(), [], [], []
     for k, prompt in enumerate(prompts):
@@ -83,12 +83,12 @@ def reference_run(loaded: LoadedModel, png_b64: str, prompts: list[str], max_new
 class InProcess:
     """Strategies (b), (c), (d) and bare-generate decode on the reference histories."""
 
-    def __init__(self, loaded: LoadedModel, png_b64: str, reference: Reference):
+    def __init__(self, loaded: LoadedModel, image_b64: str, reference: Reference):
         self.loaded = loaded
-        self.png_b64 = png_b64
+        self.image_b64 = image_b64
         self.reference = reference
         self.device = loaded.device
-        image = decode_png(png_b64)
+        image = decode_image(image_b64)
         self.pixels = self._preprocess(image)  # kept by (c)
         self.features = torch.cat(generation.encode_images(loaded, [image]), dim=0)  # kept by (d)
 
@@ -116,7 +116,7 @@ class InProcess:
         turn = self.reference.turns[k]
         sync(self.device)
         start = time.perf_counter()
-        pixels = self._preprocess(decode_png(self.png_b64))
+        pixels = self._preprocess(decode_image(self.image_b64))
         tokens = self._generate(turn.context_ids, pixels, 1)
         sync(self.device)
         return time.perf_counter() - start, tokens[0]

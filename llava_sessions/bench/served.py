@@ -67,13 +67,13 @@ class Client:
             raise ServerError(f"HTTP {response.status_code}: {response.text[:500]}")
         return elapsed, response
 
-    def open(self, png_b64: str) -> tuple[float, str]:
-        elapsed, response = self._post({"requestType": "NEW_SESSION", "images": [png_b64]})
+    def open(self, image_b64: str) -> tuple[float, str]:
+        elapsed, response = self._post({"requestType": "NEW_SESSION", "images": [image_b64]})
         return elapsed, response.json()["session_id"]
 
-    def open_with_question(self, png_b64: str, prompt: str, max_new_tokens: int) -> tuple[TurnSample, str]:
+    def open_with_question(self, image_b64: str, prompt: str, max_new_tokens: int) -> tuple[TurnSample, str]:
         """One request: open with the image and answer the first question (a cold first turn)."""
-        body = {"requestType": "NEW_SESSION", "images": [png_b64], "prompt": prompt,
+        body = {"requestType": "NEW_SESSION", "images": [image_b64], "prompt": prompt,
                 "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
         elapsed, response = self._post(body)
         reply = response.json()
@@ -100,17 +100,17 @@ def _turn_sample(elapsed: float, reply: dict) -> TurnSample:
     )
 
 
-def staircase(client: Client, png_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
+def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
     """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session.
 
     S_1 opens with its question in the same request, as a client does for a cold first turn.
     """
     samples = ServedSamples()
     turns = len(prompts)
-    samples.probe[0], session_id = client.open_with_question(png_b64, prompts[0], 1)
+    samples.probe[0], session_id = client.open_with_question(image_b64, prompts[0], 1)
     client.close(session_id)
     for k in range(1, turns + 1):  # k == turns: the all-full session
-        open_s, session_id = client.open(png_b64)
+        open_s, session_id = client.open(image_b64)
         samples.open_s.append(open_s)
         try:
             for j in range(k):
@@ -131,7 +131,7 @@ class ConcurrencySample:
 
 
 def concurrency(
-    client: Client, png_b64: str, prompts: list[str], max_new_tokens: int, sessions: int
+    client: Client, image_b64: str, prompts: list[str], max_new_tokens: int, sessions: int
 ) -> ConcurrencySample:
     """Aggregate tokens/s of ``sessions`` sessions sending a follow-up turn at once, and of one alone.
 
@@ -140,7 +140,7 @@ def concurrency(
     with ThreadPoolExecutor(sessions) as pool:
 
         def prepare(_):
-            _, sid = client.open(png_b64)
+            _, sid = client.open(image_b64)
             client.turn(sid, prompts[0], max_new_tokens)
             return sid
 

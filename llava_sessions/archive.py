@@ -27,7 +27,15 @@ from llava_sessions import __version__
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model-store"
+
+def _template_dir() -> Path:
+    """model-store/'s templates: package data of an installed wheel, else the source checkout's."""
+    package = Path(__file__).resolve().parent
+    installed = package / "model_store"  # setup.cfg maps model-store/ to llava_sessions.model_store
+    return installed if (installed / "config.properties").is_file() else package.parent / "model-store"
+
+
+TEMPLATE_DIR = _template_dir()
 MODEL_CONFIG_TEMPLATE = TEMPLATE_DIR / "model-config.yaml"
 CHECKPOINT_SUBDIR = "model"
 HANDLER_ENTRY = "torchserve_handler.py"

@@ -19,6 +19,7 @@ DEFAULT_SESSIONS_PER_WORKER = 32
 # module defines register(commands) adding its subparsers; imports of boto3
 # and friends stay inside the commands so --help stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
+    "llava_sessions.deploy.image",
 )
 
 
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run TorchServe in the foreground with the session handler")
     _model_arguments(serve)
+    serve.add_argument("--archive", type=Path, metavar="DIR",
+                       help="serve a prebuilt archive folder instead of building one from --model "
+                       "(the container serves /opt/ml/model)")
     serve.add_argument("--workers", type=int, default=None, help="model copies, one worker each (default: one per GPU, else 1)")
     serve.add_argument("--host", default="127.0.0.1", help="inference bind address (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=8080)
@@ -119,15 +123,19 @@ def cmd_serve(args) -> int:
     from llava_sessions.serving_stack import ServingStack
     from llava_sessions.torchserve_process import TorchServeError
 
-    model_dir = models.resolve_model(args.model)
     workers = _workers(args)
-    archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
+    if args.archive is not None:
+        archive = _prebuilt_archive(args)
+    else:
+        model_dir = models.resolve_model(args.model)
+        archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
     run_dir = args.run_dir or models.home() / "run" / f"serve-{args.port}"
     stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port)
     _stop_on_sigterm()
     try:
         stack.start(ready_timeout=args.ready_timeout)
-        print(f"llava-sessions: serving {args.model or 'the offline tiny model (random weights)'} "
+        served = args.archive or args.model or "the offline tiny model (random weights)"
+        print(f"llava-sessions: serving {served} "
               f"with {workers} worker(s) at {stack.url}  (POST /invocations, GET /ping; "
               f"logs in {stack.log_dir}); Ctrl-C stops", flush=True)
         code = stack.torchserve.wait()
@@ -164,6 +172,24 @@ def _build_archive(args, model_dir: Path, out_dir: Path, fmt: str) -> Path:
         session_ttl_s=args.session_ttl,
         fmt=fmt,
     )
+
+
+def _prebuilt_archive(args) -> Path:
+    """--archive: a no-archive model folder (what `upload` puts on S3, SageMaker's /opt/ml/model)."""
+    if args.model:
+        raise ConfigError("give --model (build an archive) or --archive (serve a built one), not both")
+    if (args.sessions_per_worker, args.session_ttl) != (DEFAULT_SESSIONS_PER_WORKER, ServingConfig.session_ttl_s):
+        raise ConfigError(
+            "--sessions-per-worker and --session-ttl are baked into a built archive; with --archive set "
+            "LLAVA_SESSIONS_MAX_SESSIONS_PER_WORKER / LLAVA_SESSIONS_SESSION_TTL_S instead"
+        )
+    if not (args.archive / "MAR-INF" / "MANIFEST.json").is_file():
+        raise ConfigError(
+            f"--archive {args.archive} is not a TorchServe model archive folder (no MAR-INF/MANIFEST.json). "
+            "Build one with `llava-sessions archive --model M --out DIR` and pass DIR/llava. In the "
+            "container it is /opt/ml/model, where SageMaker copies what `llava-sessions upload` put on S3"
+        )
+    return args.archive.resolve()
 
 
 def _workers(args) -> int:

@@ -19,6 +19,8 @@ DEFAULT_SESSIONS_PER_WORKER = 32
 # module defines register(commands) adding its subparsers; imports of boto3
 # and friends stay inside the commands so --help stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
+    "llava_sessions.deploy.artifacts",
+    "llava_sessions.deploy.endpoint",
     "llava_sessions.deploy.image",
 )
 

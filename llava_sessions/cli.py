@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llava_sessions.deploy.artifacts",
     "llava_sessions.deploy.endpoint",
     "llava_sessions.deploy.image",
+    "llava_sessions.deploy.chat",
     "llava_sessions.deploy.local_runtime",
 )
 

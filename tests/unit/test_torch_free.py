@@ -22,6 +22,8 @@ TORCH_FREE = [
     "llava_sessions.deploy.endpoint",
     "llava_sessions.deploy.progress",
     "llava_sessions.deploy.image",
+    "llava_sessions.deploy.client",
+    "llava_sessions.deploy.chat",
     "llava_sessions.deploy.eventstream",
     "llava_sessions.deploy.local_runtime",
 ]

@@ -54,6 +54,7 @@ variants other than ``AllTraffic``, target models or containers, explanations, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import logging
 import re
@@ -522,12 +523,23 @@ class SageMakerRuntimeServer:
                 if not end_of_chunk:  # (b"", False): the response is complete
                     break
                 continue  # an empty HTTP chunk boundary
-            for part in eventstream.payload_parts(data):
-                await reply.write(part)
-        if failure is not None:
-            await reply.write(failure)
-        await reply.write_eof()
+            if not await self._send_parts(reply, eventstream.payload_parts(data)):
+                return reply
+        await self._send_parts(reply, [failure] if failure is not None else [])
+        with contextlib.suppress(ConnectionError):  # the client may hang up after the last event
+            await reply.write_eof()
         return reply
+
+    @staticmethod
+    async def _send_parts(reply: web.StreamResponse, parts) -> bool:
+        """False when the client has gone (it stopped reading): the rest of the stream is dropped."""
+        try:
+            for part in parts:
+                await reply.write(part)
+        except ConnectionError:
+            log.debug("client left the stream early")
+            return False
+        return True
 
     # --- helpers ----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Torch-free: the container's front process imports nothing heavy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures
 import json
 import logging
@@ -384,7 +385,8 @@ async def _relay_stream(
         if request.transport is not None:
             request.transport.close()
         return reply
-    await reply.write_eof()
+    with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
+        await reply.write_eof()
     return reply
 
 

@@ -73,8 +73,12 @@ HOP_BY_HOP = frozenset(
 # The client library sets these for the upstream request itself; the session header is re-sent
 # in canonical case (or left out for an open).
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", SESSION_HEADER.lower()}
-# TorchServe leaks its internal streaming marker to clients.
-_NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next"}
+# TorchServe leaks its internal streaming marker to clients; no server software is named.
+_NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next", "server"}
+EVENT_STREAM = "text/event-stream"
+# What TorchServe's front end answers when the worker process went away during the request
+# (killed, crashed, or killed by TorchServe itself past the model's responseTimeout).
+_WORKER_DIED = "Worker died"
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ class AffinityRouter:
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors])
+        app.on_response_prepare.append(_no_server_header)
         app.router.add_get("/ping", self._ping)
         app.router.add_post("/invocations", self._invocations)
         return app
@@ -264,6 +269,8 @@ class AffinityRouter:
             self._record(target, upstream)
             if upstream.status == 404 and target.session_id is not None:
                 return await self._relay_not_found(target, upstream)
+            if upstream.status >= 500:
+                return await self._relay_server_error(target, upstream)
             return await _relay_stream(request, upstream, target)
 
     async def _relay_not_found(self, target: _Target, upstream: aiohttp.ClientResponse) -> web.Response:
@@ -276,6 +283,29 @@ class AffinityRouter:
             self.routes.unbind(target.session_id)
             log.debug("session %s lost by backend %d", target.session_id[:8], target.backend)
         return web.Response(status=404, body=payload, headers=_downstream_headers(upstream.headers))
+
+    async def _relay_server_error(self, target: _Target, upstream: aiohttp.ClientResponse) -> web.Response:
+        """Our handler's own 5xx errors pass as they are; TorchServe's (``{"code", "type", "message"}``:
+        the worker died, none is ready, the queue is full) become WORKER_UNAVAILABLE."""
+        try:
+            payload = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unavailable(target, exc) from None
+        if _error_code(payload) is not None:
+            return web.Response(status=upstream.status, body=payload, headers=_downstream_headers(upstream.headers))
+        message = _torchserve_message(payload)
+        log.warning("backend %d failed: %d %s", target.backend, upstream.status, message[:200])
+        if _WORKER_DIED not in message:
+            raise WorkerUnavailable(
+                f"the model worker for this request could not take it ({upstream.status}: {message[:200]}); "
+                "retry shortly"
+            )
+        if target.session_id is not None:
+            self.routes.unbind(target.session_id)  # it lived in the worker's memory
+        raise WorkerUnavailable(
+            "the model worker stopped while answering this request (killed, or over its response "
+            "timeout) and is restarting; the sessions it held are gone: open a new session"
+        )
 
     def _record(self, target: _Target, upstream: aiohttp.ClientResponse) -> None:
         """Bookkeeping from the backend's session headers."""
@@ -338,6 +368,15 @@ def _checked_session_id(value: str, where: str) -> str:
     return value
 
 
+def _torchserve_message(payload: bytes) -> str:
+    """The message of TorchServe's own error body, else the body's start."""
+    try:
+        message = json.loads(payload).get("message")
+    except (ValueError, AttributeError, RecursionError):
+        message = None
+    return message if isinstance(message, str) else payload[:200].decode("utf-8", errors="replace")
+
+
 def _error_code(payload: bytes) -> str | None:
     try:
         error = json.loads(payload)["error"]
@@ -371,23 +410,50 @@ def _connection_tokens(headers: CIMultiDictProxy) -> set[str]:
 async def _relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, target: _Target
 ) -> web.StreamResponse:
-    """Send each chunk on as it arrives; a stream broken off upstream is broken off downstream."""
+    """Send each chunk on as it arrives.
+
+    A token stream (text/event-stream) broken off upstream between two events (a killed worker:
+    TorchServe sends whole events) ends with TGI's error event and a clean end, so event-reading
+    clients see why. Any other response broken off upstream is broken off downstream: no
+    terminating chunk, so the client sees a truncated response, not a complete one.
+    """
     reply = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=_downstream_headers(upstream.headers)
     )
     await reply.prepare(request)
+    events = upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
+    tail = b"\n\n"  # the end of what was sent: an event boundary when it ends with a blank line
     try:
         async for data, _ in upstream.content.iter_chunks():
             await reply.write(data)
+            if data:
+                tail = (tail + data)[-2:]
     except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
         log.warning("response from backend %d broken off mid-stream: %s", target.backend, type(exc).__name__)
-        # No terminating chunk: the client sees a truncated stream end, not a complete one.
-        if request.transport is not None:
-            request.transport.close()
-        return reply
+        if not (events and tail == b"\n\n"):
+            if request.transport is not None:
+                request.transport.close()
+            return reply
+        error = WorkerUnavailable(
+            "the model worker stopped in the middle of this answer (killed, or silent past its time limit); the turn "
+            "is not part of the session, and a session the worker held is gone: open a new session"
+        )
+        with contextlib.suppress(ConnectionError):
+            await reply.write(_error_event(error))
     with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
         await reply.write_eof()
     return reply
+
+
+def _error_event(error: SessionsError) -> bytes:
+    """TGI's error event, framed as handler/streaming.py frames it."""
+    payload = {"error": error.message, "error_type": error.code}
+    return ("data:" + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")) + "\n\n").encode()
+
+
+async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp names itself and its version in ``Server``; nothing here says what software runs."""
+    response.headers.popall("Server", None)
 
 
 @web.middleware

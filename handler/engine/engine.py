@@ -10,7 +10,9 @@ session's features or a turn's KV growth (reserved for the worst case before it 
 would not fit, least recently used other sessions give memory back: KV caches first,
 then features to host memory, then eviction (see memory_budget.py for the plan; this
 module applies it to the tensors). No step changes a surviving session's answers: a
-dropped KV is rebuilt with one prefill from the kept features and token ids.
+dropped KV is rebuilt with one prefill from the kept features and token ids. The budget is an
+estimate; when the allocator fails all the same, a prefill gets one retry after the same steps
+free its worst case, and a turn that still finds no memory is refused (OutOfMemoryBudget).
 """
 
 from __future__ import annotations
@@ -410,7 +412,7 @@ class SessionEngine:
         decoding = []
         for running in wave:
             try:
-                if self._pick(running, self._prefill(running)):
+                if self._pick(running, self._prefill_or_give_back(running)):
                     decoding.append(running)
             except Exception as error:
                 self._fail(running, error)
@@ -432,6 +434,31 @@ class SessionEngine:
         for running in wave:
             if running.outcome is None:
                 running.outcome = self._finish(running)
+
+    def _prefill_or_give_back(self, running: _Running) -> torch.Tensor:
+        """Prefill; when the allocator runs out of memory all the same (the budget is an estimate:
+        fragmentation, other processes), other sessions give back this turn's worst case in the
+        budget's order and the prefill runs once more, on a fresh cache. No room to give back, or
+        a second allocator failure: OutOfMemoryBudget, with the session as before the turn.
+        """
+        try:
+            return self._prefill(running)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            # Only its name: the exception's traceback holds the failed forward's tensors.
+            first = type(error).__name__
+        running.state.cache = None  # a failed prefill may leave some layers longer than others
+        needed = (running.context + running.max_new) * self.kv_bytes_per_token
+        if self._give_back(needed, running.request.session_id):
+            log.warning("out of memory during a prefill; sessions gave memory back, retrying once")
+            try:
+                return self._prefill(running)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                running.state.cache = None
+        raise self._memory_refusal(first)
 
     def _prefill(self, running: _Running) -> torch.Tensor:
         """Run what the session's cache lacks (history and this turn) on it; return the next-token logits."""
@@ -514,6 +541,8 @@ class SessionEngine:
 
     def _fail(self, running: _Running, error: Exception) -> None:
         self._roll_back(running)
+        if is_out_of_memory(error):  # during decoding: refused, never an internal error
+            error = self._memory_refusal(type(error).__name__)
         running.outcome = error
 
     @staticmethod
@@ -587,6 +616,44 @@ class SessionEngine:
                 f"{budget} bytes and other sessions could give back only {plan.free + plan.reclaimable}. "
                 "Ask for fewer new tokens or images, or retry later"
             )
+        self._apply(plan)
+        self._reserved += needed
+        return True
+
+    def _give_back(self, needed: int, asking: str) -> bool:
+        """After a real allocator failure: other sessions give back ``needed`` device bytes as if
+        none were free, in the budget's order; False (and nothing touched) when they hold too little."""
+        victims = [
+            Holding(r.session_id, r.device_kv_bytes, r.device_feature_bytes, r.host_feature_bytes)
+            for r in self._store.lru_records()
+            if r.session_id != asking and not r.busy
+        ]
+        budget = self.memory_budget_bytes
+        plan = memory_budget.plan_room(
+            victims,
+            min(needed, budget),
+            budget=budget,
+            device_used=budget,
+            host_budget=self.host_budget_bytes,
+            host_used=self._store.host_bytes(),
+        )
+        if isinstance(plan, NoRoom) or not plan:
+            return False
+        self._apply(plan)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back for the retry's allocations
+        return True
+
+    def _memory_refusal(self, error_name: str) -> OutOfMemoryBudget:
+        self.counters.memory_refusals += 1
+        log.warning("out of memory on %s: turn refused (%s)", self.loaded.device, error_name)
+        return OutOfMemoryBudget(
+            "the worker ran out of device memory for this turn, even after other sessions gave memory "
+            "back; the session is as before the turn. Ask for fewer new tokens or images, or retry later"
+        )
+
+    def _apply(self, plan: list) -> None:
+        """Carry out a plan of memory_budget steps on the sessions' tensors."""
         for step in plan:
             record, state = self._store.lookup(step.session_id), self._states[step.session_id]
             if step.kind is StepKind.DROP_KV:
@@ -602,8 +669,6 @@ class SessionEngine:
                 log.info("memory budget: evicted a session")
                 continue
             self._account(record, state)
-        self._reserved += needed
-        return True
 
     def _account(self, record: SessionRecord, state: _SessionState) -> None:
         """Record the session's bytes per tier, measured on its tensors."""
@@ -646,6 +711,14 @@ class SessionEngine:
         self._store.remove(session_id)
         self._states.pop(session_id, None)
         log.info("sessions: %d open, %d bytes held", len(self._store), self.bytes_held())
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocator failure: CUDA's OutOfMemoryError, MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def _sizes(loaded: LoadedModel) -> tuple[int, int, int]:

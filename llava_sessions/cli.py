@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "llava_sessions.deploy.image",
     "llava_sessions.deploy.chat",
     "llava_sessions.deploy.local_runtime",
+    "llava_sessions.loadtest",
 )
 
 

@@ -26,6 +26,7 @@ TORCH_FREE = [
     "llava_sessions.deploy.chat",
     "llava_sessions.deploy.eventstream",
     "llava_sessions.deploy.local_runtime",
+    "llava_sessions.loadtest",
 ]
 
 

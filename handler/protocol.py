@@ -170,8 +170,10 @@ def _check_session_id(value: Any, where: str) -> str:
 def _load_json_object(body: bytes | bytearray | str) -> dict:
     text = _decode_utf8(body)
     if not text.strip():
+        # A form or multipart Content-Type also gets here: TorchServe takes such a body apart.
         raise InvalidJson(
-            'the request body is empty; send a JSON object such as {"requestType": "NEW_SESSION"}'
+            'the request body is empty; send a JSON object such as {"requestType": "NEW_SESSION"} '
+            "with Content-Type: application/json"
         )
     try:
         payload = json.loads(

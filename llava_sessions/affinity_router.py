@@ -180,7 +180,11 @@ class AffinityRouter:
             auto_decompress=False,  # bytes pass through as the backend encoded them
             skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client sent
         )
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+        # auto_decompress off: a compressed body is refused as a JSON error (_read_body) instead of
+        # failing inside aiohttp's decoder with a text/plain 400 or 500.
+        runner = web.AppRunner(
+            self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, auto_decompress=False
+        )
         try:
             await runner.setup()
             await web.TCPSite(runner, self.host, self.port).start()
@@ -225,6 +229,12 @@ class AffinityRouter:
         return await self._forward(request, body, target)
 
     async def _read_body(self, request: web.Request) -> bytes:
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise InvalidRequest(
+                f"Content-Encoding {encoding[:40]!r} is not accepted; send the JSON body uncompressed "
+                "(large images travel best as s3:// references)"
+            )
         if (request.content_length or 0) > self.max_body_bytes:
             raise self._too_large()
         body = bytearray()

@@ -235,6 +235,14 @@ def test_bad_json_is_invalid_json(raw):
     assert error_code(raw, SID) == "INVALID_JSON"
 
 
+def test_empty_body_names_the_content_type():
+    # What the handler gets when a form or multipart Content-Type made TorchServe take the body apart.
+    with pytest.raises(SessionsError) as info:
+        parse(b"", SID)
+    assert info.value.code == "INVALID_JSON"
+    assert "Content-Type: application/json" in info.value.message
+
+
 @pytest.mark.parametrize("raw", [b"[]", b'"hi"', b"3", b"null", b"true"])
 def test_json_that_is_not_an_object_is_invalid_request(raw):
     assert error_code(raw, SID) == "INVALID_REQUEST"

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=8, help="sessions taking turns at once (default 8)")
     bench.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu or cuda:N")
     bench.add_argument("--budget-gb", type=float, help="memory budget for the sessions-fit figure (default: free memory)")
+    bench.add_argument("--max-batch-delay-ms", type=int, metavar="MS",
+                       help="the served stack's TorchServe maxBatchDelay (default: the archive template's)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw TTFT per turn (needs matplotlib)")
     bench.set_defaults(run=cmd_bench)

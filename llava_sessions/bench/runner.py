@@ -46,6 +46,7 @@ class Options:
     device: str = "auto"
     budget_gb: float | None = None
     work_dir: Path | None = None
+    max_batch_delay_ms: int | None = None  # None: the archive template's
 
     def command(self) -> str:
         parts = ["llava-sessions", "bench", "--preset", self.preset]
@@ -56,6 +57,8 @@ class Options:
                   "--device", self.device]
         if self.budget_gb is not None:
             parts += ["--budget-gb", str(self.budget_gb)]
+        if self.max_batch_delay_ms is not None:
+            parts += ["--max-batch-delay-ms", str(self.max_batch_delay_ms)]
         return shlex.join(parts)
 
 
@@ -205,7 +208,8 @@ def run(options: Options, log=print) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-", dir=options.work_dir) as tmp:
         log("bench: starting the serving stack (1 worker, in its own process)")
-        with served.StackProcess(model_dir, Path(tmp), options.device) as stack:
+        with served.StackProcess(model_dir, Path(tmp), options.device,
+                                 max_batch_delay_ms=options.max_batch_delay_ms) as stack:
             client = served.Client(stack.url)
             _, sid = client.open(image_b64)  # warm-up
             client.turn(sid, prompts[0], 2)

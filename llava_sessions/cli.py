@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
     serve.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
+    serve.add_argument(
+        "--max-request-bytes", type=int,
+        help="largest request body, refused above with 413 REQUEST_TOO_LARGE "
+        "(default $LLAVA_SESSIONS_MAX_REQUEST_BYTES, else 8 MiB)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser(
@@ -134,6 +140,10 @@ def cmd_serve(args) -> int:
     from llava_sessions.serving_stack import ServingStack
     from llava_sessions.torchserve_process import TorchServeError
 
+    max_request_bytes = args.max_request_bytes or _env_int("LLAVA_SESSIONS_MAX_REQUEST_BYTES")
+    if max_request_bytes is not None and max_request_bytes < 1024:
+        raise ConfigError("--max-request-bytes (LLAVA_SESSIONS_MAX_REQUEST_BYTES) must be at least 1024")
+    limit = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
     workers = _workers(args)
     if args.archive is not None:
         archive = _prebuilt_archive(args)
@@ -141,7 +151,7 @@ def cmd_serve(args) -> int:
         model_dir = models.resolve_model(args.model)
         archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
     run_dir = args.run_dir or models.home() / "run" / f"serve-{args.port}"
-    stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port)
+    stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port, **limit)
     _stop_on_sigterm()
     try:
         stack.start(ready_timeout=args.ready_timeout)
@@ -204,6 +214,16 @@ def _prebuilt_archive(args) -> Path:
             "container it is /opt/ml/model, where SageMaker copies what `llava-sessions upload` put on S3"
         )
     return args.archive.resolve()
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a whole number of bytes") from None
 
 
 def _workers(args) -> int:

@@ -11,6 +11,9 @@ from pathlib import Path
 from llava_sessions.affinity_router import AffinityRouter
 from llava_sessions.torchserve_process import LOOPBACK, TorchServeProcess
 
+# SageMaker caps InvokeEndpoint bodies at 6 MB; 8 MiB leaves SageMaker's limit the one clients meet.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 class ServingStack:
     """``start()`` returns once every worker is READY and the router listens on ``host:port``."""
@@ -23,10 +26,13 @@ class ServingStack:
         workers: int = 1,
         host: str = LOOPBACK,
         port: int = 8080,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ):
-        # TorchServe itself stays on loopback; only the router faces clients.
-        self.torchserve = TorchServeProcess(archive, run_dir, copies=workers)
+        # TorchServe itself stays on loopback; only the router faces clients. Both refuse bodies
+        # over max_request_bytes (the router first, with a JSON REQUEST_TOO_LARGE).
+        self.torchserve = TorchServeProcess(archive, run_dir, copies=workers, max_request_bytes=max_request_bytes)
         self.host, self.port = host, port
+        self.max_request_bytes = max_request_bytes
         self.router: AffinityRouter | None = None
 
     @property
@@ -46,6 +52,7 @@ class ServingStack:
                 host=self.host,
                 port=self.port,
                 ping_url=f"{self.torchserve.url}/ping",
+                max_body_bytes=self.max_request_bytes,
             )
             self.router.start()
         except BaseException:

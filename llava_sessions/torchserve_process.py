@@ -57,10 +57,12 @@ class TorchServeProcess:
         config_template: str | Path = CONFIG_TEMPLATE,
         env: Mapping[str, str] | None = None,
         torchserve: str | Path | None = None,
+        max_request_bytes: int | None = None,
     ):
         self.archive = Path(archive).resolve()
         self.run_dir = Path(run_dir).resolve()
         self.model_names = [f"{model_prefix}-{i}" for i in range(copies)]
+        self.max_request_bytes = max_request_bytes  # None: config.properties' max_request_size
         self.host = host
         self.port = port or _free_port(host)
         self.management_port = management_port or _free_port(LOOPBACK)
@@ -214,6 +216,8 @@ class TorchServeProcess:
             "grpc_management_port": str(_free_port(LOOPBACK)),
             "model_store": str(self.model_store),
         }
+        if self.max_request_bytes is not None:
+            overrides["max_request_size"] = str(self.max_request_bytes)
         text = _override_properties(self.config_template.read_text(), overrides)
         (self.run_dir / "config.properties").write_text(text)
 

@@ -29,3 +29,21 @@ def test_tiny_model_then_archive(tmp_path, capsys):
 def test_bad_arguments_say_how_to_fix_them(tmp_path, capsys):
     assert main(["archive", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_the_request_size_limit_must_be_sane(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LLAVA_SESSIONS_MAX_REQUEST_BYTES", "lots")
+    assert main(["serve", "--archive", str(tmp_path)]) == 2
+    assert "LLAVA_SESSIONS_MAX_REQUEST_BYTES='lots'" in capsys.readouterr().err
+    assert main(["serve", "--archive", str(tmp_path), "--max-request-bytes", "10"]) == 2
+    assert "at least 1024" in capsys.readouterr().err
+
+
+def test_torchserve_gets_the_same_request_size_limit_as_the_router(tmp_path):
+    from llava_sessions.torchserve_process import TorchServeProcess
+
+    process = TorchServeProcess(tmp_path / "archive", tmp_path / "run", max_request_bytes=3 << 20)
+    process.run_dir.mkdir(parents=True)
+    process._write_config()
+    lines = (process.run_dir / "config.properties").read_text().splitlines()
+    assert f"max_request_size={3 << 20}" in lines

@@ -450,6 +450,8 @@ class SessionClient:
     ``max_body_bytes``: requests are kept below this; bigger images go through ``s3_staging``.
     ``busy_wait_s``: how long a turn waits out ``SESSION_BUSY`` (the previous turn, e.g. a stopped
     stream, still generating) before giving up.
+    ``unavailable_retry_s``: a turn answered WORKER_UNAVAILABLE (the worker died, timed out or was
+    full; the turn did not run) is sent once more after this pause.
     """
 
     def __init__(
@@ -468,6 +470,7 @@ class SessionClient:
         top_p: float | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         busy_wait_s: float = 60.0,
+        unavailable_retry_s: float = 1.0,
         max_recoveries: int = 3,
         read_timeout_s: float = 120.0,
         target_variant: str | None = None,
@@ -489,6 +492,7 @@ class SessionClient:
         self.defaults = _generation_params(max_new_tokens, temperature, top_p)
         self.max_body_bytes = max_body_bytes
         self.busy_wait_s = busy_wait_s
+        self.unavailable_retry_s = unavailable_retry_s
         self.max_recoveries = max_recoveries
         self.read_timeout_s = read_timeout_s
         self.target_variant = target_variant
@@ -882,10 +886,17 @@ class Session:
     def _busy_wait(self, send: Callable[[], Any]) -> Any:
         deadline = time.monotonic() + self.client.busy_wait_s
         delay = 0.1
+        retried_unavailable = False
         while True:
             try:
                 return send()
             except SessionError as error:
+                if error.code == "WORKER_UNAVAILABLE" and not retried_unavailable:
+                    # The worker died, timed out or was full: the turn did not run. Sent once more,
+                    # it runs, or finds its session gone with the worker (SESSION_NOT_FOUND: replay).
+                    retried_unavailable = True
+                    time.sleep(self.client.unavailable_retry_s)
+                    continue
                 if error.code != "SESSION_BUSY" or time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)

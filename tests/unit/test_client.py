@@ -445,6 +445,35 @@ def test_session_busy_is_waited_out():
         assert chat.ask("q1") == "a1"
 
 
+def test_a_worker_that_died_mid_turn_costs_no_turn():
+    script = Scripted()
+    script.opens("one")
+    script.answers("one", "a1")
+    script.fails(503, "WORKER_UNAVAILABLE")  # the worker died during q2
+    script.fails(404, "SESSION_NOT_FOUND")  # sent again: the session went with it
+    script.opens("two")
+    script.answers("two", "a1")
+    script.answers("two", "a2")
+    with script.stub:
+        chat = SessionClient("ep", runtime=script.client, unavailable_retry_s=0).open()
+        chat.ask("q1")
+        assert chat.ask("q2") == "a2"
+        script.stub.assert_no_pending_responses()
+    assert chat.reopened == 1 and [t.answer for t in chat.history] == ["a1", "a2"]
+
+
+def test_a_worker_unavailable_twice_is_raised():
+    script = Scripted()
+    script.opens("one")
+    script.fails(503, "WORKER_UNAVAILABLE")
+    script.fails(503, "WORKER_UNAVAILABLE")
+    with script.stub:
+        chat = SessionClient("ep", runtime=script.client, unavailable_retry_s=0).open()
+        with pytest.raises(SessionError) as raised:
+            chat.ask("q1")
+    assert raised.value.code == "WORKER_UNAVAILABLE" and chat.history == []
+
+
 def test_exit_does_not_mask_the_original_error():
     script = Scripted()
     script.opens("one")

@@ -73,6 +73,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from llava_sessions.deploy import eventstream
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, NEW_SESSION, SESSION_HEADER
+from llava_sessions.http_proxy_server import HttpProxyServer
 from llava_sessions.session_routes import SessionRoutes, parse_session_header
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ CONNECT_TIMEOUT_S = 5.0
 HEALTH_INTERVAL_S = 5.0
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_FAILURES = 3  # consecutive failed pings before an instance goes out of service
-START_TIMEOUT_S = 10.0
-SHUTDOWN_GRACE_S = 2.0
 
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"
@@ -174,13 +173,15 @@ class _Session:
         return None if self.value in (None, NEW_SESSION) else self.value
 
 
-class SageMakerRuntimeServer:
+class SageMakerRuntimeServer(HttpProxyServer):
     """The sagemaker-runtime API in front of instances that each speak the container contract.
 
     ``start()`` serves from a background thread and returns once it listens (``port`` 0 picks a
     free port); ``stop()`` stops it. Thread-safe to inspect (``bindings``, ``instance_status``)
     and to ``retire`` instances from any thread.
     """
+
+    name = "sagemaker-runtime stand-in"
 
     def __init__(
         self,
@@ -207,7 +208,7 @@ class SageMakerRuntimeServer:
             _Instance(i, url.rstrip("/"), None if d is None else str(d))
             for i, (url, d) in enumerate(zip(instance_urls, log_dirs))
         ]
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.endpoint_name = endpoint_name
         self.max_body_bytes = max_body_bytes
         self.invocation_timeout_s = invocation_timeout_s
@@ -217,83 +218,17 @@ class SageMakerRuntimeServer:
         self._known: set[str] = set()  # ids ever bound; SessionRoutes says which still are
         self._lock = threading.Lock()
         self._next = 0  # round-robin tie-break
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._client: aiohttp.ClientSession | None = None
+        self._health: asyncio.Task | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    async def _started(self) -> None:
+        if self.health_interval_s > 0:
+            self._health = asyncio.create_task(self._health_loop())
+        log.info("sagemaker-runtime stand-in on %s in front of %d instances", self.url, len(self.instances))
 
-    # --- lifecycle ------------------------------------------------------------
-
-    def start(self) -> SageMakerRuntimeServer:
-        if self._thread is not None:
-            raise RuntimeError("the runtime server is already running")
-        listening: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._serve_in_thread, args=(listening,), name="sagemaker-runtime", daemon=True
-        )
-        self._thread.start()
-        try:
-            listening.result(timeout=START_TIMEOUT_S)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(stopping.set)
-            except RuntimeError:  # closed in between
-                pass
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(SHUTDOWN_GRACE_S + 5.0)
-
-    def __enter__(self) -> SageMakerRuntimeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _serve_in_thread(self, listening: concurrent.futures.Future) -> None:
-        try:
-            asyncio.run(self._serve(lambda: listening.set_result(None)))
-        except BaseException as exc:
-            if listening.done():
-                log.exception("the runtime server stopped on an error")
-            else:
-                listening.set_exception(exc)
-
-    async def _serve(self, on_listening: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            trust_env=False,
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),
-        )
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
-        health = None
-        try:
-            await runner.setup()
-            await web.TCPSite(runner, self.host, self.port).start()
-            self.port = runner.addresses[0][1]
-            if self.health_interval_s > 0:
-                health = asyncio.create_task(self._health_loop())
-            log.info("sagemaker-runtime stand-in on %s in front of %d instances", self.url, len(self.instances))
-            on_listening()
-            await self._stopping.wait()
-        finally:
-            if health is not None:
-                health.cancel()
-            await runner.cleanup()
-            await self._client.close()
+    async def _stopped(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            self._health = None
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[_api_errors], client_max_size=self.max_body_bytes + 1024)

@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import concurrent.futures
 import json
 import logging
-import signal
-import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +37,7 @@ from llava_sessions.handler.protocol import (
     is_valid_session_id,
 )
 from llava_sessions.handler.replies import error_reply
+from llava_sessions.http_proxy_server import HttpProxyServer
 from llava_sessions.session_routes import SessionRoutes, parse_session_header
 
 log = logging.getLogger(__name__)
@@ -51,10 +48,6 @@ MiB = 1024 * 1024
 BODY_ID_SCAN_LIMIT = 1 * MiB
 PING_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 5.0
-START_TIMEOUT_S = 10.0
-# In-flight requests get this long to finish when the router stops; then they are cut.
-SHUTDOWN_GRACE_S = 2.0
-STOP_TIMEOUT_S = SHUTDOWN_GRACE_S + 3.0
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -87,8 +80,10 @@ class _Target:
     session_id: str | None  # None: the request opens a session
 
 
-class AffinityRouter:
+class AffinityRouter(HttpProxyServer):
     """Routes POST /invocations to the backend holding the session; GET /ping mirrors TorchServe's."""
+
+    name = "affinity router"
 
     def __init__(
         self,
@@ -105,100 +100,16 @@ class AffinityRouter:
             raise ValueError("backends must name at least one inference URL")
         if routes is not None and routes.n_backends != len(backends):
             raise ValueError(f"routes is sized for {routes.n_backends} backends, got {len(backends)} URLs")
+        super().__init__(host, port)
         self.backends = list(backends)
-        self.host = host
-        self.port = port
         self.ping_url = ping_url
         self.max_body_bytes = max_body_bytes
         self.routes = routes if routes is not None else SessionRoutes(len(backends))
         # A read timeout, not a total one: a long stream is fine while tokens keep coming.
         self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=request_timeout_s)
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._client: aiohttp.ClientSession | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    # --- lifecycle ------------------------------------------------------------
-
-    def start(self) -> "AffinityRouter":
-        """Serve from a background thread; returns once the socket listens (port 0 picks a free one)."""
-        if self._thread is not None:
-            raise RuntimeError("the router is already running")
-        listening: concurrent.futures.Future = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._serve_in_thread, args=(listening,), name="affinity-router", daemon=True
-        )
-        self._thread.start()
-        try:
-            listening.result(timeout=START_TIMEOUT_S)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def run_forever(self) -> None:
-        """Serve in this thread (the main one) until SIGINT or SIGTERM, or stop() from another thread."""
-        asyncio.run(self._serve(on_listening=self._stop_on_signals))
-
-    def stop(self) -> None:
-        """Stop serving: in-flight requests get SHUTDOWN_GRACE_S, the whole stop at most STOP_TIMEOUT_S."""
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(stopping.set)
-            except RuntimeError:  # the loop closed in between: already stopped
-                pass
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(STOP_TIMEOUT_S)
-
-    def __enter__(self) -> "AffinityRouter":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _serve_in_thread(self, listening: concurrent.futures.Future) -> None:
-        try:
-            asyncio.run(self._serve(on_listening=lambda: listening.set_result(None)))
-        except BaseException as exc:
-            if listening.done():
-                log.exception("the affinity router stopped on an error")
-            else:
-                listening.set_exception(exc)
-
-    async def _serve(self, on_listening: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),  # TorchServe queues and refuses; we don't
-            trust_env=False,
-            auto_decompress=False,  # bytes pass through as the backend encoded them
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client sent
-        )
-        # auto_decompress off: a compressed body is refused as a JSON error (_read_body) instead of
-        # failing inside aiohttp's decoder with a text/plain 400 or 500.
-        runner = web.AppRunner(
-            self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, auto_decompress=False
-        )
-        try:
-            await runner.setup()
-            await web.TCPSite(runner, self.host, self.port).start()
-            self.port = runner.addresses[0][1]
-            log.info("affinity router on %s in front of %d backends", self.url, len(self.backends))
-            on_listening()
-            await self._stopping.wait()
-        finally:
-            await runner.cleanup()
-            await self._client.close()
-
-    def _stop_on_signals(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._loop.add_signal_handler(signum, self._stopping.set)
+    async def _started(self) -> None:
+        log.info("affinity router on %s in front of %d backends", self.url, len(self.backends))
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors])

@@ -24,7 +24,8 @@ import pytest
 import requests
 from aiohttp import web
 
-from llava_sessions.affinity_router import STOP_TIMEOUT_S, AffinityRouter
+from llava_sessions.affinity_router import AffinityRouter
+from llava_sessions.http_proxy_server import STOP_TIMEOUT_S
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
 from llava_sessions.session_routes import SessionRoutes
 

@@ -18,6 +18,7 @@ TORCH_FREE = [
     "llava_sessions.handler.engine.session_store",
     "llava_sessions.handler.engine.memory_budget",
     "llava_sessions.deploy",
+    "llava_sessions.http_proxy_server",
     "llava_sessions.deploy.artifacts",
     "llava_sessions.deploy.endpoint",
     "llava_sessions.deploy.progress",

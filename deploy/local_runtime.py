@@ -789,7 +789,7 @@ def register(commands) -> None:
 
 def cmd_local(args) -> int:
     from llava_sessions import models
-    from llava_sessions.cli import _build_archive, _prebuilt_archive
+    from llava_sessions.cli import _build_archive, _prebuilt_archive, _stop_on_sigterm
     from llava_sessions.errors import ConfigError
     from llava_sessions.torchserve_process import TorchServeError
 
@@ -839,12 +839,3 @@ def cmd_local(args) -> int:
         return 0
     finally:
         runtime.stop()
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM stops as cleanly as Ctrl-C."""
-
-    def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, raise_interrupt)

@@ -1,11 +1,13 @@
-"""Small real stand-ins shared by tests: an echo TorchServe handler and a fake checkpoint."""
+"""Small real stand-ins shared by tests: an echo TorchServe handler, a fake checkpoint, image bytes."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import struct
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,30 @@ def write_fake_checkpoint(path: Path) -> Path:
 
 def png_b64(image) -> str:
     """An image as the base64 PNG a client puts in "images"."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return b64(encode(image))
+
+
+def encode(image, fmt: str = "PNG", **params) -> bytes:
+    """An image's file bytes in ``fmt`` (Pillow's save parameters pass through)."""
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_declaring(width: int, height: int, pixel_data: bytes = b"") -> bytes:
+    """A well-formed PNG header declaring width x height (8-bit RGB), with only ``pixel_data`` behind it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(pixel_data))
+        + png_chunk(b"IEND", b"")
+    )

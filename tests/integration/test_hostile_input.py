@@ -30,7 +30,6 @@ import gzip
 import http.client
 import io
 import json
-import struct
 import threading
 import time
 import zlib
@@ -42,7 +41,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.fakes import png_b64
+from tests.fakes import b64, encode, png_b64, png_chunk, png_declaring
 from tests.integration.test_serving import CLOSED, SESSION, invoke, start_server
 
 pytestmark = pytest.mark.integration
@@ -85,26 +84,6 @@ TIMEOUT = 60
 
 def solid(color, size=(32, 32), mode="RGB") -> Image.Image:
     return Image.new(mode, size, color)
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **params)
-    return out.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A well-formed PNG header declaring width x height, with (almost) no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b"")
 
 
 def noise(size=32, seed=0) -> Image.Image:
@@ -386,7 +365,7 @@ BAD_TURNS = [
     pytest.param({"prompt": LONG_PROMPT_IN_TOKENS, "stream": True}, 400, "PROMPT_TOO_LONG",
                  id="streamed-prompt-past-context"),
     pytest.param({"prompt": "hi", "images": ["!!not base64!!"]}, 400, "INVALID_IMAGE", id="turn-bad-image"),
-    pytest.param({"prompt": "hi", "images": [b64(png_declaring(100_000, 100_000))]}, 413, "IMAGE_TOO_LARGE",
+    pytest.param({"prompt": "hi", "images": [b64(png_declaring(100_000, 100_000, b"\0" * 64))]}, 413, "IMAGE_TOO_LARGE",
                  id="turn-bomb-image"),
     # The victim holds 1 image; 4 more pass the request's own check but not the session's.
     pytest.param({"prompt": "hi", "images": [OK_IMAGE] * 4}, 400, "TOO_MANY_IMAGES", id="images-across-turns"),
@@ -454,8 +433,8 @@ BAD_IMAGES = [
     pytest.param(b64(truncated(NOISE_PNG)), 400, "INVALID_IMAGE", id="truncated-png"),
     pytest.param(b64(truncated(NOISE_JPEG)), 400, "INVALID_IMAGE", id="truncated-jpeg"),
     pytest.param(b64(NOISE_PNG[:8]), 400, "INVALID_IMAGE", id="png-signature-only"),
-    pytest.param(b64(png_declaring(0, 10)), 400, "INVALID_IMAGE", id="zero-width-png"),
-    pytest.param(b64(png_declaring(10, 0)), 400, "INVALID_IMAGE", id="zero-height-png"),
+    pytest.param(b64(png_declaring(0, 10, b"\0" * 64)), 400, "INVALID_IMAGE", id="zero-width-png"),
+    pytest.param(b64(png_declaring(10, 0, b"\0" * 64)), 400, "INVALID_IMAGE", id="zero-height-png"),
     # A text chunk inflating to 20 MB: Pillow stops at its 1 MB text limit.
     pytest.param(b64(NOISE_PNG[:33] + png_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"A" * 20_000_000, 9))
                      + NOISE_PNG[33:]), 400, "INVALID_IMAGE", id="png-ztxt-bomb"),
@@ -463,9 +442,9 @@ BAD_IMAGES = [
     pytest.param("data:text/plain;base64," + b64(NOISE_PNG), 400, "INVALID_IMAGE", id="data-url-not-image"),
     pytest.param("data:image/png," + b64(NOISE_PNG), 400, "INVALID_IMAGE", id="data-url-not-base64"),
     # 10^10 declared pixels: past even Pillow's own bomb limit.
-    pytest.param(b64(png_declaring(100_000, 100_000)), 413, "IMAGE_TOO_LARGE", id="bomb-100000x100000"),
+    pytest.param(b64(png_declaring(100_000, 100_000, b"\0" * 64)), 413, "IMAGE_TOO_LARGE", id="bomb-100000x100000"),
     # 48 M declared pixels: under Pillow's limit, over ours (40 M); refused before decoding.
-    pytest.param(b64(png_declaring(8_000, 6_000)), 413, "IMAGE_TOO_LARGE", id="bomb-8000x6000"),
+    pytest.param(b64(png_declaring(8_000, 6_000, b"\0" * 64)), 413, "IMAGE_TOO_LARGE", id="bomb-8000x6000"),
     pytest.param(b64(b"\x89PNG" + bytes(MAX_IMAGE_BYTES)), 413, "IMAGE_TOO_LARGE", id="over-max-image-bytes"),
 ]
 

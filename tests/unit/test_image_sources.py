@@ -6,17 +6,14 @@ certificate (trusted through SSL_CERT_FILE), DNS answers are faked, S3 is a fake
 
 from __future__ import annotations
 
-import base64
 import http.server
 import io
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import threading
 import time
-import zlib
 
 import pytest
 from PIL import Image
@@ -24,37 +21,10 @@ from PIL import Image
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import SessionsError
 from llava_sessions.handler.image_sources import decode_image, load_image, load_images
+from tests.fakes import b64, encode, png_declaring
 
 CONFIG = ServingConfig()
 SERVER_LOOP_LIMIT_S = 3.0  # no handler of the local server runs longer than this
-
-
-# --- image builders ------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **params)
-    return out.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A well-formed PNG declaring width x height whose pixel data is empty."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b""))
-        + png_chunk(b"IEND", b"")
-    )
 
 
 RED_PNG = encode(Image.new("RGB", (8, 6), (255, 0, 0)))
@@ -161,7 +131,7 @@ def test_pixel_limit_is_inclusive_and_ours_not_pillows():
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
-    header_only = png_header_only(5000, 5000)
+    header_only = png_declaring(5000, 5000)
     # Under the limit the missing pixel data shows up as a truncated file...
     assert code_of(lambda: decode_image(header_only, CONFIG)) == "INVALID_IMAGE"
     # ...over it the image is refused without trying to decode anything.
@@ -173,12 +143,12 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
 
 def test_decompression_bomb_header():
     before = Image.MAX_IMAGE_PIXELS
-    assert code_of(lambda: decode_image(png_header_only(100_000, 100_000), CONFIG)) == "IMAGE_TOO_LARGE"
+    assert code_of(lambda: decode_image(png_declaring(100_000, 100_000), CONFIG)) == "IMAGE_TOO_LARGE"
     assert Image.MAX_IMAGE_PIXELS == before  # no global was touched
 
 
 def test_zero_sized_image_is_invalid():
-    assert code_of(lambda: decode_image(png_header_only(0, 10), CONFIG)) == "INVALID_IMAGE"
+    assert code_of(lambda: decode_image(png_declaring(0, 10), CONFIG)) == "INVALID_IMAGE"
 
 
 def test_corrupt_png_crc_is_invalid():

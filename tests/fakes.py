@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import struct
 import textwrap
 import zlib
@@ -82,3 +83,15 @@ def png_declaring(width: int, height: int, pixel_data: bytes = b"") -> bytes:
         + png_chunk(b"IDAT", zlib.compress(pixel_data))
         + png_chunk(b"IEND", b"")
     )
+
+
+def isolate_from_aws(monkeypatch, region: str = "us-east-1", also_unset: tuple[str, ...] = ()) -> None:
+    """Fake credentials and a region; nothing of the developer's AWS set-up (profile, region,
+    endpoint overrides, instance metadata) reaches the code under test."""
+    endpoint_overrides = tuple(name for name in os.environ if name.startswith("AWS_ENDPOINT_URL"))
+    for name in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN", *endpoint_overrides, *also_unset):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

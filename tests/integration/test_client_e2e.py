@@ -18,6 +18,7 @@ from llava_sessions.deploy.local_runtime import LocalRuntime
 
 from llava_sessions.archive import build_archive
 from tests.conftest import noise_image
+from tests.fakes import isolate_from_aws
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +39,7 @@ def runtime(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def local_aws_env(monkeypatch):
     """No real AWS anywhere: fake keys, a region, no instance-metadata lookups."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_from_aws(monkeypatch)
 
 
 def make_client(runtime, **options) -> SessionClient:

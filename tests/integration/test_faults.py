@@ -30,7 +30,7 @@ import requests
 from llava_sessions.archive import build_archive
 from llava_sessions.serving_stack import ServingStack
 from tests.conftest import noise_image
-from tests.fakes import png_b64
+from tests.fakes import isolate_from_aws, png_b64
 
 pytestmark = pytest.mark.integration
 
@@ -253,11 +253,7 @@ def test_a_streamed_turn_only_times_out_when_no_token_comes_for_the_response_tim
 
 @pytest.fixture
 def local_aws_env(monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_from_aws(monkeypatch)
 
 
 def test_the_session_client_replays_a_session_whose_worker_was_killed_mid_stream(stack, local_aws_env, tmp_path):

@@ -14,7 +14,7 @@ from llava_sessions.deploy.progress import ByteProgress, StatusTicker
 
 from llava_sessions.cli import main
 from llava_sessions.errors import ConfigError
-from tests.fakes import write_fake_checkpoint
+from tests.fakes import isolate_from_aws, write_fake_checkpoint
 
 BUCKET = "model-bucket"
 MIB = 1 << 20
@@ -24,11 +24,7 @@ MIB = 1 << 20
 def s3(monkeypatch):
     from moto import mock_aws
 
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    isolate_from_aws(monkeypatch)
     with mock_aws():
         import boto3
 

@@ -27,6 +27,7 @@ from llava_sessions.deploy.client import (
     iter_events,
     parse_new_session_id,
 )
+from tests.fakes import isolate_from_aws
 
 EXPIRES = "2099-01-01T00:00:00Z"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -34,14 +35,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch):
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_from_aws(monkeypatch)
 
 
 def runtime_client():

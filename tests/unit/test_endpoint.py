@@ -16,6 +16,7 @@ from llava_sessions.deploy import endpoint as ep
 
 from llava_sessions.cli import _parser, main
 from llava_sessions.errors import ConfigError
+from tests.fakes import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -30,11 +31,7 @@ RESOURCE = "endpoint/chat/variant/AllTraffic"
 def aws(monkeypatch):
     from moto import mock_aws
 
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_REGION", ep.ENV_ROLE):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    isolate_from_aws(monkeypatch, REGION, also_unset=(ep.ENV_ROLE,))
     with mock_aws():
         import boto3
 

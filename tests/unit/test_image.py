@@ -15,6 +15,7 @@ import pytest
 from llava_sessions.cli import main
 from llava_sessions.deploy import image
 from llava_sessions.errors import ConfigError
+from tests.fakes import isolate_from_aws
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's account
@@ -34,11 +35,7 @@ def no_sagemaker_sdk(monkeypatch):
 def aws(monkeypatch):
     from moto import mock_aws
 
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_ECR", "AWS_REGION"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    isolate_from_aws(monkeypatch, REGION)
     with mock_aws():
         import boto3
 

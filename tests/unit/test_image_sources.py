@@ -21,7 +21,7 @@ from PIL import Image
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import SessionsError
 from llava_sessions.handler.image_sources import decode_image, load_image, load_images
-from tests.fakes import b64, encode, png_declaring
+from tests.fakes import b64, encode, isolate_from_aws, png_declaring
 
 CONFIG = ServingConfig()
 SERVER_LOOP_LIMIT_S = 3.0  # no handler of the local server runs longer than this
@@ -369,14 +369,7 @@ def test_load_images_count_limit():
 @pytest.fixture
 def moto_s3(monkeypatch):
     moto = pytest.importorskip("moto", reason="moto not installed")
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
+    isolate_from_aws(monkeypatch)
     with moto.mock_aws():
         import boto3
 

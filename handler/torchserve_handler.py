@@ -19,24 +19,14 @@ import json
 import logging
 import os
 from http import HTTPStatus
-from types import SimpleNamespace
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InternalError, SessionsError
 from llava_sessions.handler import image_sources, protocol, streaming
+from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
 
 log = logging.getLogger(__name__)
-
-
-def _item(idx: int) -> SimpleNamespace:
-    """One request of a batch on its way through the hooks; ``reply`` is set once it is answered.
-
-    A namespace, not a class: TorchServe wants exactly one class in a handler module.
-    Fields: idx, request (parsed), stream (TokenStream or None), turn (the engine's
-    TurnRequest, for a turn), reply.
-    """
-    return SimpleNamespace(idx=idx, request=None, stream=None, turn=None, reply=None)
 
 
 # Where build_archive puts the checkpoint inside the model archive.
@@ -80,8 +70,8 @@ class LlavaSessionHandler:
         in place; turns wait and run in one ``run_batch`` call, so their decoding is batched.
         A close that names a session with a waiting turn runs after that turn.
         """
-        items = [_item(idx) for idx in range(len(data))]
-        waiting: list[SimpleNamespace] = []
+        items = [PendingRequest(idx) for idx in range(len(data))]
+        waiting: list[PendingRequest] = []
         for item, row in zip(items, data):
             headers = context.get_all_request_header(item.idx) or {}
             self._guarded(item, self._prepare, item, row, headers, streaming.TorchServeSink(context, item.idx))
@@ -107,7 +97,7 @@ class LlavaSessionHandler:
 
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
         """One request alone; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
-        item = _item(0)
+        item = PendingRequest(0)
         self._guarded(item, self._prepare, item, row, headers, sink)
         if item.reply is None:
             if isinstance(item.request, protocol.Turn):
@@ -116,14 +106,14 @@ class LlavaSessionHandler:
                 self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
         return item.reply
 
-    def _prepare(self, item: SimpleNamespace, row: dict, headers: dict, sink) -> None:
+    def _prepare(self, item: PendingRequest, row: dict, headers: dict, sink) -> None:
         """Hook 2 for one request, plus what a turn needs before it can join the batch."""
         item.request = self.decode_request(row, headers)
         item.stream = self._token_stream(item.request, sink)
         if isinstance(item.request, protocol.Turn):
             item.turn = self.turn_request(item.request, item.stream)
 
-    def _run_waiting(self, waiting: list[SimpleNamespace]) -> None:
+    def _run_waiting(self, waiting: list[PendingRequest]) -> None:
         if not waiting:
             return
         try:
@@ -136,17 +126,17 @@ class LlavaSessionHandler:
             else:
                 self._guarded(item, self._respond, item, outcome)
 
-    def _respond(self, item: SimpleNamespace, result) -> None:
+    def _respond(self, item: PendingRequest, result) -> None:
         item.reply = self.encode_response(item.request, result, item.stream)
 
-    def _guarded(self, item: SimpleNamespace, step, *args) -> None:
+    def _guarded(self, item: PendingRequest, step, *args) -> None:
         """Run one step for one request; a failure becomes that request's error reply alone."""
         try:
             step(*args)
         except Exception as error:
             self._fail(item, error)
 
-    def _fail(self, item: SimpleNamespace, error: Exception) -> None:
+    def _fail(self, item: PendingRequest, error: Exception) -> None:
         if not isinstance(error, SessionsError):
             log.error("request failed", exc_info=error)
             error = InternalError("the server failed to process this request; it has been logged")

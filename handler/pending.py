@@ -1,0 +1,18 @@
+"""One request of a TorchServe batch on its way through the handler's hooks.
+
+Its own module because TorchServe wants exactly one class in the handler module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PendingRequest:
+    idx: int  # its place in the batch (TorchServe's request index)
+    request: Any = None  # protocol.OpenSession | Turn | CloseSession, once parsed
+    stream: Any = None  # streaming.TokenStream of a streamed turn
+    turn: Any = None  # the engine's TurnRequest, for a turn
+    reply: Any = None  # replies.Reply, set once it is answered

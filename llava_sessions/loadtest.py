@@ -44,6 +44,7 @@ KINDS = ("open", "turn", "close")
 TIERS = ("device_kv", "device_features", "host_features")
 SESSIONS_OPEN = "llava_sessions_open"  # handler/metrics.py's names (that module imports TorchServe)
 SESSION_BYTES = "llava_session_bytes"
+METRICS_WRITE_INTERVAL_S = 1.0  # handler/metrics.py's WRITE_INTERVAL_S: how stale Prometheus may be
 # RSS margin. A worker's RSS is not an exact ledger: glibc's malloc keeps freed arenas, PyTorch's
 # CPU allocator and the tokenizer keep caches, and the first cycles after the load phase can touch
 # pages the load phase did not. Those are one-off steps of a few MiB to a few tens of MiB, the same
@@ -694,9 +695,10 @@ def _settled_engine(client: LoadClient, target: Target, options: Options, record
                     want_zero: bool) -> dict | None:
     """The engine's gauges once they stop moving (and show 0 sessions, when that is expected).
 
-    Gauges are refreshed after each batch and reach Prometheus through TorchServe's log parsing,
-    so the last close may not show yet: a harmless request (an open with an undecodable image,
-    answered 400 by a worker) makes each worker refresh them once more, then this polls.
+    Gauges are refreshed after each batch and a worker writes them at most once a second, through
+    TorchServe's log parsing, so the last close may not show yet: a harmless request (an open with
+    an undecodable image, answered 400 by a worker) makes each worker refresh them once more, then
+    this polls, further apart than a worker's writes, until two readings agree.
     """
     if not target.metrics_url:
         return None
@@ -711,7 +713,7 @@ def _settled_engine(client: LoadClient, target: Target, options: Options, record
         if time.monotonic() >= stop:
             return state
         previous = state
-        time.sleep(0.5)
+        time.sleep(METRICS_WRITE_INTERVAL_S * 1.5)
 
 
 # --- the report ----------------------------------------------------------------------

@@ -132,12 +132,22 @@ def test_interleaved_sessions_on_two_workers_match_a_fresh_engine(server, loaded
 
 
 def test_metrics_reach_prometheus_per_worker(server):
-    """After the interleaved test: counters and gauges of both copies on TorchServe's metrics port."""
-    text = requests.get(server.torchserve.metrics_url, timeout=10).text
+    """After the interleaved test: counters and gauges of both copies on TorchServe's metrics port.
+
+    Workers write metrics once a second (handler/metrics.py), so this waits for the last write.
+    """
+    text = ""
 
     def values(name: str) -> dict[str, float]:
         found = re.findall(rf'^{name}\{{ModelName="(llava-\d)"[^}}]*\}} ([\d.eE+-]+)$', text, re.MULTILINE)
         return {model: float(value) for model, value in found}
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = requests.get(server.torchserve.metrics_url, timeout=10).text
+        if sum(values("llava_time_to_first_token_seconds_count").values()) >= 8 * len(QUESTIONS):
+            break
+        time.sleep(0.2)
 
     assert set(values("llava_sessions_open")) == {"llava-0", "llava-1"}
     assert sum(values("llava_kv_cache_hits").values()) >= 8 * (len(QUESTIONS) - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def test_turn_timings_and_cache_hits(caplog):
     assert names.count("llava_kv_cache_misses") == 1 and names.count("llava_kv_cache_hits") == 1
     assert ("llava_time_to_first_token_seconds", "0.03", "ModelName:llava-1") in lines
     assert names.count("llava_time_per_output_token_seconds") == 1
+
+
+def test_the_thread_writes_summed_counters_once_per_interval(caplog):
+    """Requests only record; the writer thread sends five hits as one line of 5, each timing apart."""
+    caplog.set_level(logging.INFO)
+    cache = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics = SessionMetrics(cache, "llava-1", write_interval_s=0.05)
+    for _ in range(5):
+        metrics.observe_turn(cached_tokens=100, ttft_s=0.02, time_per_output_token_s=0.01)
+    assert emitted(caplog) == []  # nothing written on the request path
+    lines: list = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len([m for m in lines if m[0].startswith("llava_time_to")]) < 5:
+        time.sleep(0.02)
+        lines += emitted(caplog)
+    assert [m for m in lines if m[0] == "llava_kv_cache_hits"] == [("llava_kv_cache_hits", "5", "ModelName:llava-1")]
+    assert [m[0] for m in lines].count("llava_time_to_first_token_seconds") == 5
+    assert [m[0] for m in lines].count("llava_time_per_output_token_seconds") == 5

@@ -22,6 +22,7 @@ import requests
 from llava_sessions.archive import TEMPLATE_DIR
 
 CONFIG_TEMPLATE = TEMPLATE_DIR / "config.properties"
+LOG_CONFIG = TEMPLATE_DIR / "log4j2.xml"  # the front end's logging: no per-request chatter
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL_S = 0.25
 HTTP_TIMEOUT_S = 5.0
@@ -202,6 +203,8 @@ class TorchServeProcess:
             *(f"{name}={self.archive}" for name in self.model_names),
             "--ts-config",
             str(self.run_dir / "config.properties"),
+            "--log-config",
+            str(LOG_CONFIG),
             "--disable-token-auth",
         ]
 

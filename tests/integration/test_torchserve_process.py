@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,27 @@ def test_management_and_inference_bind_loopback(server):
     assert f"inference_address=http://127.0.0.1:{server.port}" in properties
     assert "management_address=http://127.0.0.1:" in properties
     assert "metrics_address=http://127.0.0.1:" in properties
+
+
+def test_requests_leave_one_access_line_each_and_no_chatter(server):
+    """Our log4j2.xml: lifecycle lines stay, each once; per-request lines are only the access log's."""
+    logs = server.log_dir
+    before = {name: _lines(logs / name) for name in ("ts_log.log", "access_log.log", "model_log.log")}
+    for n in range(10):
+        post(server.backend_urls[0], {"n": n})
+    deadline = time.monotonic() + 10  # log4j writes asynchronously
+    while time.monotonic() < deadline and len(_lines(logs / "access_log.log")) < len(before["access_log.log"]) + 10:
+        time.sleep(0.1)
+    assert len(_lines(logs / "access_log.log")) == len(before["access_log.log"]) + 10
+    assert len(_lines(logs / "ts_log.log")) == len(before["ts_log.log"])
+    assert len(_lines(logs / "model_log.log")) == len(before["model_log.log"])
+    ts_log = _lines(logs / "ts_log.log")
+    assert any("WORKER_MODEL_LOADED" in line for line in ts_log)
+    assert len(ts_log) == len(set(ts_log)), "a line was written twice"
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.exists() else []
 
 
 def test_second_instance_runs_beside_the_first(server, archive, workdir):

@@ -211,9 +211,7 @@ def run(options: Options, log=print) -> dict:
         with served.StackProcess(model_dir, Path(tmp), options.device,
                                  max_batch_delay_ms=options.max_batch_delay_ms) as stack:
             client = served.Client(stack.url)
-            _, sid = client.open(image_b64)  # warm-up
-            client.turn(sid, prompts[0], 2)
-            client.close(sid)
+            served.warm_up(client, image_b64, prompts)
             for r in range(R):
                 log(f"bench: repeat {r + 1}/{R}")
                 repeats_a.append(served.staircase(client, image_b64, prompts[:K], options.max_new_tokens))

@@ -100,6 +100,27 @@ def _turn_sample(elapsed: float, reply: dict) -> TurnSample:
     )
 
 
+WARM_UP_REQUESTS = 100
+
+
+def warm_up(client: Client, image_b64: str, prompts: list[str], requests_to_send: int = WARM_UP_REQUESTS) -> None:
+    """Bring the stack to the steady state of a running endpoint before anything is timed.
+
+    TorchServe's front end is Java: its request path is compiled while it runs, and through the
+    router the first ten requests took 7.6 ms where requests 100-200 took 5.2 ms (echo handler,
+    2 CPU cores). Sessions of short turns (max_new_tokens=1) stay far below any model's context.
+    """
+    sent = 0
+    while sent < requests_to_send:
+        _, session_id = client.open(image_b64)
+        try:
+            for prompt in prompts[:8]:
+                client.turn(session_id, prompt, 1)
+            sent += 1 + min(len(prompts), 8) + 1
+        finally:
+            client.close(session_id)
+
+
 def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
     """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session.
 

@@ -135,6 +135,7 @@ class _Running:
     features_before: int
     pending_before: int
     started: float
+    headroom: int = 0  # spare KV slots reserved for after the turn (_grant_headroom)
     cached: int = 0
     answer: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
@@ -339,6 +340,8 @@ class SessionEngine:
                     deferred.append(slot)
                 else:
                     wave.append(running)
+            if len(wave) == 1:
+                self._grant_headroom(wave[0])
             self._generate(wave)
         finally:
             self._reserved = 0
@@ -376,10 +379,10 @@ class SessionEngine:
             # Worst case before running: the KV grows by what it lacks plus every decoded token,
             # new images add features, and cold features come back to the device.
             cached = state.cache.get_seq_length() if state.cache is not None else 0
-            needed = (context - cached + max_new) * self.kv_bytes_per_token
-            needed += len(images) * self.feature_bytes_per_image
+            needed = len(images) * self.feature_bytes_per_image
             if state.features_on_host:
                 needed += state.feature_bytes()
+            needed += self._kv_growth_tokens(state.cache, context - cached, max_new, 0) * self.kv_bytes_per_token
             if not self._make_room(needed, session_id, refuse=not may_defer):
                 record.busy = False  # untouched; it runs in the next wave
                 return None
@@ -435,6 +438,25 @@ class SessionEngine:
             if running.outcome is None:
                 running.outcome = self._finish(running)
 
+    def _grant_headroom(self, running: _Running) -> None:
+        """Spare KV slots after a lone turn (kv_headroom_tokens), so the session's next question
+        appends in place: only from budget that is plainly free (a quarter of it stays so), so
+        they never cost another session its memory; a batch's rows get none (its padding may need it)."""
+        state, headroom = running.state, self.config.kv_headroom_tokens
+        feed = running.context - (state.cache.get_seq_length() if state.cache is not None else 0)
+        extra = (self._kv_growth_tokens(state.cache, feed, running.max_new, headroom)
+                 - self._kv_growth_tokens(state.cache, feed, running.max_new, 0)) * self.kv_bytes_per_token
+        if headroom and self._reserve_if_free(extra + self.memory_budget_bytes // 4):
+            self._reserved -= self.memory_budget_bytes // 4  # only asked to be free, not held
+            running.headroom = headroom
+
+    @staticmethod
+    def _kv_growth_tokens(cache: DynamicCache | None, feed: int, max_new: int, headroom: int) -> int:
+        """The most token slots a turn can add to the session's KV: ``feed`` tokens prefilled and
+        ``max_new - 1`` fed back by decoding, in place when the spare slots hold them, else in a
+        buffer with ``headroom`` more (_prefill). The last token is never fed: one to spare."""
+        return max(0, feed + max_new + headroom - kv_cache.spare_tokens(cache))
+
     def _prefill_or_give_back(self, running: _Running) -> torch.Tensor:
         """Prefill; when the allocator runs out of memory all the same (the budget is an estimate:
         fragmentation, other processes), other sessions give back this turn's worst case in the
@@ -449,7 +471,8 @@ class SessionEngine:
             # Only its name: the exception's traceback holds the failed forward's tensors.
             first = type(error).__name__
         running.state.cache = None  # a failed prefill may leave some layers longer than others
-        needed = (running.context + running.max_new) * self.kv_bytes_per_token
+        running.headroom = 0  # the retry asks for nothing it does not need
+        needed = self._kv_growth_tokens(None, running.context, running.max_new, 0) * self.kv_bytes_per_token
         if self._give_back(needed, running.request.session_id):
             log.warning("out of memory during a prefill; sessions gave memory back, retrying once")
             try:
@@ -467,9 +490,10 @@ class SessionEngine:
         if state.cache is None:
             state.cache = generation.new_cache(loaded)
         running.cached = state.cache.get_seq_length()
-        # Room for the tokens decoding may append (reserved in _start_turn): no copy per token.
-        kv_cache.make_room(state.cache, running.max_new - 1)
         feed = full_ids[running.cached:]
+        # Room for this turn's tokens and what decoding may append (reserved in _start_turn):
+        # no copy per token, and none at all when the spare slots of the last turn suffice.
+        kv_cache.reserve(state.cache, len(feed) + running.max_new - 1, running.headroom)
         image_rows = self._image_rows(state, full_ids, running.cached)
         input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
         logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
@@ -519,7 +543,8 @@ class SessionEngine:
     def _finish(self, running: _Running) -> TurnResult:
         """Commit a finished turn to its session's history."""
         state, answer = running.state, running.answer
-        kv_cache.fit(state.cache)  # between turns a session holds exactly its tokens
+        # Between turns a session holds its tokens and at most the spare slots reserved for it.
+        kv_cache.trim(state.cache, running.headroom)
         text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
         finish = "stop" if answer and answer[-1] in self.loaded.eos_token_ids else "length"
         state.token_ids.extend(running.turn_ids)
@@ -590,8 +615,7 @@ class SessionEngine:
         Sessions checked out by the running turns (busy) never give memory back.
         """
         budget = self.memory_budget_bytes
-        if needed <= budget - self._store.device_bytes() - self._reserved:
-            self._reserved += needed
+        if self._reserve_if_free(needed):
             return True
         self._expire(self.clock())  # memory nobody will ask for again goes first
         victims = [
@@ -619,6 +643,13 @@ class SessionEngine:
         self._apply(plan)
         self._reserved += needed
         return True
+
+    def _reserve_if_free(self, needed: int) -> bool:
+        """Reserve ``needed`` device bytes if the budget has them free now; no session gives any back."""
+        if needed <= self.memory_budget_bytes - self._store.device_bytes() - self._reserved:
+            self._reserved += needed
+            return True
+        return False
 
     def _give_back(self, needed: int, asking: str) -> bool:
         """After a real allocator failure: other sessions give back ``needed`` device bytes as if

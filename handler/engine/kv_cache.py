@@ -8,8 +8,11 @@ spare token slots behind them, so a step writes one token. Everything that reads
 ``keys``/``values`` keeps working: a layer whose tensors were replaced from outside (crop,
 offload, batch_decode writing rows back) moves into a fresh buffer at its next update.
 
-The room is what the engine has already reserved for the turn (its remaining tokens), and
-``fit`` drops it when the turn ends, so between turns a session holds exactly its tokens.
+The room is what the engine has already reserved for the turn (its remaining tokens). A layer
+that has to move into a bigger buffer gets ``headroom`` more slots (``reserve``), and ``trim``
+keeps at most that many spare when the turn ends: the next question usually fits in place, so a
+follow-up turn copies no history (a move copies all of it, about 1.5 ms of a 13 ms turn at 1,000
+tokens on 2 CPU cores). The spare slots are real bytes: ``cache_bytes`` counts them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from transformers.cache_utils import DynamicLayer
 class AppendLayer(DynamicLayer):
     def __init__(self):
         super().__init__()
-        self.room = 0  # token slots to add behind the data when the layer next grows
+        self.reserved_end = 0  # when the layer next grows: to at least this many tokens...
+        self.room = 0  # ...plus this many spare slots
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -33,7 +37,7 @@ class AppendLayer(DynamicLayer):
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
         if not self._appendable(end, key_states):
-            self._regrow(length, end + self.room, key_states, value_states)
+            self._regrow(length, max(end, self.reserved_end) + self.room, key_states, value_states)
         self._key_buffer[:, :, length:end].copy_(key_states)
         self._value_buffer[:, :, length:end].copy_(value_states)
         self.keys = self._key_buffer[:, :, :end]
@@ -44,11 +48,21 @@ class AppendLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         super().reset()
 
-    def fit(self) -> None:
-        """Give back the spare room: the data moves into tensors of exactly its size."""
-        if self._key_buffer is not None and self._key_buffer.shape[-2] > self.get_seq_length():
-            self.keys, self.values = self.keys.clone(), self.values.clone()
-        self._key_buffer = self._value_buffer = None
+    def spare(self) -> int:
+        """Token slots that can still be appended in place."""
+        if self.keys is None or not self._appendable(self.get_seq_length(), self.keys):
+            return 0
+        return self._key_buffer.shape[-2] - self.get_seq_length()
+
+    def trim(self, keep: int) -> None:
+        """Keep at most ``keep`` spare slots: more, and the data moves into a buffer of its size + keep."""
+        self.reserved_end = self.room = 0
+        if self._key_buffer is None or self.spare() <= keep:
+            return
+        length = self.get_seq_length()
+        self._regrow(length, length + keep, self.keys, self.values)
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
 
     def bytes_held(self) -> int:
         """Bytes of the buffers (room included), or of the tensors when there are none."""
@@ -89,14 +103,35 @@ def make_room(cache: DynamicCache, tokens: int) -> None:
     """Let the next growth of each layer add ``tokens`` spare slots (what the turn may still append)."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
+            layer.reserved_end = 0
             layer.room = max(0, tokens)
 
 
-def fit(cache: DynamicCache) -> None:
+def reserve(cache: DynamicCache, tokens: int, headroom: int) -> None:
+    """Let each layer take ``tokens`` more in place; one that must grow for them (or has not
+    started) grows to hold them plus ``headroom`` spare slots."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.room = 0
-            layer.fit()
+            layer.reserved_end = layer.get_seq_length() + max(0, tokens)
+            layer.room = max(0, headroom)
+
+
+def spare_tokens(cache: DynamicCache | None) -> int:
+    """Tokens every layer can still append in place (0 without a cache)."""
+    layers = [layer for layer in cache.layers if isinstance(layer, AppendLayer)] if cache is not None else []
+    return min((layer.spare() for layer in layers), default=0)
+
+
+def trim(cache: DynamicCache, keep: int) -> None:
+    """At the end of a turn: each layer keeps at most ``keep`` spare slots."""
+    for layer in cache.layers:
+        if isinstance(layer, AppendLayer):
+            layer.trim(max(0, keep))
+
+
+def fit(cache: DynamicCache) -> None:
+    """Exactly the data, no spare slots."""
+    trim(cache, 0)
 
 
 def cache_bytes(cache: DynamicCache | None) -> int:

@@ -15,7 +15,7 @@ from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
 from llava_sessions.handler.engine import memory_budget
 from llava_sessions.handler.engine.engine import SessionEngine
-from llava_sessions.handler.engine.generation import cache_bytes
+from llava_sessions.handler.engine.generation import SamplingParams, cache_bytes
 from llava_sessions.handler.replies import error_reply
 from tests.unit.test_engine import (
     GREEDY,
@@ -72,20 +72,48 @@ def counts(engine):
     return (c.kv_dropped, c.features_offloaded, c.features_restored, c.sessions_evicted)
 
 
-def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, images):
-    engine = make_engine(loaded_tiny)
+@pytest.mark.parametrize("headroom", [0, 64])
+def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, images, headroom):
+    engine = make_engine(loaded_tiny, kv_headroom_tokens=headroom)
     assert (engine.kv_bytes_per_token, engine.feature_bytes_per_image) == (KV_TOKEN, FEATURES)
     session = engine.open_session(images)
     result = engine.turn(session.session_id, QUESTIONS[0], GREEDY)
     state = engine._states[session.session_id]
     assert state.feature_bytes() == 2 * FEATURES
     kv_tokens = result.prompt_tokens + result.completion_tokens - 1
-    assert cache_bytes(state.cache) == kv_tokens * KV_TOKEN
+    # A lone turn with the budget free keeps `headroom` spare slots for the next question.
+    assert cache_bytes(state.cache) == (kv_tokens + headroom) * KV_TOKEN
     assert engine.bytes_by_tier() == {
-        "device_kv": kv_tokens * KV_TOKEN,
+        "device_kv": (kv_tokens + headroom) * KV_TOKEN,
         "device_features": 2 * FEATURES,
         "host_features": 0,
     }
+
+
+def test_a_follow_up_that_fits_the_spare_slots_copies_no_history(loaded_tiny, images):
+    engine, exact = make_engine(loaded_tiny), make_engine(loaded_tiny, kv_headroom_tokens=0)
+    sid, exact_sid = engine.open_session(images).session_id, exact.open_session(images).session_id
+    for question in QUESTIONS[:2]:
+        assert engine.turn(sid, question, GREEDY).token_ids == exact.turn(exact_sid, question, GREEDY).token_ids
+    cache = engine._states[sid].cache
+    buffer, spare = cache.layers[0]._key_buffer.data_ptr(), cache.layers[0].spare()
+    result = engine.turn(sid, "Why?", SamplingParams(1))
+    assert result.token_ids == exact.turn(exact_sid, "Why?", SamplingParams(1)).token_ids
+    new_tokens = result.prompt_tokens - result.cached_tokens
+    assert new_tokens <= spare  # it fit: written in place, the buffer did not move
+    assert cache.layers[0]._key_buffer.data_ptr() == buffer and cache.layers[0].spare() == spare - new_tokens
+    check_accounting(engine)
+
+
+def test_spare_slots_come_only_from_plainly_free_budget(loaded_tiny, images):
+    """With less than a quarter of the budget free after the turn, no spare slots: exactly its tokens."""
+    r = (30 + 10) * KV_TOKEN  # a first turn's reservation
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + r + 16 * KV_TOKEN, host_budget=0)
+    sid = engine.open_session(images[:1]).session_id
+    result = engine.turn(sid, QUESTIONS[0], GREEDY)
+    kv_tokens = result.prompt_tokens + result.completion_tokens - 1
+    assert cache_bytes(engine._states[sid].cache) == kv_tokens * KV_TOKEN
+    check_accounting(engine)
 
 
 def test_lru_sessions_give_back_kv_then_features_then_themselves(loaded_tiny, images):
@@ -258,6 +286,9 @@ def test_budget_config(monkeypatch, loaded_tiny):
     assert config.memory_budget_bytes == 123456
     with pytest.raises(ConfigError, match="memory_budget_bytes"):
         ServingConfig(memory_budget_bytes=-1)
+    assert ServingConfig.from_sources({"kv_headroom_tokens": 16}).kv_headroom_tokens == 16
+    with pytest.raises(ConfigError, match="LLAVA_SESSIONS_KV_HEADROOM_TOKENS"):
+        ServingConfig(kv_headroom_tokens=-1)
     assert SessionEngine(loaded_tiny, config).memory_budget_bytes == 123456
 
     # Auto on CPU: half of MemAvailable, less one full-context prefill's activations.

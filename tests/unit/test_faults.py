@@ -48,10 +48,12 @@ def failing(monkeypatch, name: str, error: Exception, calls: set[int]) -> list[i
 
 
 def three_sessions(loaded):
-    """An engine and a twin that never fails, each with sessions a, b, c; a and b took a turn (hot KV)."""
+    """An engine and a twin that never fails, each with sessions a, b, c; a and b took a turn (hot KV).
+
+    No spare KV slots (kv_headroom_tokens=0): the sizes below are exactly the sessions' tokens."""
     engines = []
     for _ in range(2):
-        engine = make_engine(loaded)
+        engine = make_engine(loaded, kv_headroom_tokens=0)
         ids = [engine.open_session([noise_image(seed, 40)]).session_id for seed in range(3)]
         answers = [engine.turn(sid, QUESTIONS[0], GREEDY).token_ids for sid in ids[:2]]
         engines.append((engine, ids, answers))

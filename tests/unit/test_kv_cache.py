@@ -3,7 +3,16 @@
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from llava_sessions.handler.engine.kv_cache import AppendLayer, cache_bytes, fit, make_room, new_cache
+from llava_sessions.handler.engine.kv_cache import (
+    AppendLayer,
+    cache_bytes,
+    fit,
+    make_room,
+    new_cache,
+    reserve,
+    spare_tokens,
+    trim,
+)
 
 
 def chunks(seed: int, sizes: list[int], batch: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,6 +60,31 @@ def test_room_is_counted_while_held_and_fit_gives_it_back():
     fit(cache)
     assert cache_bytes(cache) == 5 * per_token
     assert torch.equal(cache.layers[0].keys, keys)
+
+
+def test_reserve_grows_once_with_headroom_and_trim_keeps_at_most_that():
+    cache = new_cache(_config())
+    (first, _), (second, _), (third, _) = [(k, v) for k, v in chunks(3, [5, 3, 2], batch=1)]
+    reserve(cache, 8, headroom=4)  # this turn: 5 prefilled + 3 decoded; then 4 spare
+    _update_all(cache, first)
+    buffer = cache.layers[0]._key_buffer.data_ptr()
+    _update_all(cache, second)
+    assert cache.layers[0]._key_buffer.data_ptr() == buffer and spare_tokens(cache) == 4
+    trim(cache, 4)  # within what may stay: nothing moves
+    assert cache.layers[0]._key_buffer.data_ptr() == buffer
+    reserve(cache, 2, headroom=4)  # the next turn fits the spare slots: still no move
+    _update_all(cache, third)
+    assert cache.layers[0]._key_buffer.data_ptr() == buffer and spare_tokens(cache) == 2
+    trim(cache, 1)  # more spare than may stay: the data moves into 10 + 1 slots
+    per_token = 2 * len(cache.layers) * 3 * 8 * 4
+    assert spare_tokens(cache) == 1 and cache_bytes(cache) == 11 * per_token
+    assert torch.equal(cache.layers[1].keys, torch.cat([first, second, third], dim=2))
+    assert spare_tokens(None) == 0
+
+
+def _update_all(cache, keys):
+    for layer_idx in range(len(cache.layers)):
+        cache.update(keys, keys, layer_idx)
 
 
 def _config():

@@ -55,7 +55,9 @@ def decode_image(image_b64: str):
 
 def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_new_tokens: int) -> Reference:
     """The conversation once through the session engine, greedily; its histories are the ground truth."""
-    engine = SessionEngine(loaded, ServingConfig(max_sessions_per_worker=2))
+    # No spare KV slots: the bytes measured per session are its tokens', as when sessions fill the
+    # budget (spare slots are only kept while a quarter of it is free).
+    engine = SessionEngine(loaded, ServingConfig(max_sessions_per_worker=2, kv_headroom_tokens=0))
     formatter = engine.formatter
     opened = engine.open_session([decode_image(image_b64)])
     bytes_after_open = engine.bytes_held()

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Hashable, Iterable
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from llava_sessions.handler.engine import generation, kv_cache
@@ -33,6 +32,30 @@ from llava_sessions.handler.engine.model_loader import LoadedModel
 def padding_tokens(lengths: list[int]) -> int:
     """Zero-padded KV positions a view of histories of these lengths holds."""
     return sum(max(lengths) - n for n in lengths) if lengths else 0
+
+
+def move_into_view(view: DynamicCache, caches: list[DynamicCache], pads: list[int], capacity: int) -> None:
+    """Move each session's KV into the empty ``view``: row i left-padded with pads[i] zeros, in
+    buffers of ``capacity`` token slots [B, kv_heads, capacity, head_dim]. Each token is copied
+    once, layer by layer, and each session's layer is emptied as soon as the view holds it.
+    Padding is zeroed: the mask hides it, but stale memory could hold NaN (and 0 x NaN is NaN)."""
+    longest = caches[0].get_seq_length() + pads[0]
+    for layer_idx, layer in enumerate(view.layers):
+        buffers = []
+        for part in ("keys", "values"):
+            like = getattr(caches[0].layers[layer_idx], part)
+            buffer = like.new_empty(len(caches), like.shape[1], capacity, like.shape[3])
+            for row, (cache, pad) in enumerate(zip(caches, pads)):
+                buffer[row, :, :pad].zero_()
+                buffer[row, :, pad:longest].copy_(getattr(cache.layers[layer_idx], part)[0])
+            buffers.append(buffer)
+        if isinstance(layer, kv_cache.AppendLayer):
+            layer.adopt(*buffers, longest)
+        else:  # a layer kind that does not append in place: it takes a copy
+            layer.update(buffers[0][:, :, :longest], buffers[1][:, :, :longest])
+        del buffers
+        for cache in caches:
+            cache.layers[layer_idx].reset()  # the session's KV now lives in the view
 
 
 class BatchedDecode:
@@ -59,16 +82,7 @@ class BatchedDecode:
             self.view = self.caches[0]  # one row: decode on the session's own cache, no copy
             return
         self.view = self._new_view()
-        for layer_idx in range(len(self.caches[0].layers)):
-            keys, values = [], []
-            for cache, pad in zip(self.caches, self.pads):
-                layer = cache.layers[layer_idx]
-                keys.append(F.pad(layer.keys, (0, 0, pad, 0)))  # [1, kv_heads, L, head_dim]
-                values.append(F.pad(layer.values, (0, 0, pad, 0)))
-            self.view.update(torch.cat(keys), torch.cat(values), layer_idx)
-            del keys, values
-            for cache in self.caches:
-                cache.layers[layer_idx].reset()  # the session's KV now lives in the view
+        move_into_view(self.view, self.caches, self.pads, longest + max(self.remaining.values(), default=0))
         for cache in self.caches:
             kv_cache.make_room(cache, 0)  # rows come back unpadded and exact-sized
 

@@ -48,6 +48,15 @@ class AppendLayer(DynamicLayer):
         self._key_buffer = self._value_buffer = None
         super().reset()
 
+    def adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Take these buffers [B, kv_heads, capacity, head_dim] as storage, holding ``length`` tokens
+        (whoever filled them copied each token once; nothing is copied here)."""
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
+        self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+        self.is_initialized = True
+        self.reserved_end = self.room = 0
+
     def spare(self) -> int:
         """Token slots that can still be appended in place."""
         if self.keys is None or not self._appendable(self.get_seq_length(), self.keys):

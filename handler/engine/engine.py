@@ -37,7 +37,7 @@ from llava_sessions.errors import (
     TooManyImages,
     TooManySessions,
 )
-from llava_sessions.handler.engine import generation, kv_cache, memory_budget
+from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, memory_budget
 from llava_sessions.handler.engine.batch_decode import BatchedDecode, padding_tokens
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
@@ -407,15 +407,18 @@ class SessionEngine:
             raise
 
     def _generate(self, wave: list[_Running]) -> None:
-        """Prefill each turn on its own cache, then decode the unfinished ones together.
+        """Prefill the turns (follow-ups of cached sessions in one forward, batch_prefill.py; the
+        rest each on its own cache), then decode the unfinished ones together.
 
         Sets each turn's outcome; a turn that fails is rolled back alone (anything that is not
         an Exception propagates, and _run_wave rolls back every turn without an outcome).
         """
+        joint = self._prefill_together([running for running in wave if self._joins_prefill(running)])
         decoding = []
         for running in wave:
             try:
-                if self._pick(running, self._prefill_or_give_back(running)):
+                logits = joint[running.slot] if running.slot in joint else self._prefill_or_give_back(running)
+                if self._pick(running, logits):
                     decoding.append(running)
             except Exception as error:
                 self._fail(running, error)
@@ -456,6 +459,41 @@ class SessionEngine:
         ``max_new - 1`` fed back by decoding, in place when the spare slots hold them, else in a
         buffer with ``headroom`` more (_prefill). The last token is never fed: one to spare."""
         return max(0, feed + max_new + headroom - kv_cache.spare_tokens(cache))
+
+    def _joins_prefill(self, running: _Running) -> bool:
+        """A follow-up on a cached history whose new tokens hold no image: it can share a forward."""
+        state = running.state
+        cached = state.cache.get_seq_length() if state.cache is not None else 0
+        return cached > 0 and self._image_rows(state, state.token_ids + running.turn_ids, cached) is None
+
+    def _prefill_together(self, rows: list[_Running]) -> dict[int, torch.Tensor]:
+        """One forward for two or more follow-ups; each turn's next-token logits [1, V] by slot.
+
+        Empty (every turn prefills alone) when there are fewer than two, when the view's padding
+        does not fit the budget's free bytes, or when the forward fails: then their caches were emptied,
+        and the one-turn prefill rebuilds each from its token ids and features.
+        """
+        if len(rows) < 2:
+            return {}
+        caches = [running.state.cache for running in rows]
+        cached = [cache.get_seq_length() for cache in caches]
+        feeds = [(r.state.token_ids + r.turn_ids)[n:] for r, n in zip(rows, cached)]
+        extra = batch_prefill.extra_tokens(cached, [len(feed) for feed in feeds]) * self.kv_bytes_per_token
+        if not self._reserve_if_free(extra):  # a speed-up: it never costs another session memory
+            return {}
+        try:
+            logits = batch_prefill.prefill_together(
+                self.loaded, caches, feeds, [r.max_new - 1 + r.headroom for r in rows]
+            )
+        except Exception as error:
+            log.warning("a prefill of %d turns together failed (%s); each runs alone", len(rows), type(error).__name__)
+            for running in rows:
+                running.state.cache = None
+            return {}
+        for running, n, feed in zip(rows, cached, feeds):
+            running.cached = n
+            self.counters.prefill_tokens += len(feed)
+        return {running.slot: logits[row : row + 1] for row, running in enumerate(rows)}
 
     def _prefill_or_give_back(self, running: _Running) -> torch.Tensor:
         """Prefill; when the allocator runs out of memory all the same (the budget is an estimate:

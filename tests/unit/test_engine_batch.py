@@ -50,6 +50,51 @@ def batch_sizes(loaded_tiny):
     handle.remove()
 
 
+def test_follow_ups_of_several_sessions_share_one_prefill_forward(loaded_tiny, images, monkeypatch):
+    """Round 1 (images) prefills one by one; the follow-ups of round 2 in one forward, answers unchanged."""
+    calls = []
+    together = engine_module.batch_prefill.prefill_together
+
+    def spy(loaded, caches, feeds, rooms):
+        calls.append(len(caches))
+        return together(loaded, caches, feeds, rooms)
+
+    monkeypatch.setattr(engine_module.batch_prefill, "prefill_together", spy)
+    engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
+    pairs = open_pairs(engine, twin, images, 4)
+    for round_ in range(2):
+        requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(6)) for i, (sid, _, _) in enumerate(pairs)]
+        for request, result, (_, twin_sid, _) in zip(requests, engine.turns(requests), pairs):
+            assert_same_turn(result, twin.turn(twin_sid, request.prompt, request.params))
+    # First turns have no cached history (or bring their images): each prefills alone.
+    assert calls == [4]
+    assert engine.counters.prefill_tokens == twin.counters.prefill_tokens
+    check_accounting(engine)
+
+
+def test_a_failed_shared_prefill_falls_back_to_one_turn_at_a_time(loaded_tiny, images, monkeypatch):
+    """The shared forward fails after the caches were emptied: each turn rebuilds its KV alone."""
+
+    def failing(loaded, caches, feeds, rooms):
+        for cache in caches:
+            for layer in cache.layers:
+                layer.reset()
+        raise RuntimeError("the shared forward failed")
+
+    engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
+    pairs = open_pairs(engine, twin, images, 3)
+    for round_ in range(2):
+        if round_ == 1:
+            monkeypatch.setattr(engine_module.batch_prefill, "prefill_together", failing)
+        requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(4)) for i, (sid, _, _) in enumerate(pairs)]
+        for request, result, (_, twin_sid, _) in zip(requests, engine.turns(requests), pairs):
+            expected = twin.turn(twin_sid, request.prompt, request.params)
+            assert (result.token_ids, result.text) == (expected.token_ids, expected.text)
+            if round_ == 1:
+                assert result.cached_tokens == 0  # rebuilt from token ids and features, and says so
+    check_accounting(engine)
+
+
 def open_pairs(engine, twin, images, n):
     """n sessions in both engines, with 0, 1 or 2 images so their histories differ in length."""
     pairs = []

@@ -84,7 +84,7 @@ def test_rejects_unknown_handler_settings(tmp_path, checkpoint, handler_file):
 
 def test_the_batch_delay_is_the_templates_unless_given(tmp_path, checkpoint, handler_file):
     default = yaml.safe_load((build(checkpoint, tmp_path / "a", handler_file) / "model-config.yaml").read_text())
-    assert default["maxBatchDelay"] == 5 and default["batchSize"] == 8
+    assert default["maxBatchDelay"] == 2 and default["batchSize"] == 8
     archive = build(checkpoint, tmp_path / "b", handler_file, max_batch_delay_ms=7)
     assert yaml.safe_load((archive / "model-config.yaml").read_text())["maxBatchDelay"] == 7
     for bad in (0, -3, 2.5, True):

@@ -67,14 +67,7 @@ def prefill_together(
         mask[row, longest : longest + hole] = 0
         positions[row, :hole] = n  # never attended to
         positions[row, hole:] = torch.arange(n, n + widest - hole, device=device)
-    out = loaded.model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=view,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    logits = generation.forward_rows(loaded, input_ids, view, mask, positions)  # [B, V]
 
     # Back into each session's own buffers, with its room: each token copied once, the hole cut out.
     for layer_idx, layer in enumerate(view.layers):
@@ -88,4 +81,4 @@ def prefill_together(
                 buffers.append(buffer)
             cache.layers[layer_idx].adopt(*buffers, n + fed)
         layer.reset()
-    return out.logits[:, -1, :]  # [B, V]
+    return logits

@@ -76,6 +76,21 @@ def decode_one_token(
     """
     tokens = [token] if isinstance(token, int) else list(token)
     input_ids = torch.tensor([[t] for t in tokens], device=loaded.device)  # [B, 1]
+    return forward_rows(loaded, input_ids, cache, attention_mask, position_ids)
+
+
+@torch.inference_mode()
+def forward_rows(
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    cache: DynamicCache,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Feed input_ids [B, T] on top of a (batched) cache; return the last position's logits [B, V].
+
+    attention_mask: [B, past + T], 0 where a row has padding; position_ids: [B, T], each row's own.
+    """
     out = loaded.model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -378,7 +378,7 @@ class SessionEngine:
             max_new = min(request.params.max_new_tokens, self.loaded.max_context - context)
             # Worst case before running: the KV grows by what it lacks plus every decoded token,
             # new images add features, and cold features come back to the device.
-            cached = state.cache.get_seq_length() if state.cache is not None else 0
+            cached = _cached_tokens(state)
             needed = len(images) * self.feature_bytes_per_image
             if state.features_on_host:
                 needed += state.feature_bytes()
@@ -446,11 +446,11 @@ class SessionEngine:
         appends in place: only from budget that is plainly free (a quarter of it stays so), so
         they never cost another session its memory; a batch's rows get none (its padding may need it)."""
         state, headroom = running.state, self.config.kv_headroom_tokens
-        feed = running.context - (state.cache.get_seq_length() if state.cache is not None else 0)
+        feed = running.context - _cached_tokens(state)
         extra = (self._kv_growth_tokens(state.cache, feed, running.max_new, headroom)
                  - self._kv_growth_tokens(state.cache, feed, running.max_new, 0)) * self.kv_bytes_per_token
-        if headroom and self._reserve_if_free(extra + self.memory_budget_bytes // 4):
-            self._reserved -= self.memory_budget_bytes // 4  # only asked to be free, not held
+        if headroom and self._free_bytes() - extra >= self.memory_budget_bytes // 4:
+            self._reserved += extra
             running.headroom = headroom
 
     @staticmethod
@@ -462,9 +462,7 @@ class SessionEngine:
 
     def _joins_prefill(self, running: _Running) -> bool:
         """A follow-up on a cached history whose new tokens hold no image: it can share a forward."""
-        state = running.state
-        cached = state.cache.get_seq_length() if state.cache is not None else 0
-        return cached > 0 and self._image_rows(state, state.token_ids + running.turn_ids, cached) is None
+        return _cached_tokens(running.state) > 0 and self.loaded.image_token_id not in _feed(running)
 
     def _prefill_together(self, rows: list[_Running]) -> dict[int, torch.Tensor]:
         """One forward for two or more follow-ups; each turn's next-token logits [1, V] by slot.
@@ -477,7 +475,7 @@ class SessionEngine:
             return {}
         caches = [running.state.cache for running in rows]
         cached = [cache.get_seq_length() for cache in caches]
-        feeds = [(r.state.token_ids + r.turn_ids)[n:] for r, n in zip(rows, cached)]
+        feeds = [_feed(running) for running in rows]
         extra = batch_prefill.extra_tokens(cached, [len(feed) for feed in feeds]) * self.kv_bytes_per_token
         if not self._reserve_if_free(extra):  # a speed-up: it never costs another session memory
             return {}
@@ -682,9 +680,13 @@ class SessionEngine:
         self._reserved += needed
         return True
 
+    def _free_bytes(self) -> int:
+        """Device bytes of the budget neither held by sessions nor reserved for the running turns."""
+        return self.memory_budget_bytes - self._store.device_bytes() - self._reserved
+
     def _reserve_if_free(self, needed: int) -> bool:
         """Reserve ``needed`` device bytes if the budget has them free now; no session gives any back."""
-        if needed <= self.memory_budget_bytes - self._store.device_bytes() - self._reserved:
+        if needed <= self._free_bytes():
             self._reserved += needed
             return True
         return False
@@ -780,6 +782,16 @@ class SessionEngine:
         self._store.remove(session_id)
         self._states.pop(session_id, None)
         log.info("sessions: %d open, %d bytes held", len(self._store), self.bytes_held())
+
+
+def _cached_tokens(state: _SessionState) -> int:
+    """Tokens of the session's history its KV cache holds (0 without one)."""
+    return state.cache.get_seq_length() if state.cache is not None else 0
+
+
+def _feed(running: _Running) -> list[int]:
+    """What a turn's prefill must run: the history its cache lacks, then the turn's own tokens."""
+    return (running.state.token_ids + running.turn_ids)[_cached_tokens(running.state):]
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -138,11 +138,6 @@ def trim(cache: DynamicCache, keep: int) -> None:
             layer.trim(max(0, keep))
 
 
-def fit(cache: DynamicCache) -> None:
-    """Exactly the data, no spare slots."""
-    trim(cache, 0)
-
-
 def cache_bytes(cache: DynamicCache | None) -> int:
     """Device bytes the cache holds, spare room included."""
     if cache is None:

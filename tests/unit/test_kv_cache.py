@@ -6,7 +6,6 @@ from transformers.cache_utils import DynamicLayer
 from llava_sessions.handler.engine.kv_cache import (
     AppendLayer,
     cache_bytes,
-    fit,
     make_room,
     new_cache,
     reserve,
@@ -49,7 +48,7 @@ def test_tensors_replaced_from_outside_are_respected():
     assert torch.equal(keys, torch.cat([k1[:, :, :3], k3, k3], dim=2))
 
 
-def test_room_is_counted_while_held_and_fit_gives_it_back():
+def test_room_is_counted_while_held_and_trim_gives_it_back():
     cache = new_cache(_config())
     make_room(cache, 20)
     (keys, values), = chunks(2, [5], batch=1)
@@ -57,7 +56,7 @@ def test_room_is_counted_while_held_and_fit_gives_it_back():
         cache.update(keys, values, layer_idx)
     per_token = 2 * len(cache.layers) * 3 * 8 * 4  # K and V, layers, heads x head_dim float32
     assert cache_bytes(cache) == 25 * per_token
-    fit(cache)
+    trim(cache, 0)
     assert cache_bytes(cache) == 5 * per_token
     assert torch.equal(cache.layers[0].keys, keys)
 

@@ -91,7 +91,7 @@ def bench_image_b64(width: int = 640, height: int = 480, seed: int = 0) -> str:
 def checkpoint_for(options: Options) -> Path:
     """--model as given, else the preset's random-weight checkpoint (written once to the cache).
 
-    The llava-1.5-7b preset is written in float16: about 14 GB of disk, once.
+    The llava-1.5-7b preset is written in float16: about 14 GB of disk, once per kind of device.
     """
     from llava_sessions import models
 
@@ -102,8 +102,10 @@ def checkpoint_for(options: Options) -> Path:
 
         from llava_sessions.handler.engine.tiny_model import write_tiny_llava
 
-        return write_tiny_llava(models.home() / "models" / "llava-1.5-7b-llava-seed0-float16",
-                                preset=options.preset, dtype=torch.float16)
+        # Drawn on the GPU when there is one: on a CPU the 7B draw takes minutes.
+        init_device = "cuda" if torch.cuda.is_available() else "cpu"
+        return write_tiny_llava(models.home() / "models" / f"llava-1.5-7b-llava-seed0-float16-{init_device}",
+                                preset=options.preset, dtype=torch.float16, init_device=init_device)
     return models.ensure_tiny_model(options.preset)
 
 

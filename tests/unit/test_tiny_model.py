@@ -10,6 +10,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 
 from llava_sessions.handler.engine.tiny_model import (
     MARKER_FILE,
+    _identity,
+    _is_complete,
     PRESETS,
     build_config,
     build_processor,
@@ -137,6 +139,13 @@ def test_incomplete_or_different_checkpoint_is_rewritten(tmp_path):
     write_tiny_llava(out_dir, seed=1)
     assert file_bytes(out_dir, "model.safetensors") != seed0_weights
     assert '"seed": 1' in (out_dir / MARKER_FILE).read_text()
+
+
+def test_a_checkpoint_drawn_on_the_cpu_does_not_pass_for_one_drawn_on_a_gpu(tmp_path):
+    # CPU and CUDA draw different numbers from one seed: the bench's GPU checkpoint is its own.
+    out_dir = write_tiny_llava(tmp_path / "ckpt")
+    assert _is_complete(out_dir, _identity("tiny", 0, torch.float32, torch.device("cpu")))
+    assert not _is_complete(out_dir, _identity("tiny", 0, torch.float32, torch.device("cuda")))
 
 
 def test_chat_template_renders_two_turns_exactly(loaded):

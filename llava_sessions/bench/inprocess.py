@@ -177,6 +177,18 @@ class InProcess:
         _restore(cache, turn.cached_tokens)
         return elapsed
 
+    @torch.inference_mode()
+    def logit_gap(self, ids: list[int], token: int) -> tuple[float, float]:
+        """(logit of ``token`` minus the best other logit, the best logit) after ``ids``, in float32.
+
+        A small gap means another run whose kernels round differently may pick another token.
+        """
+        logits = self._prefill(ids, 0, generation.new_cache(self.loaded)).float().reshape(-1)
+        chosen = float(logits[token])
+        logits[token] = float("-inf")
+        best_other = float(logits.max())
+        return chosen - best_other, max(chosen, best_other)
+
     def _prefill(self, ids: list[int], start: int, cache) -> torch.Tensor:
         image_id = self.loaded.image_token_id
         context = self.reference.turns[-1].context_ids  # every history is a prefix of the last one

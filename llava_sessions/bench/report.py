@@ -40,12 +40,12 @@ def table(result: dict) -> str:
     lines += ["", f"ratios (follow-up = turns >= {stats.FIRST_FOLLOWUP_TURN})"
               f"{'target':>26} {'median':>8}          {'best-of-R':>9}"]
     best = result.get("ratios_best_of_repeats", {})
-    for target in stats.TARGETS:
-        value = result[target.key]
-        verdict = "met" if target.met(value) else "NOT MET"
-        other = best.get(target.key)
+    for key, target in result["targets"].items():
+        verdict = "met" if target["met"] else "NOT MET"
+        other = best.get(key)
         other_text = f"{other:>9.2f}" if other is not None else ""
-        lines.append(f"  {target.label:<52} {target.op}{target.value:<5g} {value:>8.2f}  {verdict:<7}  {other_text}")
+        lines.append(f"  {target['label']:<52} {target['op']}{target['value']:<5g} {result[key]:>8.2f}"
+                     f"  {verdict:<7}  {other_text}")
     cold = result["cold_open_s"]
     dec = result["decode_tps"]
     conc = result["concurrency"]
@@ -72,13 +72,23 @@ def table(result: dict) -> str:
         f" llava-1.5-7b fp16 on 80 GB: {seven['sessions']} ({_gb(seven['session_bytes'])} each,"
         f" {seven['kv_bytes_per_token']} B/token, in {_gb(seven['budget_bytes'])})",
         "",
-        "answers of (a) equal the reference: " + ("yes" if result["answers_match_reference"] else "NO"),
+        "answers of (a) equal the reference: " + _agreement(result),
         "first token of (b)/(c)/(d) equals the reference: "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in result["first_token_agrees_with_reference"].items()),
         f"command: {result['command']}",
         f"wall time: {result['wall_s']:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def _agreement(result: dict) -> str:
+    if result["answers_match_reference"]:
+        return "yes"
+    ties = [m for m in result["mismatch_analysis"] if m.get("near_tie")]
+    if result["answers_match_up_to_near_ties"]:
+        return (f"up to near ties: {len(ties)} answer(s) part at a token whose best two logits are within"
+                f" {stats.TIE_ULPS} units of {result['dtype']} precision (see mismatch_analysis)")
+    return "NO"
 
 
 def _fmt_list(values) -> str:

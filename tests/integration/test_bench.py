@@ -43,6 +43,7 @@ def test_bench_prints_one_json_object_with_the_ratios(bench_result):
 def test_the_served_answers_equal_the_reference(bench_result):
     result = json.loads(bench_result[1])
     assert result["answers_match_reference"] is True and result["mismatches"] == []
+    assert result["answers_match_up_to_near_ties"] is True and result["mismatch_analysis"] == []
     conv = result["conversation"]
     assert len(conv["reference_answers"]) == TURNS
     # Every follow-up turn reused the history: only its new tokens were prefilled.
@@ -61,3 +62,18 @@ def test_per_turn_arrays_have_one_entry_per_turn(bench_result):
     fit = result["sessions_fit"]
     assert fit["measured"]["sessions"] > 0
     assert fit["llava_1_5_7b_fp16_80gb"]["kv_bytes_per_token"] == 524288
+
+
+def test_the_table_holds_the_run_to_its_devices_targets_and_says_how_answers_agree(bench_result):
+    from llava_sessions.bench import report
+
+    result = json.loads(bench_result[1])
+    assert set(result["targets"]) == set(RATIO_KEYS)
+    text = report.table(result)
+    assert "follow-up TTFT ours / floor" in text and "<=1.5" in text  # a CPU run: the CPU column
+    assert "answers of (a) equal the reference: yes" in text
+    parted = {**result, "answers_match_reference": False, "answers_match_up_to_near_ties": True,
+              "mismatch_analysis": [{"where": "repeat 1 turn 2", "kind": "answer", "near_tie": True}]}
+    assert "up to near ties: 1 answer(s)" in report.table(parted)
+    parted["answers_match_up_to_near_ties"] = False
+    assert "answers of (a) equal the reference: NO" in report.table(parted)

@@ -59,3 +59,25 @@ def test_seven_b_accounting_from_the_config():
     assert acc["kv_bytes_per_token"] == 2 * 32 * 32 * 128 * 2  # K and V, 32 layers, 4096 wide, fp16
     assert acc["feature_bytes"] == 576 * 4096 * 2
     assert acc["session_bytes"] == 576 * 4096 * 2 + 620 * 524288
+
+
+def test_a_gpu_run_is_held_to_the_gpu_column():
+    cpu = {t.key: t.value for t in stats.targets_for("cpu")}
+    gpu = {t.key: t.value for t in stats.targets_for("cuda")}
+    assert set(cpu) == set(gpu) == set(stats.RATIO_KEYS)
+    assert gpu["followup_ttft_speedup_vs_stateless"] == 10 and cpu["followup_ttft_speedup_vs_stateless"] == 8
+    assert gpu["followup_ttft_vs_floor"] == 1.25 and gpu["concurrent8_tps_vs_single"] == 3
+
+
+def test_divergence_index_counts_the_reference_tokens_the_other_answer_agrees_with():
+    prefixes = ["", "The", "The cat", "The cat sat"]
+    assert stats.divergence_index(prefixes, "The cat sat") == 3
+    assert stats.divergence_index(prefixes, "The cat ran") == 2
+    assert stats.divergence_index(prefixes, "A dog") == 0
+
+
+def test_a_near_tie_is_a_few_units_of_the_dtypes_precision_at_the_logits_scale():
+    fp16_eps, fp32_eps = 2.0**-10, 2.0**-23
+    assert stats.tie_tolerance(fp16_eps, 5.0) == pytest.approx(8 * 2**-10 * 5)  # about 0.04
+    assert stats.tie_tolerance(fp16_eps, -0.1) == pytest.approx(8 * 2**-10)  # never below one unit of scale
+    assert stats.tie_tolerance(fp32_eps, 5.0) < 1e-5

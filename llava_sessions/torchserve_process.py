@@ -23,6 +23,7 @@ from llava_sessions.archive import TEMPLATE_DIR
 
 CONFIG_TEMPLATE = TEMPLATE_DIR / "config.properties"
 LOG_CONFIG = TEMPLATE_DIR / "log4j2.xml"  # the front end's logging: no per-request chatter
+METRICS_CONFIG = TEMPLATE_DIR / "metrics.yaml"  # every metric declared up front (see its header)
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL_S = 0.25
 HTTP_TIMEOUT_S = 5.0
@@ -218,6 +219,7 @@ class TorchServeProcess:
             "grpc_inference_port": str(_free_port(LOOPBACK)),
             "grpc_management_port": str(_free_port(LOOPBACK)),
             "model_store": str(self.model_store),
+            "metrics_config": str(METRICS_CONFIG),
         }
         if self.max_request_bytes is not None:
             overrides["max_request_size"] = str(self.max_request_bytes)

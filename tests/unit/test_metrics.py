@@ -105,3 +105,22 @@ def test_the_thread_writes_summed_counters_once_per_interval(caplog):
     assert [m for m in lines if m[0] == "llava_kv_cache_hits"] == [("llava_kv_cache_hits", "5", "ModelName:llava-1")]
     assert [m[0] for m in lines].count("llava_time_to_first_token_seconds") == 5
     assert [m[0] for m in lines].count("llava_time_per_output_token_seconds") == 5
+
+
+def test_the_front_ends_metrics_config_declares_every_handler_metric_as_the_handler_does():
+    """model-store/metrics.yaml registers each metric at start, with the handler's type and dimensions."""
+    import yaml
+
+    from llava_sessions.handler.metrics import _DECLARATIONS
+    from llava_sessions.torchserve_process import METRICS_CONFIG
+
+    config = yaml.safe_load(METRICS_CONFIG.read_text())
+    declared = {
+        (spec["name"], kind): list(spec["dimensions"])
+        for kind, specs in config["model_metrics"].items()
+        for spec in specs
+    }
+    for name, _unit, dimensions, metric_type in _DECLARATIONS:
+        assert declared.get((name, metric_type.name.lower())) == ["ModelName", *dimensions], name
+    # TorchServe's own front-end metrics are still there.
+    assert {"Requests2XX", "ts_inference_requests_total"} <= {s["name"] for s in config["ts_metrics"]["counter"]}

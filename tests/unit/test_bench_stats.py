@@ -81,3 +81,19 @@ def test_a_near_tie_is_a_few_units_of_the_dtypes_precision_at_the_logits_scale()
     assert stats.tie_tolerance(fp16_eps, 5.0) == pytest.approx(8 * 2**-10 * 5)  # about 0.04
     assert stats.tie_tolerance(fp16_eps, -0.1) == pytest.approx(8 * 2**-10)  # never below one unit of scale
     assert stats.tie_tolerance(fp32_eps, 5.0) < 1e-5
+
+
+@pytest.mark.parametrize(("near_ties", "exit_code"), [(True, 0), (False, 1)])
+def test_bench_fails_only_when_an_answer_parts_from_the_reference_away_from_a_near_tie(
+    monkeypatch, capsys, near_ties, exit_code
+):
+    from llava_sessions import cli
+    from llava_sessions.bench import runner
+
+    parted = {"answers_match_reference": False, "answers_match_up_to_near_ties": near_ties,
+              "mismatches": ["repeat 1 turn 2: answer 'a b' != 'a c'"], "dtype": "float16"}
+    monkeypatch.setattr(runner, "run", lambda options, log: dict(parted))
+    assert cli.main(["bench", "--preset", "tiny", "--json"]) == exit_code
+    err = capsys.readouterr().err
+    assert "repeat 1 turn 2" in err
+    assert ("near tie" in err) is near_ties

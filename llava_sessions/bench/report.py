@@ -84,9 +84,9 @@ def table(result: dict) -> str:
 def _agreement(result: dict) -> str:
     if result["answers_match_reference"]:
         return "yes"
-    ties = [m for m in result["mismatch_analysis"] if m.get("near_tie")]
     if result["answers_match_up_to_near_ties"]:
-        return (f"up to near ties: {len(ties)} answer(s) part at a token whose best two logits are within"
+        ties = sum(1 for m in result["mismatch_analysis"] if m["near_tie"])
+        return (f"up to near ties: {ties} answer(s) part at a token whose best two logits are within"
                 f" {stats.TIE_ULPS} units of {result['dtype']} precision (see mismatch_analysis)")
     return "NO"
 

@@ -20,6 +20,7 @@ offline model (writing it once) imports torch.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import requests
 
-from llava_sessions.bench.served import SESSION_HEADER, Client
+from llava_sessions.bench.served import Client
 
 MIB = 1024 * 1024
 KINDS = ("open", "turn", "close")
@@ -371,16 +372,12 @@ class LoadClient(Client):
              timeout: float | None = None) -> tuple[str, dict | None]:
         """(status, the JSON reply of a 200 or None); the status is the exception's name when no
         answer came."""
-        headers = {"Content-Type": "application/json"}
-        if session_id is not None:
-            headers[SESSION_HEADER] = session_id
         start = time.perf_counter()
         try:
-            response = self._http().post(f"{self.url}/invocations", data=json.dumps(body), headers=headers,
-                                         timeout=timeout or self.timeout)
-            reply = response.json() if response.status_code == 200 else None
-            status = str(response.status_code)
-        except (requests.RequestException, ValueError) as error:
+            _, code, payload = self.send(body, session_id, timeout)
+            reply = json.loads(payload) if code == 200 else None
+            status = str(code)
+        except (OSError, http.client.HTTPException, ValueError) as error:
             recorder.add(Sample(kind, type(error).__name__, time.perf_counter() - start))
             return type(error).__name__, None
         usage = (reply or {}).get("usage") or {}
@@ -820,7 +817,7 @@ def cmd_loadtest(args) -> int:
 
     try:
         result = run(options, log=log)
-    except (LoadTestError, requests.RequestException) as error:
+    except (LoadTestError, requests.RequestException, OSError, http.client.HTTPException) as error:
         print(f"llava-sessions loadtest: {error}", file=sys.stderr)
         return 2
     if result["aborted"]:

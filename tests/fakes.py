@@ -1,14 +1,19 @@
-"""Small real stand-ins shared by tests: an echo TorchServe handler, a fake checkpoint, image bytes."""
+"""Small real stand-ins shared by tests: an echo TorchServe handler, a fake checkpoint, image bytes,
+a local HTTP server."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import json
 import os
 import struct
 import textwrap
+import threading
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +100,26 @@ def isolate_from_aws(monkeypatch, region: str = "us-east-1", also_unset: tuple[s
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", region)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@contextlib.contextmanager
+def local_http_server(
+    handler: type[http.server.BaseHTTPRequestHandler],
+    prepare: Callable[[http.server.ThreadingHTTPServer], None] | None = None,
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A threaded HTTP server on 127.0.0.1 (a free port) served from a thread; stopped and joined on exit.
+
+    ``prepare`` may change the server before it serves (wrap its socket in TLS, set attributes).
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    if prepare is not None:
+        prepare(server)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

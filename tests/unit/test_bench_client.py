@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from llava_sessions.bench.served import SESSION_HEADER, Client, ServerError
+from tests.fakes import local_http_server
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -40,15 +41,11 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    httpd.daemon_threads = True
-    httpd.seen, httpd.lock, httpd.hang_up_after_reply = [], threading.Lock(), False
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    def prepare(httpd):
+        httpd.seen, httpd.lock, httpd.hang_up_after_reply = [], threading.Lock(), False
+
+    with local_http_server(_Recorder, prepare) as httpd:
+        yield httpd
 
 
 def _client(server, path: str = "") -> Client:

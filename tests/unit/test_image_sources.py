@@ -21,7 +21,7 @@ from PIL import Image
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import SessionsError
 from llava_sessions.handler.image_sources import decode_image, load_image, load_images
-from tests.fakes import b64, encode, isolate_from_aws, png_declaring
+from tests.fakes import b64, encode, isolate_from_aws, local_http_server, png_declaring
 
 CONFIG = ServingConfig()
 SERVER_LOOP_LIMIT_S = 3.0  # no handler of the local server runs longer than this
@@ -620,19 +620,16 @@ def tls_server(tmp_path_factory):
     context.load_cert_chain(cert, key)
     stop = threading.Event()
     handler = type("Handler", (_Handler,), {"stop": stop})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    server.handle_error = lambda request, address: None  # failed handshakes are expected here
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_port}", cert
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+
+    def prepare(server):
+        server.handle_error = lambda request, address: None  # failed handshakes are expected here
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+
+    with local_http_server(handler, prepare) as server:
+        try:
+            yield f"https://127.0.0.1:{server.server_port}", cert
+        finally:
+            stop.set()  # before the server stops: handlers waiting on it return
 
 
 @pytest.fixture

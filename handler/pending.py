@@ -12,6 +12,7 @@ from typing import Any
 @dataclass
 class PendingRequest:
     idx: int  # its place in the batch (TorchServe's request index)
+    member: int | None = None  # its place in that request, when the request is a bundle
     request: Any = None  # protocol.OpenSession | Turn | CloseSession, once parsed
     stream: Any = None  # streaming.TokenStream of a streamed turn
     turn: Any = None  # the engine's TurnRequest, for a turn

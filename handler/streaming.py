@@ -26,6 +26,7 @@ from http import HTTPStatus
 from typing import Callable, Iterable, Mapping
 
 from llava_sessions.errors import SessionsError
+from llava_sessions.handler import bundle
 from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
 from llava_sessions.handler.replies import Reply, http_status
 
@@ -116,18 +117,20 @@ class TorchServeSink:
     to ``false``.
     """
 
-    def __init__(self, context, idx: int, headers: Mapping[str, str] | None = None):
+    def __init__(self, context, idx: int, headers: Mapping[str, str] | None = None,
+                 content_type: str = CONTENT_TYPE):
         self.context = context
         self.idx = idx
         self.headers = dict(headers or {})
+        self.content_type = content_type
         self.chunks_sent = 0
 
-    def __call__(self, text: str) -> None:
+    def __call__(self, text: str | bytes) -> None:
         from ts.handler_utils.utils import send_intermediate_predict_response
 
         if self.chunks_sent == 0:
             self.context.set_response_status(200, HTTPStatus.OK.phrase, self.idx)
-            self.context.set_response_content_type(self.idx, CONTENT_TYPE)
+            self.context.set_response_content_type(self.idx, self.content_type)
             for name, value in self.headers.items():
                 self.context.set_response_header(self.idx, name, value)
         request_id = self.context.get_request_id(self.idx)
@@ -135,3 +138,18 @@ class TorchServeSink:
             {self.idx: text}, {self.idx: request_id}, "Intermediate response", 200, self.context
         )
         self.chunks_sent += 1
+
+
+class BundleMemberSink:
+    """Sends one bundle member's chunks as frames on its bundle's request (``handler/bundle.py``);
+    the member's head (200, an event stream) goes with its first chunk."""
+
+    def __init__(self, row: TorchServeSink, member: int):
+        self.row = row
+        self.member = member
+        self.started = False
+
+    def __call__(self, text: str) -> None:
+        head = b"" if self.started else bundle.head_frame(self.member, 200, {}, CONTENT_TYPE)
+        self.row(head + bundle.frame(self.member, bundle.DATA, text))
+        self.started = True

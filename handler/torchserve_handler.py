@@ -22,7 +22,7 @@ from http import HTTPStatus
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InternalError, SessionsError
-from llava_sessions.handler import image_sources, protocol, streaming
+from llava_sessions.handler import bundle, image_sources, protocol, streaming
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
 
@@ -63,18 +63,18 @@ class LlavaSessionHandler:
 
     # --- TorchServe's entry point -------------------------------------------
 
-    def handle(self, data: list[dict], context) -> list[str]:
+    def handle(self, data: list[dict], context) -> list[str | bytes]:
         """The batch's requests in order; its turns (of different sessions) run together.
 
-        Each request is parsed (and a turn's images loaded) on its own. Opens and closes run
-        in place; turns wait and run in one ``run_batch`` call, so their decoding is batched.
-        A close that names a session with a waiting turn runs after that turn.
+        A request may be a bundle of client requests (``handler/bundle.py``): the affinity
+        router's batch. Its members run as the batch's requests do, and its answer is their
+        answers in frames. Each request is parsed (and a turn's images loaded) on its own.
+        Opens and closes run in place; turns wait and run in one ``run_batch`` call, so their
+        decoding is batched. A close that names a session with a waiting turn runs after that turn.
         """
-        items = [PendingRequest(idx) for idx in range(len(data))]
+        items, bundles = self._unpack(data, context)
         waiting: list[PendingRequest] = []
-        for item, row in zip(items, data):
-            headers = context.get_all_request_header(item.idx) or {}
-            self._guarded(item, self._prepare, item, row, headers, streaming.TorchServeSink(context, item.idx))
+        for item in items:
             if item.reply is not None:
                 continue
             if isinstance(item.request, protocol.Turn):
@@ -87,13 +87,57 @@ class LlavaSessionHandler:
                 waiting = []
             self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
         self._run_waiting(waiting)
-        bodies = []
-        for item in items:
-            self._send(context, item.idx, item.reply)
-            bodies.append(item.reply.render())
+        bodies: list[str | bytes] = []
+        for idx in range(len(data)):
+            if idx in bundles:
+                bodies.append(self._bundle_answer(context, idx, [i for i in items if i.idx == idx]))
+            else:
+                [item] = [i for i in items if i.idx == idx]
+                self._send(context, idx, item.reply)
+                bodies.append(item.reply.render())
         if self.metrics is not None:
             self.metrics.observe_engine(self.engine)
         return bodies
+
+    def _unpack(self, data: list[dict], context) -> tuple[list[PendingRequest], set[int]]:
+        """Every client request of the batch, parsed (bundles opened); and the bundles' indices."""
+        items, bundles = [], set()
+        for idx, row in enumerate(data):
+            headers = context.get_all_request_header(idx) or {}
+            try:
+                count = bundle.member_count(headers)
+                members = None if count is None else bundle.decode_request(_body_bytes(row), count)
+            except SessionsError as error:
+                item = PendingRequest(idx)
+                self._fail(item, error)
+                items.append(item)
+                continue
+            if members is None:
+                item = PendingRequest(idx)
+                self._guarded(item, self._prepare, item, row, headers, streaming.TorchServeSink(context, idx))
+                items.append(item)
+                continue
+            bundles.add(idx)
+            row_sink = streaming.TorchServeSink(context, idx, content_type=bundle.CONTENT_TYPE)
+            for member, (member_headers, body) in enumerate(members):
+                item = PendingRequest(idx, member)
+                sink = streaming.BundleMemberSink(row_sink, member)
+                self._guarded(item, self._prepare, item, {"body": body}, member_headers, sink)
+                items.append(item)
+        return items, bundles
+
+    def _bundle_answer(self, context, idx: int, members: list[PendingRequest]) -> bytes:
+        """A bundle's answer: for each member its head (unless its stream sent it), body and end."""
+        frames = []
+        for item in members:
+            reply = item.reply
+            if item.stream is None or not item.stream.started:
+                frames.append(bundle.head_frame(item.member, reply.status, reply.headers, reply.content_type))
+            frames.append(bundle.frame(item.member, bundle.DATA, reply.render()))
+            frames.append(bundle.frame(item.member, bundle.END))
+        context.set_response_status(200, HTTPStatus.OK.phrase, idx)
+        context.set_response_content_type(idx, bundle.CONTENT_TYPE)
+        return b"".join(frames)
 
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
         """One request alone; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
@@ -162,15 +206,7 @@ class LlavaSessionHandler:
     # --- hook 2: parse --------------------------------------------------------
 
     def decode_request(self, row: dict, headers: dict):
-        body = row.get("body")
-        if body is None:
-            body = row.get("data", b"")
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not isinstance(body, (bytes, bytearray)):
-            # TorchServe already decoded it (TS_DECODE_INPUT_REQUEST unset); re-encode faithfully.
-            body = json.dumps(body).encode("utf-8")
-        return protocol.parse_request(bytes(body), headers, self.config)
+        return protocol.parse_request(_body_bytes(row), headers, self.config)
 
     # --- hook 3: run on the engine -------------------------------------------
 
@@ -258,3 +294,15 @@ class LlavaSessionHandler:
         for name, value in reply.headers.items():
             context.set_response_header(idx, name, value)
 
+
+def _body_bytes(row: dict) -> bytes:
+    """A request's body as bytes, however TorchServe handed it over."""
+    body = row.get("body")
+    if body is None:
+        body = row.get("data", b"")
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if not isinstance(body, (bytes, bytearray)):
+        # TorchServe already decoded it (TS_DECODE_INPUT_REQUEST unset); re-encode faithfully.
+        body = json.dumps(body).encode("utf-8")
+    return bytes(body)

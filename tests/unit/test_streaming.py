@@ -81,8 +81,9 @@ class FakeSocket:
         self.sent.append(bytes(data))
 
 
-def decode_frame(data: bytes) -> dict:
-    """TorchServe's predict response as the frontend reads it: {request id: prediction}."""
+def decode_frame(data: bytes, raw: bool = False) -> dict:
+    """TorchServe's predict response as the frontend reads it: {request id: prediction}
+    (bodies as text, or as bytes when ``raw``)."""
     pos = 0
 
     def integer():
@@ -110,7 +111,7 @@ def decode_frame(data: bytes) -> dict:
         status, _phrase = integer(), chunk().decode()  # the phrase is read to advance
         headers = {chunk().decode(): chunk().decode() for _ in range(integer())}
         predictions[request_id] = {"content_type": content_type, "status": status, "headers": headers,
-                                   "body": chunk().decode()}
+                                   "body": chunk() if raw else chunk().decode()}
     assert pos == len(data)
     return predictions
 

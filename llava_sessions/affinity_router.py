@@ -16,12 +16,14 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from llava_sessions.errors import (
+    InternalError,
     InvalidRequest,
     MethodNotAllowed,
     RequestTooLarge,
@@ -30,6 +32,7 @@ from llava_sessions.errors import (
     SessionsError,
     WorkerUnavailable,
 )
+from llava_sessions.handler import bundle
 from llava_sessions.handler.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -47,6 +50,10 @@ MiB = 1024 * 1024
 # image-carrying opens, and parsing them would only cost time.
 BODY_ID_SCAN_LIMIT = 1 * MiB
 PING_TIMEOUT_S = 2.0
+# Most requests sent to a worker together (TorchServe's batchSize was 8 before the router batched).
+MAX_BUNDLE = 8
+# Room left in a bundle for each member's framing and headers.
+BUNDLE_MEMBER_OVERHEAD = 4096
 CONNECT_TIMEOUT_S = 5.0
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -80,6 +87,24 @@ class _Target:
     session_id: str | None  # None: the request opens a session
 
 
+@dataclass
+class _Waiting:
+    """A request that found its worker busy, waiting to go with the next bundle."""
+
+    request: web.Request
+    body: bytes
+    target: _Target
+    answered: asyncio.Future  # the response once sent downstream, or the error to answer
+
+
+class _Gate:
+    """Whether a worker has a request of ours in hand, and what waits for it to be free."""
+
+    def __init__(self):
+        self.busy = False
+        self.waiting: list[_Waiting] = []
+
+
 class AffinityRouter(HttpProxyServer):
     """Routes POST /invocations to the backend holding the session; GET /ping mirrors TorchServe's."""
 
@@ -95,6 +120,7 @@ class AffinityRouter(HttpProxyServer):
         max_body_bytes: int = 8 * MiB,
         routes: SessionRoutes | None = None,
         request_timeout_s: float = 660,
+        max_bundle: int = MAX_BUNDLE,
     ):
         if not backends:
             raise ValueError("backends must name at least one inference URL")
@@ -105,6 +131,10 @@ class AffinityRouter(HttpProxyServer):
         self.ping_url = ping_url
         self.max_body_bytes = max_body_bytes
         self.routes = routes if routes is not None else SessionRoutes(len(backends))
+        if max_bundle < 1:
+            raise ValueError(f"max_bundle must be at least 1, got {max_bundle}")
+        self.max_bundle = max_bundle
+        self._gates = [_Gate() for _ in backends]
         # A read timeout, not a total one: a long stream is fine while tokens keep coming.
         self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=request_timeout_s)
 
@@ -137,7 +167,117 @@ class AffinityRouter(HttpProxyServer):
     async def _invocations(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
         target = self._route(request.headers, body)
-        return await self._forward(request, body, target)
+        return await self._dispatch(request, body, target)
+
+    # --- batching: one request in hand per worker, the rest together --------------------
+
+    async def _dispatch(self, request: web.Request, body: bytes, target: _Target) -> web.StreamResponse:
+        """Straight to an idle worker; to a busy one with the next bundle (see handler/bundle.py)."""
+        gate = self._gates[target.backend]
+        if gate.busy:
+            waiting = _Waiting(request, body, target, asyncio.get_running_loop().create_future())
+            gate.waiting.append(waiting)
+            return await waiting.answered  # a client that hangs up cancels it: it is then skipped
+        gate.busy = True
+        try:
+            return await self._forward(request, body, target)
+        finally:
+            self._send_next(target.backend)
+
+    def _send_next(self, backend: int) -> None:
+        """The worker is free: what waited goes now, together (within the size and count limits)."""
+        gate = self._gates[backend]
+        gate.waiting = [w for w in gate.waiting if not w.answered.done()]
+        if not gate.waiting:
+            gate.busy = False
+            return
+        taken, size = 0, 0
+        for waiting in gate.waiting[: self.max_bundle]:
+            size += len(waiting.body) + BUNDLE_MEMBER_OVERHEAD
+            if taken and size > self.max_body_bytes:
+                break
+            taken += 1
+        members, gate.waiting = gate.waiting[:taken], gate.waiting[taken:]
+        asyncio.get_running_loop().create_task(self._send_waiting(backend, members))
+
+    async def _send_waiting(self, backend: int, members: list[_Waiting]) -> None:
+        try:
+            if len(members) == 1:
+                [member] = members
+                await _settle(member, lambda: self._forward(member.request, member.body, member.target))
+            else:
+                await self._forward_bundle(backend, members)
+        except Exception:
+            log.exception("relaying to backend %d failed", backend)
+        finally:
+            for member in members:  # nobody waits forever
+                _settle_error(member, InternalError("the router failed to relay this answer; it has been logged"))
+            self._send_next(backend)
+
+    async def _forward_bundle(self, backend: int, members: list[_Waiting]) -> None:
+        body = bundle.encode_request(
+            (_upstream_headers(m.request.headers, m.target.session_id), m.body) for m in members
+        )
+        headers = {"Content-Type": bundle.CONTENT_TYPE, bundle.BUNDLE_HEADER: str(len(members))}
+        try:
+            upstream = await self._client.post(self.backends[backend], data=body, headers=headers, timeout=self._timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            for member in members:
+                _settle_error(member, self._unavailable(member.target, exc))
+            return
+        async with upstream:
+            if upstream.status != 200:  # TorchServe itself failed the bundle: each member hears why
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    for member in members:
+                        _settle_error(member, self._unavailable(member.target, exc))
+                    return
+                for member in members:
+                    await _settle(member, lambda: self._relay_error(member.target, upstream.status, upstream.headers, payload))
+                return
+            await self._relay_bundle(upstream, members)
+
+    async def _relay_bundle(self, upstream: aiohttp.ClientResponse, members: list[_Waiting]) -> None:
+        """Each member's frames to its client as they arrive (``handler/bundle.py``)."""
+        answers = [_MemberAnswer(member) for member in members]
+        reader = bundle.FrameReader()
+        try:
+            async for data, _ in upstream.content.iter_chunks():
+                for frame in reader.feed(data):
+                    if 0 <= frame.member < len(answers):
+                        await self._on_frame(answers[frame.member], frame)
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("bundle from backend %d broken off: %s", members[0].target.backend, type(exc).__name__)
+        finally:
+            for answer in answers:  # those the bundle ended before their end
+                if not answer.member.answered.done():
+                    await answer.broken_off()
+
+    async def _on_frame(self, answer: "_MemberAnswer", frame: bundle.Frame) -> None:
+        member = answer.member
+        if member.answered.done():  # its client hung up, or it was answered
+            return
+        try:
+            if frame.kind == bundle.HEAD:
+                status, headers, content_type = frame.head()
+                headers = CIMultiDict(headers)
+                headers["Content-Type"] = content_type
+                self._record(member.target, status, headers)
+                answer.status, answer.headers = status, headers
+                if not _relayed_after_reading(status, member.target):
+                    await answer.start()
+            elif frame.kind == bundle.DATA:
+                await answer.write(frame.payload)
+            elif frame.kind == bundle.END:
+                if answer.downstream is None:
+                    await _settle(member, lambda: self._relay_error(member.target, answer.status, answer.headers,
+                                                                    bytes(answer.buffered)))
+                else:
+                    await answer.downstream.finish()
+                    _settle_result(member, answer.downstream.reply)
+        except ConnectionError:  # the client hung up: its answer is dropped, the others go on
+            _settle_error(member, ConnectionResetError("client gone"))
 
     async def _read_body(self, request: web.Request) -> bytes:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -187,38 +327,44 @@ class AffinityRouter(HttpProxyServer):
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self._unavailable(target, exc) from None
         async with upstream:
-            self._record(target, upstream)
-            if upstream.status == 404 and target.session_id is not None:
-                return await self._relay_not_found(target, upstream)
-            if upstream.status >= 500:
-                return await self._relay_server_error(target, upstream)
+            self._record(target, upstream.status, upstream.headers)
+            if _relayed_after_reading(upstream.status, target):
+                payload = await self._read_upstream(target, upstream)
+                return self._relay_error(target, upstream.status, upstream.headers, payload)
             return await _relay_stream(request, upstream, target)
 
-    async def _relay_not_found(self, target: _Target, upstream: aiohttp.ClientResponse) -> web.Response:
-        """A worker that lost a session (restarted, expired) says so; stop routing to it."""
+    async def _read_upstream(self, target: _Target, upstream: aiohttp.ClientResponse) -> bytes:
         try:
-            payload = await upstream.read()
+            return await upstream.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self._unavailable(target, exc) from None
+
+    def _relay_error(self, target: _Target, status: int, headers, payload: bytes) -> web.Response:
+        """A 404 or 5xx answer, read whole: a lost session is unbound; TorchServe's own failures
+        become WORKER_UNAVAILABLE (raised); anything else passes as it is."""
+        if status == 404 and target.session_id is not None:
+            return self._relay_not_found(target, headers, payload)
+        if status >= 500:
+            return self._relay_server_error(target, status, headers, payload)
+        return web.Response(status=status, body=payload, headers=_downstream_headers(headers))
+
+    def _relay_not_found(self, target: _Target, headers, payload: bytes) -> web.Response:
+        """A worker that lost a session (restarted, expired) says so; stop routing to it."""
         if _error_code(payload) == SessionNotFound.code:
             self.routes.unbind(target.session_id)
             log.debug("session %s lost by backend %d", target.session_id[:8], target.backend)
-        return web.Response(status=404, body=payload, headers=_downstream_headers(upstream.headers))
+        return web.Response(status=404, body=payload, headers=_downstream_headers(headers))
 
-    async def _relay_server_error(self, target: _Target, upstream: aiohttp.ClientResponse) -> web.Response:
+    def _relay_server_error(self, target: _Target, status: int, headers, payload: bytes) -> web.Response:
         """Our handler's own 5xx errors pass as they are; TorchServe's (``{"code", "type", "message"}``:
         the worker died, none is ready, the queue is full) become WORKER_UNAVAILABLE."""
-        try:
-            payload = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self._unavailable(target, exc) from None
         if _error_code(payload) is not None:
-            return web.Response(status=upstream.status, body=payload, headers=_downstream_headers(upstream.headers))
+            return web.Response(status=status, body=payload, headers=_downstream_headers(headers))
         message = _torchserve_message(payload)
-        log.warning("backend %d failed: %d %s", target.backend, upstream.status, message[:200])
+        log.warning("backend %d failed: %d %s", target.backend, status, message[:200])
         if _WORKER_DIED not in message:
             raise WorkerUnavailable(
-                f"the model worker for this request could not take it ({upstream.status}: {message[:200]}); "
+                f"the model worker for this request could not take it ({status}: {message[:200]}); "
                 "retry shortly"
             )
         if target.session_id is not None:
@@ -228,17 +374,17 @@ class AffinityRouter(HttpProxyServer):
             "timeout) and is restarting; the sessions it held are gone: open a new session"
         )
 
-    def _record(self, target: _Target, upstream: aiohttp.ClientResponse) -> None:
+    def _record(self, target: _Target, status: int, headers) -> None:
         """Bookkeeping from the backend's session headers."""
-        opened = upstream.headers.get(SESSION_HEADER)
-        if opened is not None and 200 <= upstream.status < 300:
+        opened = headers.get(SESSION_HEADER)
+        if opened is not None and 200 <= status < 300:
             parsed = parse_session_header(opened)
             if parsed is None:
                 log.warning("backend %d sent a malformed %s header", target.backend, SESSION_HEADER)
             else:
                 self.routes.bind(parsed[0], target.backend, parsed[1])
                 log.debug("session %s bound to backend %d", parsed[0][:8], target.backend)
-        closed = upstream.headers.get(CLOSED_SESSION_HEADER)
+        closed = headers.get(CLOSED_SESSION_HEADER)
         if closed is not None:
             self.routes.unbind(closed.strip())
 
@@ -331,39 +477,119 @@ def _connection_tokens(headers: CIMultiDictProxy) -> set[str]:
 async def _relay_stream(
     request: web.Request, upstream: aiohttp.ClientResponse, target: _Target
 ) -> web.StreamResponse:
-    """Send each chunk on as it arrives.
+    """Send each chunk on as it arrives (see ``_Downstream`` for a stream broken off upstream)."""
+    downstream = _Downstream(request, upstream.status, upstream.headers, upstream.reason)
+    await downstream.start()
+    try:
+        async for data, _ in upstream.content.iter_chunks():
+            await downstream.write(data)
+    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+        log.warning("response from backend %d broken off mid-stream: %s", target.backend, type(exc).__name__)
+        await downstream.broken_off()
+        return downstream.reply
+    with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
+        await downstream.finish()
+    return downstream.reply
+
+
+class _Downstream:
+    """One answer on its way to the client, chunk by chunk.
 
     A token stream (text/event-stream) broken off upstream between two events (a killed worker:
     TorchServe sends whole events) ends with TGI's error event and a clean end, so event-reading
     clients see why. Any other response broken off upstream is broken off downstream: no
     terminating chunk, so the client sees a truncated response, not a complete one.
     """
-    reply = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=_downstream_headers(upstream.headers)
-    )
-    await reply.prepare(request)
-    events = upstream.headers.get("Content-Type", "").startswith(EVENT_STREAM)
-    tail = b"\n\n"  # the end of what was sent: an event boundary when it ends with a blank line
-    try:
-        async for data, _ in upstream.content.iter_chunks():
-            await reply.write(data)
-            if data:
-                tail = (tail + data)[-2:]
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
-        log.warning("response from backend %d broken off mid-stream: %s", target.backend, type(exc).__name__)
-        if not (events and tail == b"\n\n"):
-            if request.transport is not None:
-                request.transport.close()
-            return reply
+
+    def __init__(self, request: web.Request, status: int, headers, reason: str | None = None):
+        self.request = request
+        self.reply = web.StreamResponse(status=status, reason=reason, headers=_downstream_headers(headers))
+        self.events = headers.get("Content-Type", "").startswith(EVENT_STREAM)
+        self.tail = b"\n\n"  # the end of what was sent: an event boundary when it ends with a blank line
+
+    async def start(self) -> None:
+        await self.reply.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        await self.reply.write(data)
+        if data:
+            self.tail = (self.tail + data)[-2:]
+
+    async def finish(self) -> None:
+        await self.reply.write_eof()
+
+    async def broken_off(self) -> None:
+        if not (self.events and self.tail == b"\n\n"):
+            if self.request.transport is not None:
+                self.request.transport.close()
+            return
         error = WorkerUnavailable(
             "the model worker stopped in the middle of this answer (killed, or silent past its time limit); the turn "
             "is not part of the session, and a session the worker held is gone: open a new session"
         )
         with contextlib.suppress(ConnectionError):
-            await reply.write(_error_event(error))
-    with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
-        await reply.write_eof()
-    return reply
+            await self.reply.write(_error_event(error))
+            await self.reply.write_eof()
+
+
+class _MemberAnswer:
+    """A bundle member's answer as its frames arrive: relayed as it comes, or (a 404 or 5xx, which
+    the router looks into) buffered until its end."""
+
+    def __init__(self, member: _Waiting):
+        self.member = member
+        self.status = 0
+        self.headers: CIMultiDict = CIMultiDict()
+        self.downstream: _Downstream | None = None
+        self.buffered = bytearray()
+
+    async def start(self) -> None:
+        self.downstream = _Downstream(self.member.request, self.status, self.headers)
+        await self.downstream.start()
+
+    async def write(self, data: bytes) -> None:
+        if self.downstream is None:
+            self.buffered += data
+        else:
+            await self.downstream.write(data)
+
+    async def broken_off(self) -> None:
+        """The bundle ended before this answer did."""
+        if self.downstream is None:
+            _settle_error(self.member, WorkerUnavailable(
+                "the model worker stopped before answering this request (killed, or over its response "
+                "timeout); sessions it held are gone: open a new session if this one is then not found"
+            ))
+            return
+        await self.downstream.broken_off()
+        _settle_result(self.member, self.downstream.reply)
+
+
+def _relayed_after_reading(status: int, target: _Target) -> bool:
+    """Answers the router reads whole before relaying: a session's 404, and any 5xx."""
+    return (status == 404 and target.session_id is not None) or status >= 500
+
+
+async def _settle(waiting: _Waiting, answer: Callable[[], Any]) -> None:
+    """Answer a waiting request with what ``answer()`` returns (or its awaitable gives), or its error."""
+    try:
+        response = answer()
+        if asyncio.iscoroutine(response):
+            response = await response
+    except Exception as exc:
+        _settle_error(waiting, exc)
+    else:
+        _settle_result(waiting, response)
+
+
+def _settle_result(waiting: _Waiting, response: web.StreamResponse) -> None:
+    if not waiting.answered.done():
+        waiting.answered.set_result(response)
+
+
+def _settle_error(waiting: _Waiting, error: BaseException) -> None:
+    if not waiting.answered.done():
+        waiting.answered.set_exception(error)
 
 
 def _error_event(error: SessionsError) -> bytes:

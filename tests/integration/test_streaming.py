@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -61,7 +62,7 @@ def invoke(url: str, body: dict, session: str | None = None, **kwargs) -> reques
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("streaming")
-    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=8, session_ttl_s=600)
+    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=12, session_ttl_s=600)
     server = ServingStack(archive, tmp / "run", workers=1, port=0).start(ready_timeout=300)
     yield server
     server.stop()
@@ -117,3 +118,32 @@ def test_a_streamed_turn_on_an_unknown_session_is_a_plain_404(server):
     assert response.status_code == 404
     assert response.headers["Content-Type"].startswith("application/json")
     assert response.json()["error"]["code"] == "SESSION_NOT_FOUND"
+
+
+def test_streams_of_turns_that_waited_for_a_busy_worker_come_back_to_each_client(server):
+    # A long plain turn keeps the worker busy; the streamed turns sent meanwhile go to it as one
+    # bundle (handler/bundle.py) and each client gets its own stream, token by token.
+    image = Image.effect_noise((40, 40), 50).convert("RGB")
+    busy_sid, *sids = (open_session(server.url, image) for _ in range(4))
+    twins = [open_session(server.url, image) for _ in range(3)]
+    body = {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "temperature": 0, "stream": True}
+
+    def streamed(sid: str) -> list[bytes]:
+        with invoke(server.url, body, sid, stream=True) as response:
+            assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+            return list(response.iter_content(None))
+
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(invoke, server.url, {"prompt": PROMPT, "max_new_tokens": 96}, busy_sid)
+        time.sleep(0.05)  # the long turn is in the worker's hands
+        streams = [pool.submit(streamed, sid) for sid in sids]
+        chunks = [future.result(120) for future in streams]
+        assert busy.result(120).status_code == 200
+    for own, twin in zip(chunks, twins):
+        texts = list(TokenIterator({"PayloadPart": {"Bytes": chunk}} for chunk in own))
+        final = json.loads(b"".join(own).decode().split("\n\n")[-2][len("data:"):])
+        alone = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": MAX_NEW, "temperature": 0}, twin).json()
+        assert "".join(texts) == final["generated_text"] == alone["generated_text"]
+        assert final["usage"] == alone["usage"] and len(texts) == final["usage"]["completion_tokens"]
+    for sid in (busy_sid, *sids, *twins):
+        assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200

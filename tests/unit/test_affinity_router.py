@@ -24,7 +24,10 @@ import pytest
 import requests
 from aiohttp import web
 
+from multidict import CIMultiDict
+
 from llava_sessions.affinity_router import AffinityRouter
+from llava_sessions.handler import bundle
 from llava_sessions.http_proxy_server import STOP_TIMEOUT_S
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
 from llava_sessions.session_routes import SessionRoutes
@@ -50,6 +53,7 @@ class FakeTorchServe:
         self.n_models = n_models
         self.sessions: list[set[str]] = [set() for _ in range(n_models)]
         self.seen: list[Seen] = []
+        self.bundles: list[list[dict]] = []  # each bundle's member bodies
         self.ping_status = 200
         self.release = threading.Event()  # lets a slow stream go on
         self.released_in_time: bool | None = None
@@ -102,23 +106,47 @@ class FakeTorchServe:
             return await self._slow_stream(request)
         if "X-Test-Die" in request.headers:
             return await self._die_mid_stream(request)
+        if "X-Test-Hold" in request.headers:  # the worker stays busy until released
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, WAIT_S)
+        count = bundle.member_count(request.headers)
+        if count is not None:
+            return await self._bundle(request, backend, bundle.decode_request(body, count))
+        status, headers, payload = self._answer(backend, request.headers, body)
+        return web.Response(status=status, body=payload, headers=headers, content_type="application/json")
+
+    def _answer(self, backend: int, headers, body: bytes) -> tuple[int, dict, bytes]:
+        """What the handler answers one request: (status, headers, JSON body)."""
         payload = json.loads(body)
-        session_id = request.headers.get(SESSION_HEADER) or payload.get("session_id")
+        session_id = CIMultiDict(headers).get(SESSION_HEADER) or payload.get("session_id")
         if session_id in (None, "NEW_SESSION"):
-            return self._open(backend)
+            session_id = "sess-" + secrets.token_hex(8)
+            self.sessions[backend].add(session_id)
+            header = f"{session_id}; Expires={format_expires(time.time() + BACKEND_TTL_S)}"
+            return 200, {SESSION_HEADER: header}, json.dumps({"session_id": session_id}).encode()
         if session_id not in self.sessions[backend]:
             error = {"error": {"code": "SESSION_NOT_FOUND", "message": "no such session"}}
-            return web.json_response(error, status=404)
+            return 404, {}, json.dumps(error).encode()
         if payload.get("requestType") == "CLOSE" or payload.get("type") == "close_session":
             self.sessions[backend].discard(session_id)
-            return web.json_response({"closed": True}, headers={CLOSED_SESSION_HEADER: session_id})
-        return web.json_response({"backend": backend, "session_id": session_id, "headers": dict(request.headers)})
+            return 200, {CLOSED_SESSION_HEADER: session_id}, b'{"closed": true}'
+        answer = {"backend": backend, "session_id": session_id, "headers": dict(headers)}
+        return 200, {}, json.dumps(answer).encode()
 
-    def _open(self, backend: int) -> web.Response:
-        session_id = "sess-" + secrets.token_hex(8)
-        self.sessions[backend].add(session_id)
-        header = f"{session_id}; Expires={format_expires(time.time() + BACKEND_TTL_S)}"
-        return web.json_response({"session_id": session_id}, headers={SESSION_HEADER: header})
+    async def _bundle(self, request: web.Request, backend: int, members) -> web.StreamResponse:
+        """Answers in frames, interleaved: every head first, then the bodies and ends last member first."""
+        self.bundles.append([json.loads(body) for _, body in members])
+        answers = [self._answer(backend, headers, body) for headers, body in members]
+        reply = web.StreamResponse(headers={"Content-Type": bundle.CONTENT_TYPE})
+        reply.enable_chunked_encoding()
+        await reply.prepare(request)
+        for member, (status, headers, _) in enumerate(answers):
+            await reply.write(bundle.head_frame(member, status, headers, "application/json"))
+        for member in reversed(range(len(answers))):
+            data = bundle.frame(member, bundle.DATA, answers[member][2]) + bundle.frame(member, bundle.END)
+            for cut in (data[:3], data[3:]):  # frames need not align with chunks
+                await reply.write(cut)
+        await reply.write_eof()
+        return reply
 
     async def _slow_stream(self, request: web.Request) -> web.StreamResponse:
         reply = web.StreamResponse(headers={"ts_stream_next": "true", "X-Reply-Note": "kept"})
@@ -470,3 +498,75 @@ def _wait_until_listening(http, url: str, child: subprocess.Popen) -> None:
         except requests.ConnectionError:
             time.sleep(0.05)
     pytest.fail("the router did not start listening within 10 s")
+
+
+# --- batching: one request per worker in hand, the rest in one bundle ------------------
+
+
+def test_requests_for_a_busy_worker_go_together_in_one_bundle(http, make_router, fake):
+    router = make_router(backends=fake.urls[:1])
+    ids = [open_session(http, router)[0] for _ in range(4)]
+    fake.release.clear()
+    with ThreadPoolExecutor(8) as pool:
+        busy = pool.submit(invoke_alone, router, {"prompt": "first"}, ids[0], **{"X-Test-Hold": "1"})
+        assert _wait_for(lambda: len(fake.seen) == 5)  # the held turn is in the worker's hands
+        others = [pool.submit(invoke_alone, router, {"prompt": f"p{i}"}, sid) for i, sid in enumerate(ids[1:], 1)]
+        again = pool.submit(invoke_alone, router, {"prompt": "again"}, ids[3])
+        time.sleep(0.2)
+        assert len(fake.seen) == 5  # nothing else reached the worker while it was busy
+        fake.release.set()
+        replies = [future.result(WAIT_S) for future in [*others, again]]
+        assert busy.result(WAIT_S).status_code == 200
+    # One more request reached the worker: the bundle of the four that waited.
+    assert len(fake.seen) == 6 and fake.seen[-1].headers[bundle.BUNDLE_HEADER.lower()] == "4"
+    [members] = fake.bundles
+    assert sorted(m["prompt"] for m in members) == ["again", "p1", "p2", "p3"]
+    for reply, sid in zip(replies, [*ids[1:], ids[3]]):
+        assert reply.status_code == 200 and reply.json()["session_id"] == sid
+        assert reply.json()["headers"][SESSION_HEADER] == sid  # each member kept its own headers
+
+
+def test_bundle_members_answers_feed_the_routes(http, make_router, fake):
+    router = make_router(backends=fake.urls[:1])
+    sid, _ = open_session(http, router)
+    router.routes.bind("sess-00000000", 0, time.time() + 60)  # a session the worker no longer holds
+    fake.release.clear()
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(invoke_alone, router, {"prompt": "hold"}, sid, **{"X-Test-Hold": "1"})
+        assert _wait_for(lambda: len(fake.seen) == 2)
+        opened = pool.submit(invoke_alone, router, {"requestType": "NEW_SESSION"})
+        closed = pool.submit(invoke_alone, router, {"requestType": "CLOSE"}, sid)
+        lost = pool.submit(invoke_alone, router, {"prompt": "x"}, "sess-00000000")
+        time.sleep(0.2)
+        fake.release.set()
+        opened, closed, lost = (f.result(WAIT_S) for f in (opened, closed, lost))
+        busy.result(WAIT_S)
+    assert [len(members) for members in fake.bundles] == [3]
+    new_sid = opened.json()["session_id"]
+    assert opened.headers[SESSION_HEADER].startswith(new_sid) and router.routes.lookup(new_sid) == 0
+    assert closed.headers[CLOSED_SESSION_HEADER] == sid and router.routes.lookup(sid) is None
+    assert lost.status_code == 404 and error_code(lost) == "SESSION_NOT_FOUND"
+    assert router.routes.lookup("sess-00000000") is None  # the worker lost it: unbound
+
+
+def invoke_alone(router, body: dict, session_id: str | None = None, **headers) -> requests.Response:
+    """``invoke`` on a connection of its own, for requests sent from several threads at once."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return invoke(session, router, body, session_id, **headers)
+
+
+def test_a_lone_request_is_never_bundled(http, router, fake):
+    sid, _ = open_session(http, router)
+    for _ in range(3):
+        assert turn(http, router, sid).status_code == 200
+    assert fake.bundles == [] and all(bundle.BUNDLE_HEADER.lower() not in s.headers for s in fake.seen)
+
+
+def _wait_for(condition, timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False

@@ -74,11 +74,8 @@ def build_archive(
     handler_overrides: Mapping[str, Any] | None = None,
     fmt: str = "no-archive",
     handler_file: str | Path | None = None,
-    max_batch_delay_ms: int | None = None,
 ) -> Path:
     """Build (or reuse) the archive ``out_dir/<model_name><suffix>`` and return its path.
-
-    ``max_batch_delay_ms``: TorchServe's maxBatchDelay (None: the template's).
 
     ``fmt`` is "no-archive" (a directory TorchServe loads in place: no
     extraction copy of the weights), "default" (.mar) or "tgz" (.tar.gz, e.g.
@@ -92,7 +89,6 @@ def build_archive(
         sessions_per_worker=sessions_per_worker,
         session_ttl_s=session_ttl_s,
         handler_overrides=handler_overrides,
-        max_batch_delay_ms=max_batch_delay_ms,
     )
     target = out_dir / f"{model_name}{FORMAT_SUFFIX[fmt]}"
     stamp_path = out_dir / f".{target.name}.fingerprint"
@@ -146,15 +142,9 @@ def render_model_config(
     session_ttl_s: int,
     handler_overrides: Mapping[str, Any] | None = None,
     template: Path = MODEL_CONFIG_TEMPLATE,
-    max_batch_delay_ms: int | None = None,
 ) -> str:
     """model-config.yaml text: the template with session and handler values filled in."""
     config = yaml.safe_load(template.read_text())
-    if max_batch_delay_ms is not None:
-        if isinstance(max_batch_delay_ms, bool) or not isinstance(max_batch_delay_ms, int) or max_batch_delay_ms < 1:
-            # TorchServe reads 0 as "unset" and then waits 100 ms.
-            raise ConfigError(f"max batch delay must be a whole number of milliseconds >= 1, got {max_batch_delay_ms!r}")
-        config["maxBatchDelay"] = max_batch_delay_ms
     config["handler"] = _handler_section(
         config.get("handler") or {}, sessions_per_worker, session_ttl_s, handler_overrides or {}
     )

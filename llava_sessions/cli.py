@@ -92,8 +92,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=8, help="sessions taking turns at once (default 8)")
     bench.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu or cuda:N")
     bench.add_argument("--budget-gb", type=float, help="memory budget for the sessions-fit figure (default: free memory)")
-    bench.add_argument("--max-batch-delay-ms", type=int, metavar="MS",
-                       help="the served stack's TorchServe maxBatchDelay (default: the archive template's)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw TTFT per turn (needs matplotlib)")
     bench.set_defaults(run=cmd_bench)
@@ -110,10 +108,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sessions-per-worker", type=int, default=DEFAULT_SESSIONS_PER_WORKER)
     parser.add_argument("--session-ttl", type=int, default=ServingConfig.session_ttl_s, help="seconds")
-    parser.add_argument(
-        "--max-batch-delay-ms", type=int, metavar="MS",
-        help="how long a lone turn waits for others to batch with (default: model-store/model-config.yaml's)",
-    )
 
 
 # --- commands -----------------------------------------------------------------
@@ -192,7 +186,6 @@ def _build_archive(args, model_dir: Path, out_dir: Path, fmt: str) -> Path:
         sessions_per_worker=args.sessions_per_worker,
         session_ttl_s=args.session_ttl,
         fmt=fmt,
-        max_batch_delay_ms=args.max_batch_delay_ms,
     )
 
 
@@ -200,8 +193,6 @@ def _prebuilt_archive(args) -> Path:
     """--archive: a no-archive model folder (what `upload` puts on S3, SageMaker's /opt/ml/model)."""
     if args.model:
         raise ConfigError("give --model (build an archive) or --archive (serve a built one), not both")
-    if args.max_batch_delay_ms is not None:
-        raise ConfigError("--max-batch-delay-ms is baked into a built archive; rebuild it with the setting")
     if (args.sessions_per_worker, args.session_ttl) != (DEFAULT_SESSIONS_PER_WORKER, ServingConfig.session_ttl_s):
         raise ConfigError(
             "--sessions-per-worker and --session-ttl are baked into a built archive; with --archive set "

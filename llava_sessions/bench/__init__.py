@@ -26,7 +26,6 @@ def main(args) -> int:
         concurrency=args.concurrency,
         device=args.device,
         budget_gb=args.budget_gb,
-        max_batch_delay_ms=args.max_batch_delay_ms,
     )
 
     def log(message: str) -> None:

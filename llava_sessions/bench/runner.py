@@ -46,7 +46,6 @@ class Options:
     device: str = "auto"
     budget_gb: float | None = None
     work_dir: Path | None = None
-    max_batch_delay_ms: int | None = None  # None: the archive template's
 
     def command(self) -> str:
         parts = ["llava-sessions", "bench", "--preset", self.preset]
@@ -57,8 +56,6 @@ class Options:
                   "--device", self.device]
         if self.budget_gb is not None:
             parts += ["--budget-gb", str(self.budget_gb)]
-        if self.max_batch_delay_ms is not None:
-            parts += ["--max-batch-delay-ms", str(self.max_batch_delay_ms)]
         return shlex.join(parts)
 
 
@@ -210,8 +207,7 @@ def run(options: Options, log=print) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-", dir=options.work_dir) as tmp:
         log("bench: starting the serving stack (1 worker, in its own process)")
-        with served.StackProcess(model_dir, Path(tmp), options.device,
-                                 max_batch_delay_ms=options.max_batch_delay_ms) as stack:
+        with served.StackProcess(model_dir, Path(tmp), options.device) as stack:
             client = served.Client(stack.url)
             served.warm_up(client, image_b64, prompts)
             for r in range(R):

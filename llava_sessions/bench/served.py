@@ -230,9 +230,8 @@ class StackProcess:
     real client does. The child stops the stack when told, or when this process goes away.
     """
 
-    def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0,
-                 max_batch_delay_ms: int | None = None):
-        self.args = (str(model_dir), str(work_dir), device, max_batch_delay_ms)
+    def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0):
+        self.args = (str(model_dir), str(work_dir), device)
         self.ready_timeout = ready_timeout
         self.url: str | None = None
 
@@ -269,9 +268,9 @@ class StackProcess:
         self._conn.close()
 
 
-def _serve_until_told(model_dir: str, work_dir: str, device: str, max_batch_delay_ms: int | None, conn) -> None:
+def _serve_until_told(model_dir: str, work_dir: str, device: str, conn) -> None:
     try:
-        stack = start_stack(Path(model_dir), Path(work_dir), device, max_batch_delay_ms=max_batch_delay_ms)
+        stack = start_stack(Path(model_dir), Path(work_dir), device)
     except Exception as error:
         conn.send(("failed", f"{type(error).__name__}: {error}"))
         return
@@ -284,8 +283,7 @@ def _serve_until_told(model_dir: str, work_dir: str, device: str, max_batch_dela
         stack.stop()
 
 
-def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32,
-                max_batch_delay_ms: int | None = None):
+def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32):
     """Build the archive and start a ServingStack with one worker on a free loopback port."""
     from llava_sessions.archive import build_archive
     from llava_sessions.serving_stack import ServingStack
@@ -297,6 +295,5 @@ def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worke
         sessions_per_worker=sessions_per_worker,
         session_ttl_s=3600,
         handler_overrides=overrides,
-        max_batch_delay_ms=max_batch_delay_ms,
     )
     return ServingStack(archive, work_dir / "run", workers=1, port=0).start(ready_timeout=900)

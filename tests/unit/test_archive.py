@@ -82,11 +82,7 @@ def test_rejects_unknown_handler_settings(tmp_path, checkpoint, handler_file):
         build(checkpoint, tmp_path / "out", handler_file, handler_overrides={"max_sesions": 3})
 
 
-def test_the_batch_delay_is_the_templates_unless_given(tmp_path, checkpoint, handler_file):
-    default = yaml.safe_load((build(checkpoint, tmp_path / "a", handler_file) / "model-config.yaml").read_text())
-    assert default["maxBatchDelay"] == 2 and default["batchSize"] == 8
-    archive = build(checkpoint, tmp_path / "b", handler_file, max_batch_delay_ms=7)
-    assert yaml.safe_load((archive / "model-config.yaml").read_text())["maxBatchDelay"] == 7
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ConfigError, match="batch delay"):
-            build(checkpoint, tmp_path / "c", handler_file, max_batch_delay_ms=bad)
+def test_torchserve_hands_the_worker_one_request_at_a_time(tmp_path, checkpoint, handler_file):
+    # The router batches (handler/bundle.py); TorchServe's batching would only add its delay.
+    config = yaml.safe_load((build(checkpoint, tmp_path / "a", handler_file) / "model-config.yaml").read_text())
+    assert config["batchSize"] == 1 and "maxBatchDelay" not in config

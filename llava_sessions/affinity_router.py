@@ -414,6 +414,9 @@ def _header_session_id(headers: CIMultiDictProxy) -> str | None:
 
 def _body_session_id(body: bytes) -> str | None:
     """The AWS-sample dialect's ``session_id``, when the body is such a JSON object and names one."""
+    if b"session_id" not in body and b"\\u" not in body:
+        # No such key, even \u-escaped: skip parsing (an open's inline image is most of a megabyte).
+        return None
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):  # not JSON: the worker explains what is wrong

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from multidict import CIMultiDict
 
-from llava_sessions.affinity_router import AffinityRouter
+from llava_sessions.affinity_router import AffinityRouter, _body_session_id
 from llava_sessions.handler import bundle
 from llava_sessions.http_proxy_server import STOP_TIMEOUT_S
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
@@ -357,6 +357,13 @@ def test_aws_sample_dialect_routes_by_the_body_session_id(http, router, fake):
     after = invoke(http, router, {"type": "send_text_prompt", "session_id": session_id, "prompt_text": "hi"})
     assert after.status_code == 404 and error_code(after) == "SESSION_NOT_FOUND"
     assert len(fake.seen) == 4
+
+
+def test_the_body_session_id_is_found_however_its_key_is_written():
+    # The router skips parsing bodies that cannot name one (an open's inline image), and only those.
+    assert _body_session_id(b'{"type": "chat", "session_id": "sess-ab"}') == "sess-ab"
+    assert _body_session_id(b'{"type": "chat", "session\\u005fid": "sess-ab"}') == "sess-ab"
+    assert _body_session_id(b'{"type": "open", "images": ["' + b"A/+=" * 50000 + b'"]}') is None
 
 
 def test_invalid_body_session_id_is_refused(http, router, fake):

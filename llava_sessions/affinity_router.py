@@ -54,6 +54,8 @@ PING_TIMEOUT_S = 2.0
 MAX_BUNDLE = 8
 # Room left in a bundle for each member's framing and headers.
 BUNDLE_MEMBER_OVERHEAD = 4096
+# Requests that may wait in the router for one worker (TorchServe's own job_queue_size default).
+MAX_WAITING = 100
 CONNECT_TIMEOUT_S = 5.0
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -121,6 +123,7 @@ class AffinityRouter(HttpProxyServer):
         routes: SessionRoutes | None = None,
         request_timeout_s: float = 660,
         max_bundle: int = MAX_BUNDLE,
+        max_waiting: int = MAX_WAITING,
     ):
         if not backends:
             raise ValueError("backends must name at least one inference URL")
@@ -131,9 +134,10 @@ class AffinityRouter(HttpProxyServer):
         self.ping_url = ping_url
         self.max_body_bytes = max_body_bytes
         self.routes = routes if routes is not None else SessionRoutes(len(backends))
-        if max_bundle < 1:
-            raise ValueError(f"max_bundle must be at least 1, got {max_bundle}")
+        if max_bundle < 1 or max_waiting < 0:
+            raise ValueError(f"max_bundle must be at least 1 and max_waiting at least 0, got {max_bundle}, {max_waiting}")
         self.max_bundle = max_bundle
+        self.max_waiting = max_waiting
         self._gates = [_Gate() for _ in backends]
         # A read timeout, not a total one: a long stream is fine while tokens keep coming.
         self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=request_timeout_s)
@@ -175,6 +179,10 @@ class AffinityRouter(HttpProxyServer):
         """Straight to an idle worker; to a busy one with the next bundle (see handler/bundle.py)."""
         gate = self._gates[target.backend]
         if gate.busy:
+            if len(gate.waiting) >= self.max_waiting:  # overload: say so now rather than queue without end
+                raise WorkerUnavailable(
+                    f"the model worker for this request has {len(gate.waiting)} requests waiting; retry shortly"
+                )
             waiting = _Waiting(request, body, target, asyncio.get_running_loop().create_future())
             gate.waiting.append(waiting)
             return await waiting.answered  # a client that hangs up cancels it: it is then skipped

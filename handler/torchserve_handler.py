@@ -87,12 +87,15 @@ class LlavaSessionHandler:
                 waiting = []
             self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
         self._run_waiting(waiting)
+        by_row: dict[int, list[PendingRequest]] = {}
+        for item in items:
+            by_row.setdefault(item.idx, []).append(item)
         bodies: list[str | bytes] = []
-        for idx in range(len(data)):
+        for idx, row_items in sorted(by_row.items()):
             if idx in bundles:
-                bodies.append(self._bundle_answer(context, idx, [i for i in items if i.idx == idx]))
+                bodies.append(self._bundle_answer(context, idx, row_items))
             else:
-                [item] = [i for i in items if i.idx == idx]
+                [item] = row_items
                 self._send(context, idx, item.reply)
                 bodies.append(item.reply.render())
         if self.metrics is not None:

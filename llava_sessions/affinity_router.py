@@ -228,23 +228,18 @@ class AffinityRouter(HttpProxyServer):
         )
         headers = {"Content-Type": bundle.CONTENT_TYPE, bundle.BUNDLE_HEADER: str(len(members))}
         try:
-            upstream = await self._client.post(self.backends[backend], data=body, headers=headers, timeout=self._timeout)
+            async with self._client.post(self.backends[backend], data=body, headers=headers,
+                                         timeout=self._timeout) as upstream:
+                if upstream.status == 200:
+                    await self._relay_bundle(upstream, members)
+                    return
+                payload = await upstream.read()  # TorchServe itself failed the bundle
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             for member in members:
                 _settle_error(member, self._unavailable(member.target, exc))
             return
-        async with upstream:
-            if upstream.status != 200:  # TorchServe itself failed the bundle: each member hears why
-                try:
-                    payload = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    for member in members:
-                        _settle_error(member, self._unavailable(member.target, exc))
-                    return
-                for member in members:
-                    await _settle(member, lambda: self._relay_error(member.target, upstream.status, upstream.headers, payload))
-                return
-            await self._relay_bundle(upstream, members)
+        for member in members:  # each member hears why, as a request of its own would
+            await _settle(member, lambda: self._relay_error(member.target, upstream.status, upstream.headers, payload))
 
     async def _relay_bundle(self, upstream: aiohttp.ClientResponse, members: list[_Waiting]) -> None:
         """Each member's frames to its client as they arrive (``handler/bundle.py``)."""

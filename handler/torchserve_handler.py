@@ -44,8 +44,11 @@ class LlavaSessionHandler:
 
     def initialize(self, context) -> None:
         # Imported here so this module (and its tests) load without torch.
+        from llava_sessions.handler.engine import host_allocator
         from llava_sessions.handler.engine.engine import SessionEngine
         from llava_sessions.handler.engine.model_loader import load_model, resolve_device
+
+        host_allocator.keep_freed_memory()  # this worker process is the sessions' server
 
         properties = context.system_properties
         yaml_section = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})

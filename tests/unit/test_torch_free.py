@@ -17,6 +17,7 @@ TORCH_FREE = [
     "llava_sessions.handler.image_sources",
     "llava_sessions.handler.engine.session_store",
     "llava_sessions.handler.engine.memory_budget",
+    "llava_sessions.handler.engine.host_allocator",
     "llava_sessions.deploy",
     "llava_sessions.http_proxy_server",
     "llava_sessions.deploy.artifacts",

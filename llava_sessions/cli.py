@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b"],
                        help="random-weight model shape (default: small, the CPU default)")
     bench.add_argument("--model", help="existing checkpoint directory (overrides the preset's weights)")
-    bench.add_argument("--turns", type=int, default=6, help="turns in the conversation (default 6)")
+    bench.add_argument("--turns", type=int, default=6, help="turns in the conversation, at least 2 (default 6)")
     bench.add_argument("--repeats", type=int, default=3, help="repeats per turn; medians are reported (default 3)")
     bench.add_argument("--max-new-tokens", type=int, default=24, help="answer length of the reference turns")
     bench.add_argument("--concurrency", type=int, default=8, help="sessions taking turns at once (default 8)")

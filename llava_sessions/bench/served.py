@@ -4,7 +4,8 @@ Torch-free. A server turn always appends its own answer to the session's history
 sent with max_new_tokens=1 (to time TTFT) leaves that session off the reference history. Each
 TTFT probe therefore gets its own session: session S_k replays turns 1..k-1 in full (timed too:
 those are the full turns for the decode rate, and their answers must equal the reference), then
-sends turn k with max_new_tokens=1. One more session replays all K turns in full.
+sends turn k with max_new_tokens=1. One more session replays all K turns in full. Turn 1 is
+timed as a cold open (``cold_open``): one request opens the session with the image and asks.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ class ServedSamples:
     """Raw timings of one repeat; indices are 0-based turns."""
 
     open_s: list[float] = field(default_factory=list)  # image-only opens of S_2..
-    probe: dict[int, TurnSample] = field(default_factory=dict)
+    cold: list[TurnSample] = field(default_factory=list)  # turn 1: cold opens (the runner's pairs)
+    probe: dict[int, TurnSample] = field(default_factory=dict)  # turns 2..K
     full: dict[int, list[TurnSample]] = field(default_factory=dict)
+
+    def probes(self, k: int) -> list[TurnSample]:
+        """Turn k's TTFT samples: the cold opens for the first turn, the one probe for the others."""
+        return self.cold if k == 0 else [self.probe[k]]
 
 
 class Client:
@@ -155,15 +161,20 @@ def warm_up(client: Client, image_b64: str, prompts: list[str], requests_to_send
             client.close(session_id)
 
 
-def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
-    """One repeat: sessions S_1..S_K (probe turn k after k-1 full turns) and one all-full session.
+def cold_open(client: Client, image_b64: str, prompt: str) -> TurnSample:
+    """A cold first turn as a client makes it: one request opens with the image and asks; then closed."""
+    sample, session_id = client.open_with_question(image_b64, prompt, 1)
+    client.close(session_id)
+    return sample
 
-    S_1 opens with its question in the same request, as a client does for a cold first turn.
+
+def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens: int) -> ServedSamples:
+    """One repeat's sessions S_2..S_K (probe turn k after k-1 full turns) and one all-full session.
+
+    Turn 1's samples (``cold``) are the runner's to add: it times them next to the stateless turn 1.
     """
     samples = ServedSamples()
     turns = len(prompts)
-    samples.probe[0], session_id = client.open_with_question(image_b64, prompts[0], 1)
-    client.close(session_id)
     for k in range(1, turns + 1):  # k == turns: the all-full session
         open_s, session_id = client.open(image_b64)
         samples.open_s.append(open_s)

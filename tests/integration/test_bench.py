@@ -6,10 +6,12 @@ import contextlib
 import io
 import json
 import math
+import statistics
 
 import pytest
 
 from llava_sessions import cli
+from llava_sessions.bench.runner import COLD_OPEN_PAIRS
 from llava_sessions.bench.stats import RATIO_KEYS
 
 pytestmark = pytest.mark.integration
@@ -62,6 +64,18 @@ def test_per_turn_arrays_have_one_entry_per_turn(bench_result):
     fit = result["sessions_fit"]
     assert fit["measured"]["sessions"] > 0
     assert fit["llava_1_5_7b_fp16_80gb"]["kv_bytes_per_token"] == 524288
+
+
+def test_cold_opens_are_timed_in_pairs_with_the_stateless_first_turn(bench_result):
+    result = json.loads(bench_result[1])
+    samples = result["ttft_samples_s"]
+    assert len(samples["ours"][0]) == len(samples["stateless"][0]) == COLD_OPEN_PAIRS  # --repeats 1
+    assert all(len(turn) == 1 for turn in samples["ours"][1:] + samples["stateless"][1:])
+    assert result["cold_open_s"]["pairs"] == COLD_OPEN_PAIRS
+    expected = statistics.median(samples["ours"][0]) / statistics.median(samples["stateless"][0])
+    assert result["cold_open_vs_stateless"] == pytest.approx(expected)
+    # Turn 1's TTFT (a cold open, vision tower included) says nothing of its full turn's decoding.
+    assert result["decode_tps"]["ours"][0] is None and result["decode_tps"]["ours"][1] > 0
 
 
 def test_the_table_holds_the_run_to_its_devices_targets_and_says_how_answers_agree(bench_result):

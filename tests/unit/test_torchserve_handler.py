@@ -103,3 +103,20 @@ def test_aws_sample_dialect(handler, images, tiny_model_dir, tmp_path):
     assert status == 200 and isinstance(body["response_text"], str)
     status, body, headers = call(handler, {"type": "close_session", "session_id": sid}, {SESSION: sid})
     assert status == 200 and body == {"success": True}
+
+
+def test_the_worker_keeps_the_host_memory_it_frees(tiny_model_dir, monkeypatch):
+    """initialize sets the worker's malloc policy (tests/unit/test_host_allocator.py: what it does)."""
+    from llava_sessions.handler.engine import host_allocator
+    from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+
+    calls = []
+    monkeypatch.setattr(host_allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
+                      model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
+    worker = LlavaSessionHandler()
+    worker.initialize(context)
+    try:
+        assert calls == [1]
+    finally:
+        worker.engine.stop()

@@ -188,7 +188,7 @@ def run(options: Options, log=print) -> dict:
     # strategies, not allocators.
     host_allocator.keep_freed_memory()
     device = resolve_device(options.device)
-    prompts = [QUESTIONS[k % len(QUESTIONS)] for k in range(max(options.turns, 2))]
+    prompts = [QUESTIONS[k % len(QUESTIONS)] for k in range(options.turns)]
     turns = options.turns
     model_dir = checkpoint_for(options)
     log(f"bench: model {model_dir} on {device}")

@@ -69,6 +69,20 @@ def test_management_and_inference_bind_loopback(server):
     assert "metrics_address=http://127.0.0.1:" in properties
 
 
+def test_front_end_jvm_runs_with_the_request_path_settings(server):
+    """config.properties' vmargs reach the JVM (the launcher drops some of them when it likes)."""
+    java = [
+        Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for pid in group_pids(server.pid)
+        if b"org.pytorch.serve.ModelServer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(java) == 1, java
+    assert b"-XX:TieredStopAtLevel=1" in java[0]
+    # On a 2-CPU host a common pool of 1 makes CompletableFuture start a thread per request.
+    parallelism = [arg for arg in java[0] if arg.startswith(b"-Djava.util.concurrent.ForkJoinPool.common.parallelism=")]
+    assert len(parallelism) == 1 and int(parallelism[0].split(b"=")[1]) >= 2
+
+
 def test_requests_leave_one_access_line_each_and_no_chatter(server):
     """Our log4j2.xml: lifecycle lines stay, each once; per-request lines are only the access log's."""
     logs = server.log_dir

@@ -29,6 +29,16 @@ POLL_INTERVAL_S = 0.25
 HTTP_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 60
 REQUEST_LOG_LINE = re.compile(r" (ACCESS_LOG|TS_METRICS) - ")
+# How long TorchServe gets to stop on SIGTERM when its owner died, before SIGKILL.
+ORPHAN_GRACE_S = 20
+# Stops TorchServe's process group once the owner is gone: the owner holds the write end of this
+# process's stdin, which the kernel closes however the owner exits (even SIGKILL), so ``cat`` sees
+# EOF. Its own session, so the TERM it sends to TorchServe's group does not reach it. (No `--`
+# before the negative pgid: dash's kill takes it for a pid.)
+_OWNER_WATCH = (
+    'cat >/dev/null; kill -TERM "-$1" 2>/dev/null || exit 0; '
+    'sleep "$2"; kill -KILL "-$1" 2>/dev/null; exit 0'
+)
 
 class TorchServeError(RuntimeError):
     """TorchServe did not start, did not get ready, or could not be asked."""
@@ -77,6 +87,7 @@ class TorchServeProcess:
         self.log_dir = self.run_dir / "logs"
         self.console_log = self.log_dir / "torchserve.out"
         self._proc: subprocess.Popen | None = None
+        self._owner_watch: subprocess.Popen | None = None
         self._console: IO[bytes] | None = None
 
     # --- addresses ---------------------------------------------------------
@@ -121,6 +132,15 @@ class TorchServeProcess:
             # Its own process group: stop() signals launcher, JVM and workers at once.
             start_new_session=True,
         )
+        # Its own group also means nothing stops it when this process dies without stop() (killed,
+        # or a signal Python does not turn into an exception): the watch does then.
+        self._owner_watch = subprocess.Popen(
+            ["sh", "-c", _OWNER_WATCH, "owner-watch", str(self._proc.pid), str(ORPHAN_GRACE_S)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -138,6 +158,7 @@ class TorchServeProcess:
         """SIGTERM the process group, wait for JVM and workers to go, SIGKILL what is left."""
         if self._proc is None:
             return
+        self._stop_owner_watch()
         pgid = self._proc.pid
         _signal_group(pgid, signal.SIGTERM)
         if not self._wait_group_gone(pgid, timeout):
@@ -191,6 +212,15 @@ class TorchServeProcess:
         return "\n".join(kept[-lines:])
 
     # --- helpers -----------------------------------------------------------
+
+    def _stop_owner_watch(self) -> None:
+        """Stop the watch (sh and its cat) before stop() signals the group itself."""
+        watch, self._owner_watch = self._owner_watch, None
+        if watch is None:
+            return
+        _signal_group(watch.pid, signal.SIGKILL)
+        watch.stdin.close()
+        watch.wait()
 
     def _command(self) -> list[str]:
         return [

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +125,36 @@ def test_stop_leaves_no_processes(workdir, archive):
     ts.stop(timeout=30)
     assert group_pids(pgid) == []
     assert all(not Path(f"/proc/{p}").exists() or _is_zombie(p) for p in workers)
+
+
+def test_torchserve_stops_when_its_owner_is_killed(workdir, archive):
+    """An owner that dies without stop() (SIGKILL: no finally, no atexit) takes TorchServe with it."""
+    owner_code = (
+        "import sys, time\n"
+        "from llava_sessions.torchserve_process import TorchServeProcess\n"
+        "ts = TorchServeProcess(sys.argv[1], sys.argv[2]).start()\n"
+        "ts.wait_ready(timeout=120)\n"
+        "print(ts.pid, ts.worker_pids()[0], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", owner_code, str(archive), str(workdir / "run-d")],
+                             stdout=subprocess.PIPE, text=True)
+    pgid = None
+    try:
+        line = owner.stdout.readline()  # the owner prints once TorchServe is ready, or exits
+        assert line, f"the owner exited with {owner.wait(30)} before TorchServe was ready"
+        pgid, worker = (int(x) for x in line.split())
+        assert worker in group_pids(pgid)
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 60
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert group_pids(pgid) == [], "TorchServe outlived its owner"
+    finally:
+        owner.kill()
+        if pgid is not None and group_pids(pgid):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def _is_zombie(pid: int) -> bool:

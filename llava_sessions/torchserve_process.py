@@ -134,13 +134,17 @@ class TorchServeProcess:
         )
         # Its own group also means nothing stops it when this process dies without stop() (killed,
         # or a signal Python does not turn into an exception): the watch does then.
-        self._owner_watch = subprocess.Popen(
-            ["sh", "-c", _OWNER_WATCH, "owner-watch", str(self._proc.pid), str(ORPHAN_GRACE_S)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        try:
+            self._owner_watch = subprocess.Popen(
+                ["sh", "-c", _OWNER_WATCH, "owner-watch", str(self._proc.pid), str(ORPHAN_GRACE_S)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> None:

@@ -74,7 +74,7 @@ def test_management_and_inference_bind_loopback(server):
 
 
 def test_front_end_jvm_runs_with_the_request_path_settings(server):
-    """config.properties' vmargs reach the JVM (the launcher drops some of them when it likes)."""
+    """config.properties' vmargs reach the JVM's command line (the launcher rewrites them)."""
     java = [
         Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         for pid in group_pids(server.pid)

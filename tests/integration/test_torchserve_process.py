@@ -75,11 +75,8 @@ def test_management_and_inference_bind_loopback(server):
 
 def test_front_end_jvm_runs_with_the_request_path_settings(server):
     """config.properties' vmargs reach the JVM's command line (the launcher rewrites them)."""
-    java = [
-        Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        for pid in group_pids(server.pid)
-        if b"org.pytorch.serve.ModelServer" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in group_pids(server.pid)]
+    java = [args for args in cmdlines if b"org.pytorch.serve.ModelServer" in args]
     assert len(java) == 1, java
     assert b"-XX:TieredStopAtLevel=1" in java[0]
     # On a 2-CPU host a common pool of 1 makes CompletableFuture start a thread per request.

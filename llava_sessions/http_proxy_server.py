@@ -12,7 +12,7 @@ import concurrent.futures
 import logging
 import signal
 import threading
-from typing import Callable, Coroutine
+from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -66,7 +66,7 @@ class HttpProxyServer:
 
     def run_forever(self) -> None:
         """Serve in this thread (the main one) until SIGINT or SIGTERM, or stop() from another thread."""
-        _run(self._serve(on_listening=self._stop_on_signals))
+        asyncio.run(self._serve(on_listening=self._stop_on_signals))
 
     def stop(self) -> None:
         """Stop serving: in-flight requests get SHUTDOWN_GRACE_S, the whole stop at most STOP_TIMEOUT_S."""
@@ -88,7 +88,7 @@ class HttpProxyServer:
 
     def _serve_in_thread(self, listening: concurrent.futures.Future) -> None:
         try:
-            _run(self._serve(on_listening=lambda: listening.set_result(None)))
+            asyncio.run(self._serve(on_listening=lambda: listening.set_result(None)))
         except BaseException as exc:
             if listening.done():
                 log.exception("the %s stopped on an error", self.name)
@@ -122,20 +122,3 @@ class HttpProxyServer:
     def _stop_on_signals(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._loop.add_signal_handler(signum, self._stopping.set)
-
-
-def _run(main: Coroutine) -> None:
-    """Run the server on uvloop's event loop where it is installed, else on asyncio's own.
-
-    Two routers side by side on 2 CPU cores, one on each loop, requests alternating: an open and
-    close without an image 8.0 -> 7.0 ms (medians), follow-up turns 0.95 ms sooner (median of 72
-    paired differences, sooner in 41), which is within this machine's noise (two routers both on
-    uvloop differed by 1.3 ms the same way; on 2026-12-01, before the JVM settings in
-    model-store/config.properties, follow-ups read 38.4 -> 39.7 ms). A small wheel for that.
-    """
-    try:
-        import uvloop
-    except ImportError:  # not on this platform: the standard loop serves the same, a little slower
-        asyncio.run(main)
-        return
-    uvloop.run(main)

@@ -14,9 +14,10 @@ An error after the stream started ends it with TGI's error event,
 ``data:{"error": "...", "error_type": "INTERNAL_ERROR"}``. An error before anything
 was sent is an ordinary JSON error with its status (the adapter's business).
 
-Each token's event is sent when the next token exists, so the last token rides on the
-final event, which the adapter returns from ``handle()``. Torch-free; TorchServe is
-imported only when a chunk is sent.
+Each token's event is sent the moment the engine picks the token, so a stream's first
+event leaves as soon as the prefill is done. The turn's last token (the engine says
+which) rides on the final event, which the adapter returns from ``handle()``.
+Torch-free; TorchServe is imported only when a chunk is sent.
 """
 
 from __future__ import annotations
@@ -83,15 +84,16 @@ class TokenStream:
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self._special_ids = frozenset(special_ids)
         self._send = send
-        self._pending: dict | None = None  # the newest token's event, not sent yet
+        self._pending: dict | None = None  # the last token's event, sent by final_reply
         self.started = False
 
-    def on_token(self, token_id: int) -> None:
-        text = self._detokenizer.push(token_id)
-        if self._pending is not None:
-            self._send(frame(self._pending))
-            self.started = True
-        self._pending = token_event(int(token_id), text, token_id in self._special_ids)
+    def on_token(self, token_id: int, last: bool) -> None:
+        event = token_event(int(token_id), self._detokenizer.push(token_id), token_id in self._special_ids)
+        if last:  # it goes with the answer, from final_reply
+            self._pending = event
+            return
+        self._send(frame(event))
+        self.started = True
 
     def final_reply(self, result) -> Reply:
         token = self._pending

@@ -47,7 +47,8 @@ from llava_sessions.handler.engine.session_store import SessionRecord, SessionSt
 
 log = logging.getLogger(__name__)
 
-TokenCallback = Callable[[int], None]
+# (token id, whether it is the turn's last): called as each token is picked.
+TokenCallback = Callable[[int, bool], None]
 
 
 @dataclass(frozen=True)
@@ -545,9 +546,10 @@ class SessionEngine:
         running.last_token_at = time.perf_counter()
         if len(running.answer) == 1:
             running.first_token_at = running.last_token_at
+        goes_on = token not in self.loaded.eos_token_ids and len(running.answer) < running.max_new
         if running.request.on_token is not None:
-            running.request.on_token(token)
-        return token not in self.loaded.eos_token_ids and len(running.answer) < running.max_new
+            running.request.on_token(token, not goes_on)
+        return goes_on
 
     def _decode_together(self, group: list[_Running]) -> None:
         """Decode the group's turns in one batch, a token per turn per forward, until all are done."""

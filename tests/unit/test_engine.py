@@ -248,7 +248,7 @@ def test_a_turn_that_fails_midway_leaves_the_session_as_it_was(loaded_tiny, imag
     engine.turn(session.session_id, QUESTIONS[0], GREEDY)
     reference.turn(twin.session_id, QUESTIONS[0], GREEDY)
 
-    def explode(token):
+    def explode(token, _last):
         raise RuntimeError("client went away")
 
     with pytest.raises(RuntimeError):

@@ -219,7 +219,7 @@ def test_a_failing_request_fails_alone(loaded_tiny, images):
         twin.turn(twin_sid, QUESTIONS[0], SamplingParams(6))
     calls = []
 
-    def explode_on_the_third(token):
+    def explode_on_the_third(token, _last):
         calls.append(token)
         if len(calls) == 3:
             raise RuntimeError("client went away")
@@ -273,7 +273,7 @@ def test_streaming_callbacks_come_in_order_per_row_and_interleave(loaded_tiny):
     sids = [engine.open_session([]).session_id for _ in range(4)]
     log = []
     requests = [
-        TurnRequest(sid, prompt_for(i, 0), SamplingParams(6 + i), on_token=lambda t, i=i: log.append((i, t)))
+        TurnRequest(sid, prompt_for(i, 0), SamplingParams(6 + i), on_token=lambda t, _last, i=i: log.append((i, t)))
         for i, sid in enumerate(sids)
     ]
     answers = [result.token_ids for result in engine.turns(requests)]
@@ -315,7 +315,7 @@ def test_the_batch_padding_is_reserved_or_rows_decode_alone(loaded_tiny, images,
     sizes = sizes_of_views(monkeypatch)
     seen = []
 
-    def within_budget(_token):
+    def within_budget(_token, _last):
         tiers = measured(engine)
         held = tiers["device_kv"] + tiers["device_features"] + engine._batch_view_bytes
         seen.append(held)
@@ -349,7 +349,7 @@ def test_batches_under_a_tight_budget_answer_like_an_unconstrained_twin(loaded_t
     engine._run_wave = counting_wave
     twin_of, turns_of = {}, {}
 
-    def within_budget(_token):
+    def within_budget(_token, _last):
         tiers = measured(engine)
         assert tiers["device_kv"] + tiers["device_features"] + engine._batch_view_bytes <= budget
 

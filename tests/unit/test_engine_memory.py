@@ -204,7 +204,7 @@ def test_many_sessions_churning_under_a_tight_budget_answer_like_an_unconstraine
     seen_not_found = 0
     stateless_checks = 0
 
-    def on_token(_token):
+    def on_token(_token, _last):
         tiers = measured(engine)
         assert tiers["device_kv"] + tiers["device_features"] <= budget
 

@@ -132,7 +132,7 @@ def test_an_oom_while_decoding_refuses_every_turn_of_the_batch_cleanly(loaded_ti
     failing(monkeypatch, "decode_one_token", CPU_OOM, {2})
     streamed = []
     outcomes = engine.turns([
-        TurnRequest(a, QUESTIONS[1], GREEDY, on_token=streamed.append),
+        TurnRequest(a, QUESTIONS[1], GREEDY, on_token=lambda token, _last: streamed.append(token)),
         TurnRequest(c, QUESTIONS[1], GREEDY),
     ])
     assert [type(o) for o in outcomes] == [OutOfMemoryBudget, OutOfMemoryBudget]

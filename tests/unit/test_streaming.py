@@ -51,14 +51,15 @@ def test_frames_are_tgi_events():
     ]
 
 
-def test_token_stream_sends_each_token_when_the_next_exists():
+def test_token_stream_sends_each_token_at_once_and_the_last_with_the_answer():
     tokenizer = build_tokenizer()
     ids = tokenizer.encode("tea 🍵 ok", add_special_tokens=False) + [tokenizer.eos_token_id]
     sent: list[str] = []
     stream = streaming.TokenStream(tokenizer, {tokenizer.eos_token_id}, sent.append)
     for count, token_id in enumerate(ids):
-        stream.on_token(token_id)
-        assert len(sent) == count and stream.started == (count > 0)
+        last = count == len(ids) - 1
+        stream.on_token(token_id, last)
+        assert len(sent) == (count if last else count + 1) and stream.started
     result = SimpleNamespace(text="tea 🍵 ok", finish_reason="stop", prompt_tokens=20, cached_tokens=0,
                              completion_tokens=len(ids))
     reply = stream.final_reply(result)
@@ -181,6 +182,29 @@ def test_a_streamed_turn_sends_one_event_per_token_to_its_request_only(handler, 
     assert json.loads(later)["usage"]["cached_tokens"] > 0
 
 
+def test_a_streams_first_event_leaves_before_the_second_token_is_computed(handler, images, monkeypatch):
+    """Time to first token: the prefill's token goes out before any decode step runs."""
+    sid = open_session(handler, images[0])
+    order: list[str] = []
+    real_sendall, real_decode = FakeSocket.sendall, generation.decode_one_token
+
+    def sendall(self, data):
+        order.append("sent")
+        real_sendall(self, data)
+
+    def decode(*args, **kwargs):
+        order.append("decode")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(FakeSocket, "sendall", sendall)
+    monkeypatch.setattr(generation, "decode_one_token", decode)
+    [out], _, socket = batch(handler, [(turn("Describe it", stream=True, max_new_tokens=6), {SESSION: sid})])
+    final = parse_events(out)[-1]
+    assert final["details"]["generated_tokens"] > 1, "the random model stopped at once; pick another prompt"
+    # token k's event leaves before the decode step that computes token k + 1
+    assert order[:2] == ["sent", "decode"] and order.count("sent") == final["details"]["generated_tokens"] - 1
+
+
 def test_an_error_before_the_first_token_is_a_plain_json_error(handler, images, monkeypatch):
     [out], context, socket = batch(handler, [(turn("hi", stream=True), {SESSION: "sess-unknown"})])
     assert socket.sent == [] and json.loads(out)["error"]["code"] == SessionNotFound.code
@@ -215,7 +239,7 @@ def test_an_error_mid_stream_ends_it_with_an_error_event_and_keeps_the_session(h
     monkeypatch.setattr(generation, "decode_one_token", real_decode)
 
     frames = [decode_frame(data)["req-0"] for data in socket.sent]
-    assert len(frames) == 2  # tokens 1 and 2 went out; token 3 was pending when decoding failed
+    assert len(frames) == 3  # tokens 1-3 went out as they came; the decode of the fourth failed
     assert parse_events(out) == [{"error": "the server failed to process this request; it has been logged",
                                   "error_type": "INTERNAL_ERROR"}]
     assert context.get_response_content_type(0) == "text/event-stream"

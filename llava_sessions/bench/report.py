@@ -37,6 +37,11 @@ def table(result: dict) -> str:
             + " ".join(f"{v * 1e3:>16.1f}" for v in (a, b, c, d))
             + f" {b / a:>6.1f} {c / a:>6.1f} {a / d:>6.2f}"
         )
+    lines.append(
+        "(a) streamed, first event per turn (ms): "
+        + ", ".join(f"{v * 1e3:.1f}" for v in result["ours_streamed_first_event_s"])
+        + f"; follow-ups {result['followup_streamed_first_event_vs_ours']:.2f}x the one-token turn"
+    )
     lines += ["", f"ratios (follow-up = turns >= {stats.FIRST_FOLLOWUP_TURN})"
               f"{'target':>26} {'median':>8}          {'best-of-R':>9}"]
     best = result.get("ratios_best_of_repeats", {})
@@ -109,6 +114,8 @@ def plot(result: dict, path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, label in STRATEGIES:
         ax.plot(turns, [v * 1e3 for v in result["ttft_s"][name]], marker="o", label=label)
+    ax.plot(turns, [v * 1e3 for v in result["ours_streamed_first_event_s"]], marker="x", linestyle="--",
+            color="C0", label="(a) ours, streamed: first event")
     ax.set_yscale("log")
     ax.set_xlabel("turn")
     ax.set_ylabel("time to first token (ms)")

@@ -272,7 +272,8 @@ def run(options: Options, log=print) -> dict:
                 if probe.text != first_text:
                     mismatches.append(f"{where}: first token {probe.text!r} != {first_text!r}")
                     analysis.append({"where": where, "kind": "first_token", **divergence.at(turn, probe.text, 0)})
-            for sample in samples.full.get(k, []):
+            streamed = [samples.streamed[k]] if k in samples.streamed else []
+            for sample in samples.full.get(k, []) + streamed:
                 if sample.text != turn.text or sample.completion_tokens != len(turn.answer_ids):
                     mismatches.append(f"{where}: answer {sample.text!r} != {turn.text!r}")
                     analysis.append({"where": where, "kind": "answer", **divergence.at(turn, sample.text)})
@@ -281,12 +282,15 @@ def run(options: Options, log=print) -> dict:
     # Turn 1 of ours is a cold open: one request opens with the image and the first question.
     ours_samples = [[p.seconds for s in repeats_a for p in s.probes(k)] for k in range(K)]
     full_samples = [[x.seconds for rep in repeats_a for x in rep.full[k]] for k in range(K)]
+    # The streamed session's first events (turn 1 there follows an image-only open: not a cold open).
+    streamed_samples = [[rep.streamed[k].first_event_seconds for rep in repeats_a] for k in range(K)]
     samples = {"ours": ours_samples, "stateless": stateless, "pixel_cache": pixel_cache, "floor": floor}
     figures = {}
     for reducer_name, reducer in (("median", stats.median), ("min", min)):
         figures[reducer_name] = _figures(reducer, samples, full_samples, bare_total, conc, reference)
     ttft = figures["median"]["ttft"]
     ratios = figures["median"]["ratios"]
+    streamed_ttft = [stats.median(v) for v in streamed_samples]
     ours_tps, bare_tps = figures["median"]["ours_tps"], figures["median"]["bare_tps"]
     full_total = figures["median"]["full_total"]
 
@@ -317,7 +321,12 @@ def run(options: Options, log=print) -> dict:
         "ttft_best_s": figures["min"]["ttft"],
         "ttft_samples_s": {
             "ours": ours_samples, "stateless": stateless, "pixel_cache": pixel_cache, "floor": floor,
+            "ours_streamed_first_event": streamed_samples,
         },
+        # Informational: a streamed turn's first event against the same turn unstreamed (one token).
+        "ours_streamed_first_event_s": streamed_ttft,
+        "followup_streamed_first_event_vs_ours": stats.median_ratio(
+            stats.followup(streamed_ttft), stats.followup(ttft["ours"])),
         "cold_open_s": {
             "ours_open_with_question": ttft["ours"][0],
             "ours_image_only_open": stats.median(x for s in repeats_a for x in s.open_s),

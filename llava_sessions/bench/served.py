@@ -6,6 +6,8 @@ TTFT probe therefore gets its own session: session S_k replays turns 1..k-1 in f
 those are the full turns for the decode rate, and their answers must equal the reference), then
 sends turn k with max_new_tokens=1. One more session replays all K turns in full. Turn 1 is
 timed as a cold open (``cold_open``): one request opens the session with the image and asks.
+And one session streams all K turns in full (``"stream": true``), timing each turn's first
+event: the TTFT a chat client sees while the answer keeps coming.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llava_sessions.deploy.client import iter_events
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 
@@ -35,6 +39,7 @@ class TurnSample:
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: int
+    first_event_seconds: float | None = None  # streamed turns: until the first event was read
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ServedSamples:
     cold: list[TurnSample] = field(default_factory=list)  # turn 1: cold opens (the runner's pairs)
     probe: dict[int, TurnSample] = field(default_factory=dict)  # turns 2..K
     full: dict[int, list[TurnSample]] = field(default_factory=dict)
+    streamed: dict[int, TurnSample] = field(default_factory=dict)  # turns 1..K of the streamed session
 
     def probes(self, k: int) -> list[TurnSample]:
         """Turn k's TTFT samples: the cold opens for the first turn, the one probe for the others."""
@@ -74,20 +80,36 @@ class Client:
 
         Transport failures raise OSError or http.client.HTTPException; the connection is then dropped.
         """
+        elapsed, _, status, payload = self._exchange(body, session_id, timeout, first_event=False)
+        return elapsed, status, payload
+
+    def _exchange(
+        self, body: dict, session_id: str | None, timeout: float | None, first_event: bool
+    ) -> tuple[float, float | None, int, bytes]:
+        """(seconds to the whole answer, seconds to its first server-sent event if asked for and
+        it came, status, body)."""
         headers = {"Content-Type": "application/json"}
         if session_id is not None:
             headers[SESSION_HEADER] = session_id
         data = json.dumps(body).encode()
         connection = self._connection(timeout or self.timeout)
         start = time.perf_counter()
+        first = None
         try:
             connection.request("POST", self._path, body=data, headers=headers)
             response = connection.getresponse()
-            payload = response.read()
+            if not first_event:
+                payload = response.read()
+            else:
+                payload = b""
+                while chunk := response.read1(1 << 16):  # each chunk as it arrives
+                    payload += chunk
+                    if first is None and b"\n\n" in payload:  # an event ends with a blank line
+                        first = time.perf_counter() - start
         except BaseException:
             connection.close()
             raise
-        return time.perf_counter() - start, response.status, payload
+        return time.perf_counter() - start, first, response.status, payload
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         connection = getattr(self._local, "connection", None)
@@ -123,6 +145,20 @@ class Client:
         body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
         elapsed, reply = self._post(body, session_id)
         return _turn_sample(elapsed, reply)
+
+    def turn_streamed(self, session_id: str, prompt: str, max_new_tokens: int) -> TurnSample:
+        """A turn with ``"stream": true``; its sample also says when the first event was read."""
+        body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1, "stream": True}
+        elapsed, first, status, payload = self._exchange(body, session_id, None, first_event=True)
+        if status != 200:
+            raise ServerError(f"HTTP {status}: {payload[:500].decode('utf-8', errors='replace')}")
+        events = list(iter_events([payload]))
+        if not events or "generated_text" not in events[-1] or "error" in events[-1]:
+            raise ServerError(f"the stream did not end with an answer: {payload[-500:].decode('utf-8', errors='replace')}")
+        sample = _turn_sample(elapsed, events[-1])
+        sample.token_ids = [event["token"]["id"] for event in events if event.get("token")]
+        sample.first_event_seconds = first
+        return sample
 
     def close(self, session_id: str) -> None:
         self._post({"requestType": "CLOSE"}, session_id)
@@ -185,6 +221,12 @@ def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens
                 samples.probe[k] = client.turn(session_id, prompts[k], 1)
         finally:
             client.close(session_id)
+    _, session_id = client.open(image_b64)
+    try:
+        for k in range(turns):
+            samples.streamed[k] = client.turn_streamed(session_id, prompts[k], max_new_tokens)
+    finally:
+        client.close(session_id)
     return samples
 
 

@@ -58,6 +58,9 @@ def test_per_turn_arrays_have_one_entry_per_turn(bench_result):
     for name in ("ours", "stateless", "pixel_cache", "floor"):
         values = result["ttft_s"][name]
         assert len(values) == TURNS and all(v > 0 for v in values), name
+    streamed = result["ours_streamed_first_event_s"]
+    assert len(streamed) == TURNS and all(v > 0 for v in streamed)
+    assert result["followup_streamed_first_event_vs_ours"] > 0
     assert len(result["decode_tps"]["ours"]) == TURNS
     assert len(result["bytes_per_session"]["after_turn"]) == TURNS
     assert result["bytes_per_session"]["accounting_matches_measurement"] is True

@@ -21,6 +21,9 @@ class _Recorder(BaseHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.seen.append((self.path, self.headers.get(SESSION_HEADER), body, self.client_address[1]))
+        if body.get("stream"):
+            self._stream(fail=body.get("prompt") == "fail")
+            return
         status, reply = (404, {"error": {"code": "SESSION_NOT_FOUND"}}) if body.get("missing") else (200, {
             "session_id": "s-1", "generated_text": "hi",
             "usage": {"prompt_tokens": 7, "completion_tokens": 1, "cached_tokens": 5},
@@ -35,8 +38,29 @@ class _Recorder(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _stream(self, fail: bool) -> None:
+        """TGI events, chunked: the first at once, the rest after STREAM_PAUSE_S."""
+        events = [{"token": {"id": 5, "text": "Hel", "special": False}, "generated_text": None},
+                  {"error": "device lost", "error_type": "INTERNAL_ERROR"} if fail else
+                  {"token": {"id": 6, "text": "lo", "special": False}, "generated_text": "Hello",
+                   "usage": {"prompt_tokens": 9, "completion_tokens": 2, "cached_tokens": 4}}]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for k, event in enumerate(events):
+            if k:
+                time.sleep(STREAM_PAUSE_S)
+            data = ("data:" + json.dumps(event) + "\n\n").encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
     def log_message(self, *args):
         pass
+
+
+STREAM_PAUSE_S = 0.3
 
 
 @pytest.fixture
@@ -99,3 +123,18 @@ def test_send_reports_the_status_without_raising(server):
 def test_only_plain_http_urls_are_taken():
     with pytest.raises(ValueError, match="plain HTTP"):
         Client("https://example.com")
+
+
+def test_a_streamed_turn_times_its_first_event_and_reads_the_answer(server):
+    client = _client(server)
+    sample = client.turn_streamed("s-1", "hi", 4)
+    assert sample.first_event_seconds is not None and sample.first_event_seconds < STREAM_PAUSE_S
+    assert sample.seconds >= STREAM_PAUSE_S
+    assert (sample.text, sample.token_ids, sample.completion_tokens, sample.cached_tokens) == ("Hello", [5, 6], 2, 4)
+    assert server.seen[-1][2]["stream"] is True and server.seen[-1][1] == "s-1"
+    assert client.turn("s-1", "again", 1).text == "hi"  # the connection is still good after a stream
+
+
+def test_a_stream_that_ends_in_an_error_event_raises(server):
+    with pytest.raises(ServerError, match="device lost"):
+        _client(server).turn_streamed("s-1", "fail", 4)

@@ -59,7 +59,7 @@ def table(result: dict) -> str:
         f"cold open: ours open with the first question {cold['ours_open_with_question'] * 1e3:.1f} ms"
         f" (an image-only open {cold['ours_image_only_open'] * 1e3:.1f} ms),"
         f" stateless turn 1 {cold['stateless_turn1'] * 1e3:.1f} ms (medians of {cold['pairs']} pairs timed"
-        " back to back)",
+        f" back to back; the ratio is the pairs' median, the medians' ratio {cold['ratio_of_medians']:.2f})",
         "decode tok/s per turn: ours " + _fmt_list(dec["ours"]) + "; bare generate " + _fmt_list(dec["bare_generate"])
         + "; bare decode step " + _fmt_list(dec["floor_one_step"]),
         f"concurrency: {conc['sessions']} sessions {conc['concurrent_tps']:.1f} tok/s vs 1 session"

@@ -290,7 +290,7 @@ def run(options: Options, log=print) -> dict:
         figures[reducer_name] = _figures(reducer, samples, full_samples, bare_total, conc, reference)
     ttft = figures["median"]["ttft"]
     ratios = figures["median"]["ratios"]
-    streamed_ttft = [stats.median(v) for v in streamed_samples]
+    streamed_ttft = stats.per_turn_medians(streamed_samples)
     ours_tps, bare_tps = figures["median"]["ours_tps"], figures["median"]["bare_tps"]
     full_total = figures["median"]["full_total"]
 

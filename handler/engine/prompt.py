@@ -20,6 +20,9 @@ newlines, braces, non-ASCII). Its ids then come from the tokenizer backend
 directly. Rendering twice and the tokenizer's wrapper cost about 1 ms of a
 follow-up on 2 CPU cores right after a forward; the frame and the backend about
 a tenth of that. A template that fails the check renders every turn.
+
+A prompt is text: where it spells a special token ("</s>"), that stays text
+(special_text.py); only the image token is refused, with a pointer to 'images'.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from llava_sessions.errors import InternalError, InvalidRequest
+from llava_sessions.handler.engine.special_text import SpecialText, private_backend
 
 # LLaVA-1.5's conversation format, for checkpoints that ship no chat template.
 LLAVA_15_TEMPLATE = (
@@ -83,18 +87,68 @@ class TurnFormatter:
         # (before, after): a text-only follow-up's turn text is before + prompt + after.
         self.follow_up_frame = self._find_follow_up_frame() if self.renders_locally else None
         self._encode_follow_up = self._follow_up_encoder()
+        self.special_text = SpecialText(tokenizer)
+        self.special_text.verify(self._special_text_samples())
 
     def user_turn_ids(self, conversation: Conversation, text: str, n_images: int) -> list[int]:
-        """Ids of one user turn plus the assistant prompt, image placeholders expanded."""
+        """Ids of one user turn plus the assistant prompt, image placeholders expanded.
+
+        Special-token spellings in the prompt are text (special_text.py).
+        """
+        spelled = self.special_text.spelled(text)
         if self.follow_up_frame is not None and conversation.messages and n_images == 0:
             before, after = self.follow_up_frame
-            return self._expand_images(self._encode_follow_up(before + text + after), 0)
+            if spelled is None:
+                return self._expand_images(self._encode_follow_up(before + text + after), 0)
+            return self._literal_ids(before + text + after, len(before), text, spelled, False, 0)
         history = self._stand_in(conversation.messages) if self.renders_locally else conversation.messages
         first_turn = not conversation.messages
-        ids = self.tokenizer(
-            self._turn_text(history, conversation.user_message(text, n_images)), add_special_tokens=first_turn
-        )["input_ids"]
+        turn_text = self._turn_text(history, conversation.user_message(text, n_images))
+        if spelled is None:
+            return self._expand_images(self.tokenizer(turn_text, add_special_tokens=first_turn)["input_ids"], n_images)
+        start = self._prompt_start(history, text, n_images, turn_text)
+        return self._literal_ids(turn_text, start, text, spelled, first_turn, n_images)
+
+    def _literal_ids(
+        self, turn_text: str, start: int | None, text: str, spelled: str, first_turn: bool, n_images: int
+    ) -> list[int]:
+        """A turn whose prompt (``text`` at ``start``) spells special tokens, encoded with them as text."""
+        image_token = self.tokenizer.decode([self.image_token_id])
+        if image_token in text:
+            raise self._image_token_in_prompt()
+        if start is None or not self.special_text.usable:
+            raise InvalidRequest(
+                f"the prompt spells the special token {spelled!r}, which this model's tokenizer cannot keep "
+                "as text; write it another way (with a space inside, say)"
+            )
+        ids = self.special_text.encode(turn_text, start, start + len(text), first_turn)
         return self._expand_images(ids, n_images)
+
+    def _prompt_start(self, history: list[dict], text: str, n_images: int, turn_text: str) -> int | None:
+        """Where the prompt sits in its turn's text, when the template writes it as it is."""
+        marked = self._turn_text(history, Conversation().user_message(_PROMPT_MARK, n_images))
+        if marked.count(_PROMPT_MARK) != 1:
+            return None
+        before, after = marked.split(_PROMPT_MARK)
+        return len(before) if before + text + after == turn_text else None
+
+    def _special_text_samples(self) -> list[tuple[str, int, int, bool]]:
+        """Turns (text, prompt start, prompt end, first turn) that SpecialText must encode as the tokenizer does."""
+        samples = []
+        prompt = "What is in the image?"
+        for history, n_images in (([], 1), (_sample_conversation(first_images=1).messages, 0)):
+            try:
+                history = self._stand_in(history) if self.renders_locally else history
+                turn_text = self._turn_text(history, Conversation().user_message(prompt, n_images))
+                start = self._prompt_start(history, prompt, n_images, turn_text)
+            except Exception:  # a template that rejects the sample: nothing to check with
+                return []
+            if start is not None:
+                samples.append((turn_text, start, start + len(prompt), not history))
+        if self.follow_up_frame is not None:
+            before, after = self.follow_up_frame
+            samples.append((before + prompt + after, len(before), len(before) + len(prompt), False))
+        return samples
 
     def _turn_text(self, history: list[dict], message: dict) -> str:
         before = self._render(history, add_generation_prompt=False)
@@ -138,25 +192,12 @@ class TurnFormatter:
 
     def _follow_up_encoder(self) -> Callable[[str], list[int]]:
         """Follow-up text -> ids: a private copy of the tokenizer's backend where it gives the
-        wrapper's ids (checked on the probes' turn texts), else the wrapper.
-
-        The copy is the backend's own serialisation with padding, truncation and special-token
-        splitting off, so settings another caller leaves on the shared backend cannot reach it.
-        """
+        wrapper's ids (checked on the probes' turn texts), else the wrapper."""
         def wrapper(text: str) -> list[int]:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or self.follow_up_frame is None:
-            return wrapper
-        try:
-            from tokenizers import Tokenizer
-
-            private = Tokenizer.from_str(backend.to_str())
-            private.no_padding()
-            private.no_truncation()
-            private.encode_special_tokens = False
-        except Exception:  # not a `tokenizers` backend after all
+        private = private_backend(self.tokenizer, specials_as_text=False) if self.follow_up_frame else None
+        if private is None:
             return wrapper
 
         def direct(text: str) -> list[int]:
@@ -186,10 +227,7 @@ class TurnFormatter:
         placeholders = sum(1 for i in ids if i == self.image_token_id)
         if placeholders != n_images:
             # Only a prompt that spells the image token itself gets here.
-            raise InvalidRequest(
-                f"the prompt must not contain the image token {self.tokenizer.decode([self.image_token_id])!r}; "
-                "send images in the 'images' field"
-            )
+            raise self._image_token_in_prompt()
         expanded: list[int] = []
         for token in ids:
             if token == self.image_token_id:
@@ -197,6 +235,13 @@ class TurnFormatter:
             else:
                 expanded.append(token)
         return expanded
+
+
+    def _image_token_in_prompt(self) -> InvalidRequest:
+        return InvalidRequest(
+            f"the prompt must not contain the image token {self.tokenizer.decode([self.image_token_id])!r}; "
+            "send images in the 'images' field"
+        )
 
 
 def _sample_conversation(first_images: int) -> Conversation:

@@ -27,11 +27,14 @@ A prompt is text: where it spells a special token ("</s>"), that stays text
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from llava_sessions.errors import InternalError, InvalidRequest
 from llava_sessions.handler.engine.special_text import SpecialText, private_backend
+
+log = logging.getLogger(__name__)
 
 # LLaVA-1.5's conversation format, for checkpoints that ship no chat template.
 LLAVA_15_TEMPLATE = (
@@ -88,7 +91,9 @@ class TurnFormatter:
         self.follow_up_frame = self._find_follow_up_frame() if self.renders_locally else None
         self._encode_follow_up = self._follow_up_encoder()
         self.special_text = SpecialText(tokenizer)
-        self.special_text.verify(self._special_text_samples())
+        if not self.special_text.verify(self._special_text_samples()) and self.special_text.has_specials:
+            log.warning("this tokenizer's special tokens cannot be kept as text in a prompt (special_text.py): "
+                        "prompts that spell one are refused with INVALID_REQUEST")
 
     def user_turn_ids(self, conversation: Conversation, text: str, n_images: int) -> list[int]:
         """Ids of one user turn plus the assistant prompt, image placeholders expanded.

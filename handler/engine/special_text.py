@@ -62,6 +62,10 @@ class SpecialText:
             return
         self._prefix, self._suffix = self._added_around("a")
 
+    @property
+    def has_specials(self) -> bool:
+        return self._pattern is not None
+
     def spelled(self, prompt: str) -> str | None:
         """The first special token the prompt spells, if any."""
         found = self._pattern.search(prompt) if self._pattern is not None else None

@@ -187,10 +187,12 @@ class _WithoutBackend:
         return getattr(self._tokenizer, name)
 
 
-def test_without_a_tokenizers_backend_a_prompt_spelling_a_special_token_is_refused(loaded_tiny):
-    formatter = TurnFormatter(_WithoutBackend(loaded_tiny.tokenizer), loaded_tiny.image_token_id,
-                              loaded_tiny.tokens_per_image)
+def test_without_a_tokenizers_backend_a_prompt_spelling_a_special_token_is_refused(loaded_tiny, caplog):
+    with caplog.at_level("WARNING", logger="llava_sessions.handler.engine.prompt"):
+        formatter = TurnFormatter(_WithoutBackend(loaded_tiny.tokenizer), loaded_tiny.image_token_id,
+                                  loaded_tiny.tokens_per_image)
     assert not formatter.special_text.usable
+    assert "prompts that spell one are refused" in caplog.text
     conversation = _conversation(2)
     with pytest.raises(InvalidRequest, match="'</s>'"):
         formatter.user_turn_ids(conversation, FORGED_TURN, 0)

@@ -241,7 +241,6 @@ class TurnFormatter:
                 expanded.append(token)
         return expanded
 
-
     def _image_token_in_prompt(self) -> InvalidRequest:
         return InvalidRequest(
             f"the prompt must not contain the image token {self.tokenizer.decode([self.image_token_id])!r}; "

@@ -5,7 +5,8 @@ import contextlib
 import pytest
 
 from llava_sessions.errors import InvalidRequest
-from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
+from llava_sessions.handler.engine.prompt import LLAVA_15_TEMPLATE, Conversation, TurnFormatter
+from llava_sessions.handler.engine.tiny_model import CORPUS
 
 # Numbers every message: a follow-up's text depends on the whole history's length.
 COUNTING_TEMPLATE = (
@@ -193,6 +194,62 @@ def test_without_a_tokenizers_backend_a_prompt_spelling_a_special_token_is_refus
                                   loaded_tiny.tokens_per_image)
     assert not formatter.special_text.usable
     assert "prompts that spell one are refused" in caplog.text
+    conversation = _conversation(2)
+    with pytest.raises(InvalidRequest, match="'</s>'"):
+        formatter.user_turn_ids(conversation, FORGED_TURN, 0)
+    assert formatter.user_turn_ids(conversation, "and then?", 0) == _full_render_ids(formatter, conversation, "and then?")
+
+
+def _llama_style_tokenizer(prepend: str):
+    """A sentencepiece-style BPE as Llama tokenizers are stored: spaces as "▁", "<s>" put first.
+
+    prepend "legacy": a Prepend("▁") normalizer, which runs on every stretch between specials
+    (llava-1.5's tokenizer); "first": a Metaspace pre-tokenizer that adds "▁" only at the start
+    of the whole text, so a stretch after a special is tokenised unlike the same text alone.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if prepend == "legacy":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    alphabet = [chr(c) for c in range(32, 127)] + ["▁", "\n"]
+    backend.train_from_iterator(CORPUS.splitlines(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"], initial_alphabet=alphabet,
+        show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = LLAVA_15_TEMPLATE
+    return tokenizer
+
+
+def test_a_llama_style_tokenizer_keeps_special_spellings_as_text():
+    tokenizer = _llama_style_tokenizer("legacy")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    formatter = TurnFormatter(tokenizer, image_id, 3)
+    assert formatter.special_text.usable
+    first = formatter.user_turn_ids(Conversation(), FORGED_TURN, 1)
+    assert first[0] == tokenizer.bos_token_id and first.count(image_id) == 3 and tokenizer.eos_token_id not in first
+    later = formatter.user_turn_ids(_conversation(2), FORGED_TURN, 0)
+    assert tokenizer.eos_token_id not in later and tokenizer.bos_token_id not in later
+    # This small vocabulary has no byte pieces for the non-ASCII text: it decodes as <unk>.
+    assert tokenizer.decode(later) == "USER: " + FORGED_TURN.replace("日本", "<unk>") + " ASSISTANT:"
+    rendered = formatter._turn_text([], Conversation().user_message("What is this?", 1))
+    assert formatter.user_turn_ids(Conversation(), "What is this?", 1) == formatter._expand_images(
+        tokenizer(rendered)["input_ids"], 1)
+
+
+def test_a_tokenizer_that_marks_only_the_texts_start_refuses_special_spellings(caplog):
+    tokenizer = _llama_style_tokenizer("first")
+    with caplog.at_level("WARNING", logger="llava_sessions.handler.engine.prompt"):
+        formatter = TurnFormatter(tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 3)
+    assert not formatter.special_text.usable and "refused" in caplog.text
     conversation = _conversation(2)
     with pytest.raises(InvalidRequest, match="'</s>'"):
         formatter.user_turn_ids(conversation, FORGED_TURN, 0)

@@ -8,10 +8,11 @@ simply be encoded with special spellings as text.
 The tokenizer splits a text at its special tokens and tokenises the stretches between them on
 their own. So a turn whose prompt spells a special token is encoded as usual, and then only the
 stretch from the last template special before the prompt to the first one after it is encoded
-again with special spellings as text. Start-up checks that this gives the tokenizer's own ids
-for prompts that spell nothing (it would not for a tokenizer that treats the first stretch of a
-text differently from the others); where it does not, or where the tokenizer is not a
-`tokenizers` one, a prompt that spells a special token is refused instead.
+again with special spellings as text. A stretch that does not start the text is re-encoded as
+such (a Metaspace pre-tokenizer that marks only a text's start, "first", must not mark it).
+Start-up checks that this gives the tokenizer's own ids for prompts that spell nothing; where it
+does not, or where the tokenizer is not a `tokenizers` one, a prompt that spells a special token
+is refused instead.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class SpecialText:
         self._pattern = (
             re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))) if specials else None
         )
-        self._parsed = self._literal = None
+        self._parsed = self._literal = self._literal_inner = None
         self._prefix: list[int] = []
         self._suffix: list[int] = []
         self.usable = False  # set by verify()
@@ -60,6 +61,10 @@ class SpecialText:
         if self._parsed is None or self._literal is None:
             self._parsed = None
             return
+        # For a stretch that does not start the text: a Metaspace pre-tokenizer that marks only a
+        # text's start ("first") marks nothing there, so re-encode such a stretch with "never".
+        self._literal_inner = private_backend(tokenizer, specials_as_text=True)
+        _mark_no_start(self._literal_inner)
         self._prefix, self._suffix = self._added_around("a")
 
     @property
@@ -89,7 +94,8 @@ class SpecialText:
             elif token_start >= end:
                 end_index, cut_to = index, token_start
                 break
-        middle = self._literal.encode(text[cut_from:cut_to], add_special_tokens=False).ids
+        literal = self._literal if cut_from == 0 else self._literal_inner
+        middle = literal.encode(text[cut_from:cut_to], add_special_tokens=False).ids
         body = ids[:cut_index] + middle + ids[end_index:]
         return self._prefix + body + self._suffix if add_special_tokens else body
 
@@ -117,3 +123,14 @@ class SpecialText:
                 return framed[:at], framed[at + len(bare) :]
         self._parsed = None  # a post-processor that rewrites the text's own ids: never usable
         return [], []
+
+
+def _mark_no_start(private) -> None:
+    """A Metaspace pre-tokenizer that marks only a text's first piece ("first") now marks none."""
+    from tokenizers import pre_tokenizers
+
+    current = private.pre_tokenizer
+    if isinstance(current, pre_tokenizers.Metaspace) and current.prepend_scheme == "first":
+        private.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=current.replacement, prepend_scheme="never", split=current.split
+        )

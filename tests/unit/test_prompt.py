@@ -229,8 +229,9 @@ def _llama_style_tokenizer(prepend: str):
     return tokenizer
 
 
-def test_a_llama_style_tokenizer_keeps_special_spellings_as_text():
-    tokenizer = _llama_style_tokenizer("legacy")
+@pytest.mark.parametrize("prepend", ["legacy", "first"])
+def test_llama_style_tokenizers_keep_special_spellings_as_text(prepend):
+    tokenizer = _llama_style_tokenizer(prepend)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     formatter = TurnFormatter(tokenizer, image_id, 3)
     assert formatter.special_text.usable
@@ -240,17 +241,14 @@ def test_a_llama_style_tokenizer_keeps_special_spellings_as_text():
     assert tokenizer.eos_token_id not in later and tokenizer.bos_token_id not in later
     # This small vocabulary has no byte pieces for the non-ASCII text: it decodes as <unk>.
     assert tokenizer.decode(later) == "USER: " + FORGED_TURN.replace("日本", "<unk>") + " ASSISTANT:"
+    # Prompts that spell nothing: the tokenizer's own ids, first turn (a stretch after <image>) and later.
+    for conversation, n_images in ((Conversation(), 1), (_conversation(2), 0)):
+        history = formatter._stand_in(conversation.messages)
+        rendered = formatter._turn_text(history, conversation.user_message("What is this?", n_images))
+        expected = tokenizer(rendered, add_special_tokens=not conversation.messages)["input_ids"]
+        assert formatter.user_turn_ids(conversation, "What is this?", n_images) == formatter._expand_images(
+            expected, n_images)
+    # The re-encoding itself, forced on a first turn that spells nothing, gives those ids too.
     rendered = formatter._turn_text([], Conversation().user_message("What is this?", 1))
-    assert formatter.user_turn_ids(Conversation(), "What is this?", 1) == formatter._expand_images(
-        tokenizer(rendered)["input_ids"], 1)
-
-
-def test_a_tokenizer_that_marks_only_the_texts_start_refuses_special_spellings(caplog):
-    tokenizer = _llama_style_tokenizer("first")
-    with caplog.at_level("WARNING", logger="llava_sessions.handler.engine.prompt"):
-        formatter = TurnFormatter(tokenizer, tokenizer.convert_tokens_to_ids("<image>"), 3)
-    assert not formatter.special_text.usable and "refused" in caplog.text
-    conversation = _conversation(2)
-    with pytest.raises(InvalidRequest, match="'</s>'"):
-        formatter.user_turn_ids(conversation, FORGED_TURN, 0)
-    assert formatter.user_turn_ids(conversation, "and then?", 0) == _full_render_ids(formatter, conversation, "and then?")
+    start = rendered.index("What")
+    assert formatter.special_text.encode(rendered, start, start + 13, True) == tokenizer(rendered)["input_ids"]

@@ -58,12 +58,12 @@ class SpecialText:
             return
         self._parsed = private_backend(tokenizer, specials_as_text=False)
         self._literal = private_backend(tokenizer, specials_as_text=True)
-        if self._parsed is None or self._literal is None:
-            self._parsed = None
-            return
         # For a stretch that does not start the text: a Metaspace pre-tokenizer that marks only a
         # text's start ("first") marks nothing there, so re-encode such a stretch with "never".
         self._literal_inner = private_backend(tokenizer, specials_as_text=True)
+        if self._parsed is None or self._literal is None or self._literal_inner is None:
+            self._parsed = None
+            return
         _mark_no_start(self._literal_inner)
         self._prefix, self._suffix = self._added_around("a")
 
@@ -100,8 +100,11 @@ class SpecialText:
         return self._prefix + body + self._suffix if add_special_tokens else body
 
     def verify(self, samples: list[tuple[str, int, int, bool]]) -> bool:
-        """Does ``encode`` give the tokenizer's own ids on these turns (prompts spelling nothing)?"""
-        if self._parsed is None:
+        """Does ``encode`` give the tokenizer's own ids on these turns (prompts spelling nothing)?
+
+        No samples, no proof: not usable.
+        """
+        if self._parsed is None or not samples:
             self.usable = False
             return False
         try:

@@ -6,6 +6,7 @@ import pytest
 
 from llava_sessions.errors import InvalidRequest
 from llava_sessions.handler.engine.prompt import LLAVA_15_TEMPLATE, Conversation, TurnFormatter
+from llava_sessions.handler.engine.special_text import SpecialText
 from llava_sessions.handler.engine.tiny_model import CORPUS
 
 # Numbers every message: a follow-up's text depends on the whole history's length.
@@ -171,6 +172,15 @@ def test_the_image_token_in_a_prompt_is_refused_even_beside_other_specials(loade
         for prompt in ("look: <image>", "</s> then <image>"):
             with pytest.raises(InvalidRequest, match="image token"):
                 formatter.user_turn_ids(conversation, prompt, n_images)
+
+
+def test_special_text_is_not_used_unchecked(loaded_tiny):
+    special_text = SpecialText(loaded_tiny.tokenizer)
+    assert not special_text.verify([]) and not special_text.usable
+    text = "USER: What? ASSISTANT:"
+    assert special_text.verify([(text, 6, 11, False)]) and special_text.usable
+    # A sample whose prompt spells a special proves nothing about prompts that spell none.
+    assert not special_text.verify([(text, 6, 11, False), ("USER: </s> ASSISTANT:", 6, 10, False)])
 
 
 class _WithoutBackend:

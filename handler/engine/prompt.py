@@ -85,12 +85,15 @@ class TurnFormatter:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
+        self.image_token = tokenizer.decode([image_token_id])
         self.template = getattr(tokenizer, "chat_template", None) or LLAVA_15_TEMPLATE
         self.renders_locally = self._check_local_rendering()
         # (before, after): a text-only follow-up's turn text is before + prompt + after.
         self.follow_up_frame = self._find_follow_up_frame() if self.renders_locally else None
-        self._encode_follow_up = self._follow_up_encoder()
-        self.special_text = SpecialText(tokenizer)
+        # One private copy of the tokenizer's backend serves the follow-up fast path and SpecialText.
+        backend = private_backend(tokenizer, specials_as_text=False)
+        self._encode_follow_up = self._follow_up_encoder(backend)
+        self.special_text = SpecialText(tokenizer, parsed=backend)
         if not self.special_text.verify(self._special_text_samples()) and self.special_text.has_specials:
             log.warning("this tokenizer's special tokens cannot be kept as text in a prompt (special_text.py): "
                         "prompts that spell one are refused with INVALID_REQUEST")
@@ -118,8 +121,7 @@ class TurnFormatter:
         self, turn_text: str, start: int | None, text: str, spelled: str, first_turn: bool, n_images: int
     ) -> list[int]:
         """A turn whose prompt (``text`` at ``start``) spells special tokens, encoded with them as text."""
-        image_token = self.tokenizer.decode([self.image_token_id])
-        if image_token in text:
+        if self.image_token in text:
             raise self._image_token_in_prompt()
         if start is None or not self.special_text.usable:
             raise InvalidRequest(
@@ -131,11 +133,19 @@ class TurnFormatter:
 
     def _prompt_start(self, history: list[dict], text: str, n_images: int, turn_text: str) -> int | None:
         """Where the prompt sits in its turn's text, when the template writes it as it is."""
+        frame = self._frame(history, n_images)
+        if frame is None:
+            return None
+        before, after = frame
+        return len(before) if before + text + after == turn_text else None
+
+    def _frame(self, history: list[dict], n_images: int) -> tuple[str, str] | None:
+        """The turn text around a prompt over ``history`` (rendered with a mark for the prompt)."""
         marked = self._turn_text(history, Conversation().user_message(_PROMPT_MARK, n_images))
         if marked.count(_PROMPT_MARK) != 1:
             return None
         before, after = marked.split(_PROMPT_MARK)
-        return len(before) if before + text + after == turn_text else None
+        return before, after
 
     def _special_text_samples(self) -> list[tuple[str, int, int, bool]]:
         """Turns (text, prompt start, prompt end, first turn) that SpecialText must encode as the tokenizer does."""
@@ -182,10 +192,10 @@ class TurnFormatter:
         """The text around a text-only follow-up's prompt, if every probe renders as that frame."""
         histories = [_sample_conversation(first_images) for first_images in (1, 0)]
         try:
-            marked = self._turn_text(self._stand_in(histories[0].messages), Conversation().user_message(_PROMPT_MARK, 0))
-            if marked.count(_PROMPT_MARK) != 1:
+            frame = self._frame(self._stand_in(histories[0].messages), 0)
+            if frame is None:
                 return None
-            before, after = marked.split(_PROMPT_MARK)
+            before, after = frame
             for history in histories:
                 for probe in _FRAME_PROBES:
                     rendered = self._turn_text(self._stand_in(history.messages), history.user_message(probe, 0))
@@ -195,14 +205,13 @@ class TurnFormatter:
             return None
         return before, after
 
-    def _follow_up_encoder(self) -> Callable[[str], list[int]]:
-        """Follow-up text -> ids: a private copy of the tokenizer's backend where it gives the
+    def _follow_up_encoder(self, private) -> Callable[[str], list[int]]:
+        """Follow-up text -> ids: ``private`` (a copy of the tokenizer's backend) where it gives the
         wrapper's ids (checked on the probes' turn texts), else the wrapper."""
         def wrapper(text: str) -> list[int]:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        private = private_backend(self.tokenizer, specials_as_text=False) if self.follow_up_frame else None
-        if private is None:
+        if private is None or self.follow_up_frame is None:
             return wrapper
 
         def direct(text: str) -> list[int]:
@@ -243,7 +252,7 @@ class TurnFormatter:
 
     def _image_token_in_prompt(self) -> InvalidRequest:
         return InvalidRequest(
-            f"the prompt must not contain the image token {self.tokenizer.decode([self.image_token_id])!r}; "
+            f"the prompt must not contain the image token {self.image_token!r}; "
             "send images in the 'images' field"
         )
 

@@ -42,7 +42,8 @@ def private_backend(tokenizer, specials_as_text: bool):
 
 
 class SpecialText:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, parsed=None):
+        """``parsed``: the caller's private backend copy with specials parsed, if it has one."""
         added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         specials = {token.content: token_id for token_id, token in added.items() if token.special and token.content}
         self._special_ids = frozenset(specials.values())
@@ -56,15 +57,12 @@ class SpecialText:
         self.usable = False  # set by verify()
         if self._pattern is None:
             return
-        self._parsed = private_backend(tokenizer, specials_as_text=False)
+        self._parsed = parsed or private_backend(tokenizer, specials_as_text=False)
         self._literal = private_backend(tokenizer, specials_as_text=True)
-        # For a stretch that does not start the text: a Metaspace pre-tokenizer that marks only a
-        # text's start ("first") marks nothing there, so re-encode such a stretch with "never".
-        self._literal_inner = private_backend(tokenizer, specials_as_text=True)
+        self._literal_inner = _unmarked(tokenizer, self._literal) if self._literal is not None else None
         if self._parsed is None or self._literal is None or self._literal_inner is None:
             self._parsed = None
             return
-        _mark_no_start(self._literal_inner)
         self._prefix, self._suffix = self._added_around("a")
 
     @property
@@ -128,12 +126,18 @@ class SpecialText:
         return [], []
 
 
-def _mark_no_start(private) -> None:
-    """A Metaspace pre-tokenizer that marks only a text's first piece ("first") now marks none."""
+def _unmarked(tokenizer, literal):
+    """The copy for stretches that do not start the text: ``literal`` itself, or where its Metaspace
+    pre-tokenizer marks only a text's start ("first"), which marks nothing there, a copy that
+    never marks (None if it cannot be made)."""
     from tokenizers import pre_tokenizers
 
-    current = private.pre_tokenizer
-    if isinstance(current, pre_tokenizers.Metaspace) and current.prepend_scheme == "first":
-        private.pre_tokenizer = pre_tokenizers.Metaspace(
+    current = literal.pre_tokenizer
+    if not (isinstance(current, pre_tokenizers.Metaspace) and current.prepend_scheme == "first"):
+        return literal
+    copy = private_backend(tokenizer, specials_as_text=True)
+    if copy is not None:
+        copy.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement=current.replacement, prepend_scheme="never", split=current.split
         )
+    return copy

@@ -101,11 +101,12 @@ class Client:
             if not first_event:
                 payload = response.read()
             else:
-                payload = b""
+                received = bytearray()
                 while chunk := response.read1(1 << 16):  # each chunk as it arrives
-                    payload += chunk
-                    if first is None and b"\n\n" in payload:  # an event ends with a blank line
+                    received += chunk
+                    if first is None and b"\n\n" in received:  # an event ends with a blank line
                         first = time.perf_counter() - start
+                payload = bytes(received)
         except BaseException:
             connection.close()
             raise

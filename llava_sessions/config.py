@@ -54,9 +54,9 @@ class ServingConfig:
     # least recently used sessions give it back: KV first, then features to host memory
     # (cuda only), then eviction; a request that cannot fit even so gets 503.
     memory_budget_bytes: int = 0
-    # Spare KV slots a session may keep between turns (counted in its bytes and the budget),
-    # so the next question appends in place instead of copying the whole history into a
-    # bigger buffer. 64 covers a 20-token question and a short answer; 0 keeps exactly the
+    # Spare KV slots a session keeps between turns, from this many to twice (counted in its
+    # bytes and the budget), so the next question appends in place instead of copying the
+    # whole history into a bigger buffer. 64 covers a 20-token question; 0 keeps exactly the
     # tokens. LLaVA-1.5-7B fp16: 0.5 MiB per slot.
     kv_headroom_tokens: int = 64
 

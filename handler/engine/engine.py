@@ -457,9 +457,9 @@ class SessionEngine:
     @staticmethod
     def _kv_growth_tokens(cache: DynamicCache | None, feed: int, max_new: int, headroom: int) -> int:
         """The most token slots a turn can add to the session's KV: ``feed`` tokens prefilled and
-        ``max_new - 1`` fed back by decoding, in place when the spare slots hold them, else in a
-        buffer with ``headroom`` more (_prefill). The last token is never fed: one to spare."""
-        return max(0, feed + max_new + headroom - kv_cache.spare_tokens(cache))
+        ``max_new - 1`` fed back by decoding, with ``headroom`` spare after (kv_cache.reserve).
+        Counted as ``max_new``: the last token is never fed, one to spare."""
+        return kv_cache.growth_tokens(cache, feed, max_new, headroom)
 
     def _joins_prefill(self, running: _Running) -> bool:
         """A follow-up on a cached history whose new tokens hold no image: it can share a forward."""
@@ -530,7 +530,7 @@ class SessionEngine:
         feed = full_ids[running.cached:]
         # Room for this turn's tokens and what decoding may append (reserved in _start_turn):
         # no copy per token, and none at all when the spare slots of the last turn suffice.
-        kv_cache.reserve(state.cache, len(feed) + running.max_new - 1, running.headroom)
+        kv_cache.reserve(state.cache, len(feed), running.max_new - 1, running.headroom)
         image_rows = self._image_rows(state, full_ids, running.cached)
         input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
         logits = generation.prefill(loaded, input_ids, image_rows, state.cache)

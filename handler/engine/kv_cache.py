@@ -8,11 +8,15 @@ spare token slots behind them, so a step writes one token. Everything that reads
 ``keys``/``values`` keeps working: a layer whose tensors were replaced from outside (crop,
 offload, batch_decode writing rows back) moves into a fresh buffer at its next update.
 
-The room is what the engine has already reserved for the turn (its remaining tokens). A layer
-that has to move into a bigger buffer gets ``headroom`` more slots (``reserve``), and ``trim``
-keeps at most that many spare when the turn ends: the next question usually fits in place, so a
-follow-up turn copies no history (a move copies all of it, about 1.5 ms of a 13 ms turn at 1,000
-tokens on 2 CPU cores). The spare slots are real bytes: ``cache_bytes`` counts them.
+The room is what the engine has already reserved for the turn (its remaining tokens). With a
+``headroom`` of h, a lone turn leaves its session between h and 2h spare slots (``reserve``,
+``trim``): a layer that would end the turn with fewer than h moves into a buffer with 2h spare
+behind the turn's tokens, so the next question (up to h tokens) prefills in place and the one
+after it usually does too. A move copies the whole history (about 1.5 ms of a 13 ms turn at
+1,000 tokens on 2 CPU cores), so it is made at the turn's first decode step, after its first
+token, never during a follow-up's prefill while the spare slots hold it: a user waiting for
+a first token does not wait for a copy. The spare slots are real bytes: ``cache_bytes``
+counts them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class AppendLayer(DynamicLayer):
         super().__init__()
         self.reserved_end = 0  # when the layer next grows: to at least this many tokens...
         self.room = 0  # ...plus this many spare slots
+        self.grow_from: int | None = None  # set by reserve: grow at the first update from this length
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
@@ -36,8 +41,9 @@ class AppendLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
-        if not self._appendable(end, key_states):
+        if not self._appendable(end, key_states) or (self.grow_from is not None and length >= self.grow_from):
             self._regrow(length, max(end, self.reserved_end) + self.room, key_states, value_states)
+            self.grow_from = None
         self._key_buffer[:, :, length:end].copy_(key_states)
         self._value_buffer[:, :, length:end].copy_(value_states)
         self.keys = self._key_buffer[:, :, :end]
@@ -56,6 +62,7 @@ class AppendLayer(DynamicLayer):
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
         self.is_initialized = True
         self.reserved_end = self.room = 0
+        self.grow_from = None
 
     def spare(self) -> int:
         """Token slots that can still be appended in place."""
@@ -66,6 +73,7 @@ class AppendLayer(DynamicLayer):
     def trim(self, keep: int) -> None:
         """Keep at most ``keep`` spare slots: more, and the data moves into a buffer of its size + keep."""
         self.reserved_end = self.room = 0
+        self.grow_from = None
         if self._key_buffer is None or self.spare() <= keep:
             return
         length = self.get_seq_length()
@@ -114,15 +122,30 @@ def make_room(cache: DynamicCache, tokens: int) -> None:
         if isinstance(layer, AppendLayer):
             layer.reserved_end = 0
             layer.room = max(0, tokens)
+            layer.grow_from = None
 
 
-def reserve(cache: DynamicCache, tokens: int, headroom: int) -> None:
-    """Let each layer take ``tokens`` more in place; one that must grow for them (or has not
-    started) grows to hold them plus ``headroom`` spare slots."""
+def reserve(cache: DynamicCache, feed: int, then: int, headroom: int) -> None:
+    """Let each layer take a turn's ``feed`` tokens and the ``then`` it may decode after them,
+    and end the turn with at least ``headroom`` spare slots: a layer whose spare slots fall short
+    moves into a buffer with 2 x ``headroom`` spare behind the turn's tokens. It moves at the
+    turn's first decode step when its spare slots hold the feed, else at once."""
+    feed, then, headroom = max(0, feed), max(0, then), max(0, headroom)
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.reserved_end = layer.get_seq_length() + max(0, tokens)
-            layer.room = max(0, headroom)
+            length, spare = layer.get_seq_length(), layer.spare()
+            layer.reserved_end = length + feed + then
+            layer.room = 2 * headroom
+            short = spare < feed + then + headroom
+            layer.grow_from = length + feed if short and then and feed <= spare else None
+
+
+def growth_tokens(cache: DynamicCache | None, feed: int, then: int, headroom: int) -> int:
+    """The most token slots ``reserve(cache, feed, then, headroom)`` and the turn add to the cache."""
+    spare = spare_tokens(cache)
+    if spare >= feed + then + headroom:
+        return 0
+    return feed + then + 2 * headroom - spare
 
 
 def spare_tokens(cache: DynamicCache | None) -> int:
@@ -131,11 +154,11 @@ def spare_tokens(cache: DynamicCache | None) -> int:
     return min((layer.spare() for layer in layers), default=0)
 
 
-def trim(cache: DynamicCache, keep: int) -> None:
-    """At the end of a turn: each layer keeps at most ``keep`` spare slots."""
+def trim(cache: DynamicCache, headroom: int) -> None:
+    """At the end of a turn: each layer keeps at most 2 x ``headroom`` spare slots (``reserve``)."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.trim(max(0, keep))
+            layer.trim(2 * max(0, headroom))
 
 
 def cache_bytes(cache: DynamicCache | None) -> int:

@@ -13,7 +13,8 @@ import pytest
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
-from llava_sessions.handler.engine import memory_budget
+from llava_sessions.handler.engine import generation, memory_budget
+from llava_sessions.handler.engine.kv_cache import AppendLayer, spare_tokens
 from llava_sessions.handler.engine.engine import SessionEngine
 from llava_sessions.handler.engine.generation import SamplingParams, cache_bytes
 from llava_sessions.handler.replies import error_reply
@@ -81,10 +82,10 @@ def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, ima
     state = engine._states[session.session_id]
     assert state.feature_bytes() == 2 * FEATURES
     kv_tokens = result.prompt_tokens + result.completion_tokens - 1
-    # A lone turn with the budget free keeps `headroom` spare slots for the next question.
-    assert cache_bytes(state.cache) == (kv_tokens + headroom) * KV_TOKEN
+    # A lone turn with the budget free moved into a buffer with 2 x headroom spare slots.
+    assert cache_bytes(state.cache) == (kv_tokens + 2 * headroom) * KV_TOKEN
     assert engine.bytes_by_tier() == {
-        "device_kv": (kv_tokens + headroom) * KV_TOKEN,
+        "device_kv": (kv_tokens + 2 * headroom) * KV_TOKEN,
         "device_features": 2 * FEATURES,
         "host_features": 0,
     }
@@ -102,6 +103,45 @@ def test_a_follow_up_that_fits_the_spare_slots_copies_no_history(loaded_tiny, im
     new_tokens = result.prompt_tokens - result.cached_tokens
     assert new_tokens <= spare  # it fit: written in place, the buffer did not move
     assert cache.layers[0]._key_buffer.data_ptr() == buffer and cache.layers[0].spare() == spare - new_tokens
+    check_accounting(engine)
+
+
+def test_follow_ups_prefill_in_place_turn_after_turn(loaded_tiny, images, monkeypatch):
+    """No follow-up's prefill copies the history: a turn that would leave fewer than the headroom's
+    spare slots moves at its first decode step, after its first token, not at the next prefill;
+    and it moves into twice the headroom, so the turn after it fits in place."""
+    engine, exact = make_engine(loaded_tiny), make_engine(loaded_tiny, kv_headroom_tokens=0)
+    headroom = engine.config.kv_headroom_tokens
+    moved = []
+    prefill = generation.prefill
+
+    def watched(loaded, input_ids, image_rows, cache):
+        before = cache.layers[0]._key_buffer
+        logits = prefill(loaded, input_ids, image_rows, cache)
+        if before is not None and cache is engine._states[sid].cache:  # not the twin's
+            moved.append(cache.layers[0]._key_buffer.data_ptr() != before.data_ptr())
+        return logits
+
+    monkeypatch.setattr(generation, "prefill", watched)
+    regrow, regrown = AppendLayer._regrow, []
+
+    def counted(layer, *args):
+        cache = engine._states[sid].cache if sid in engine._states else None
+        if cache is not None and layer is cache.layers[0]:
+            regrown.append(args[1])
+        regrow(layer, *args)
+
+    monkeypatch.setattr(AppendLayer, "_regrow", counted)
+    spares = []
+    sid, exact_sid = engine.open_session(images).session_id, exact.open_session(images).session_id
+    for question in QUESTIONS * 2:
+        result = engine.turn(sid, question, GREEDY)
+        assert result.token_ids == exact.turn(exact_sid, question, GREEDY).token_ids
+        # Between turns: from one to two headrooms spare, whether the turn fit in place or moved.
+        spares.append(spare_tokens(engine._states[sid].cache))
+    assert moved == [False] * (2 * len(QUESTIONS) - 1)
+    assert all(headroom <= spare <= 2 * headroom for spare in spares)
+    assert 0 < len(regrown) <= len(spares) // 2 + 1  # at most every other turn moved
     check_accounting(engine)
 
 

@@ -6,6 +6,7 @@ from transformers.cache_utils import DynamicLayer
 from llava_sessions.handler.engine.kv_cache import (
     AppendLayer,
     cache_bytes,
+    growth_tokens,
     make_room,
     new_cache,
     reserve,
@@ -61,24 +62,44 @@ def test_room_is_counted_while_held_and_trim_gives_it_back():
     assert torch.equal(cache.layers[0].keys, keys)
 
 
-def test_reserve_grows_once_with_headroom_and_trim_keeps_at_most_that():
+def test_reserve_grows_once_with_twice_the_headroom_and_trim_keeps_at_most_that():
     cache = new_cache(_config())
     (first, _), (second, _), (third, _) = [(k, v) for k, v in chunks(3, [5, 3, 2], batch=1)]
-    reserve(cache, 8, headroom=4)  # this turn: 5 prefilled + 3 decoded; then 4 spare
+    reserve(cache, 5, 3, headroom=2)  # this turn: 5 prefilled + 3 decoded; then 2 x 2 spare
     _update_all(cache, first)
     buffer = cache.layers[0]._key_buffer.data_ptr()
     _update_all(cache, second)
     assert cache.layers[0]._key_buffer.data_ptr() == buffer and spare_tokens(cache) == 4
-    trim(cache, 4)  # within what may stay: nothing moves
+    trim(cache, 2)  # within what may stay: nothing moves
     assert cache.layers[0]._key_buffer.data_ptr() == buffer
-    reserve(cache, 2, headroom=4)  # the next turn fits the spare slots: still no move
+    reserve(cache, 2, 0, headroom=2)  # the next turn fits the spare slots and leaves 2: no move
     _update_all(cache, third)
     assert cache.layers[0]._key_buffer.data_ptr() == buffer and spare_tokens(cache) == 2
-    trim(cache, 1)  # more spare than may stay: the data moves into 10 + 1 slots
+    trim(cache, 0)  # more spare than may stay: the data moves into exactly its 10 slots
     per_token = 2 * len(cache.layers) * 3 * 8 * 4
-    assert spare_tokens(cache) == 1 and cache_bytes(cache) == 11 * per_token
+    assert spare_tokens(cache) == 0 and cache_bytes(cache) == 10 * per_token
     assert torch.equal(cache.layers[1].keys, torch.cat([first, second, third], dim=2))
     assert spare_tokens(None) == 0
+
+
+def test_a_turn_that_would_leave_too_few_spare_moves_after_its_feed_not_before():
+    cache = new_cache(_config())
+    (prefix, _), (feed, _), (step, _) = [(k, v) for k, v in chunks(4, [5, 2, 1], batch=1)]
+    reserve(cache, 5, 0, headroom=2)
+    _update_all(cache, prefix)  # 5 tokens, 4 spare
+    buffer = cache.layers[0]._key_buffer.data_ptr()
+    assert growth_tokens(cache, 2, 3, 2) == 2 + 3 + 4 - 4
+    reserve(cache, 2, 3, headroom=2)  # 2 fit the 4 spare, but 2 + 3 would leave fewer than 2
+    _update_all(cache, feed)
+    assert cache.layers[0]._key_buffer.data_ptr() == buffer  # the feed (time to first token): in place
+    _update_all(cache, step)  # the first decode step moves into 5 + 2 + 3 + 2 x 2 slots
+    assert cache.layers[0]._key_buffer.data_ptr() != buffer and cache.layers[0]._key_buffer.shape[-2] == 14
+    moved = cache.layers[0]._key_buffer.data_ptr()
+    _update_all(cache, step)
+    _update_all(cache, step)
+    assert cache.layers[0]._key_buffer.data_ptr() == moved and spare_tokens(cache) == 4
+    assert torch.equal(cache.layers[1].keys, torch.cat([prefix, feed, step, step, step], dim=2))
+    assert growth_tokens(cache, 2, 0, 2) == 0  # 4 spare hold 2 and leave 2
 
 
 def _update_all(cache, keys):

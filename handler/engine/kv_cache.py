@@ -61,6 +61,10 @@ class AppendLayer(DynamicLayer):
         self._key_buffer, self._value_buffer = key_buffer, value_buffer
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
         self.is_initialized = True
+        self.forget_plan()
+
+    def forget_plan(self) -> None:
+        """No growth planned: the next move, if one is needed, makes room for exactly its tokens."""
         self.reserved_end = self.room = 0
         self.grow_from = None
 
@@ -72,8 +76,7 @@ class AppendLayer(DynamicLayer):
 
     def trim(self, keep: int) -> None:
         """Keep at most ``keep`` spare slots: more, and the data moves into a buffer of its size + keep."""
-        self.reserved_end = self.room = 0
-        self.grow_from = None
+        self.forget_plan()
         if self._key_buffer is None or self.spare() <= keep:
             return
         length = self.get_seq_length()
@@ -120,9 +123,8 @@ def make_room(cache: DynamicCache, tokens: int) -> None:
     """Let the next growth of each layer add ``tokens`` spare slots (what the turn may still append)."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.reserved_end = 0
+            layer.forget_plan()
             layer.room = max(0, tokens)
-            layer.grow_from = None
 
 
 def reserve(cache: DynamicCache, feed: int, then: int, headroom: int) -> None:
@@ -130,22 +132,30 @@ def reserve(cache: DynamicCache, feed: int, then: int, headroom: int) -> None:
     and end the turn with at least ``headroom`` spare slots: a layer whose spare slots fall short
     moves into a buffer with 2 x ``headroom`` spare behind the turn's tokens. It moves at the
     turn's first decode step when its spare slots hold the feed, else at once."""
-    feed, then, headroom = max(0, feed), max(0, then), max(0, headroom)
+    feed, then = max(0, feed), max(0, then)
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
             length, spare = layer.get_seq_length(), layer.spare()
             layer.reserved_end = length + feed + then
-            layer.room = 2 * headroom
-            short = spare < feed + then + headroom
-            layer.grow_from = length + feed if short and then and feed <= spare else None
+            layer.room = _most_spare(headroom)
+            early = _falls_short(spare, feed, then, headroom) and then and feed <= spare
+            layer.grow_from = length + feed if early else None
 
 
 def growth_tokens(cache: DynamicCache | None, feed: int, then: int, headroom: int) -> int:
     """The most token slots ``reserve(cache, feed, then, headroom)`` and the turn add to the cache."""
     spare = spare_tokens(cache)
-    if spare >= feed + then + headroom:
-        return 0
-    return feed + then + 2 * headroom - spare
+    return feed + then + _most_spare(headroom) - spare if _falls_short(spare, feed, then, headroom) else 0
+
+
+def _falls_short(spare: int, feed: int, then: int, headroom: int) -> bool:
+    """Would a layer with ``spare`` slots end a turn of ``feed`` + ``then`` tokens with fewer than ``headroom``?"""
+    return spare < feed + then + max(0, headroom)
+
+
+def _most_spare(headroom: int) -> int:
+    """Spare slots a move leaves behind a turn's tokens, and the most a session keeps between turns."""
+    return 2 * max(0, headroom)
 
 
 def spare_tokens(cache: DynamicCache | None) -> int:
@@ -158,7 +168,7 @@ def trim(cache: DynamicCache, headroom: int) -> None:
     """At the end of a turn: each layer keeps at most 2 x ``headroom`` spare slots (``reserve``)."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.trim(2 * max(0, headroom))
+            layer.trim(_most_spare(headroom))
 
 
 def cache_bytes(cache: DynamicCache | None) -> int:

@@ -34,9 +34,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "REQUEST_TOO_LARGE": 413,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
+    "BAD_HTTP_REQUEST": 400,
+    "REQUEST_TIMEOUT": 408,
     "TOO_MANY_SESSIONS": 429,
+    # nginx's code for a client that closed the connection before its answer: never delivered.
+    "CLIENT_CLOSED_REQUEST": 499,
     "INTERNAL_ERROR": 500,
     "WORKER_UNAVAILABLE": 503,
+    "TOO_MANY_CONNECTIONS": 503,
     # Not even evicting every other session frees enough of the worker's memory budget.
     "INSUFFICIENT_MEMORY": 503,
 }

@@ -98,6 +98,28 @@ class MethodNotAllowed(SessionsError):
     code = "METHOD_NOT_ALLOWED"
 
 
+class BadHttpRequest(SessionsError):
+    """The bytes were not a valid HTTP/1.1 request (request line, headers or framing)."""
+
+    code = "BAD_HTTP_REQUEST"
+
+
+class RequestTimeout(SessionsError):
+    """A request's headers did not arrive in time."""
+
+    code = "REQUEST_TIMEOUT"
+
+
+class TurnCancelled(SessionsError):
+    """The client went away (hung up mid-stream, or while its turn waited or ran): the turn
+    stopped and its session is as before it. Nobody reads this answer; logs and metrics do."""
+
+    code = "CLIENT_CLOSED_REQUEST"
+
+    def __init__(self, message: str = "the client closed the connection; the turn was stopped and not kept"):
+        super().__init__(message)
+
+
 # --- our faults (5xx) -----------------------------------------------------
 
 
@@ -116,6 +138,12 @@ class WorkerUnavailable(SessionsError):
     """The worker behind the router could not be reached, or dropped the connection."""
 
     code = "WORKER_UNAVAILABLE"
+
+
+class TooManyConnections(SessionsError):
+    """The server holds its maximum number of client connections; retry shortly."""
+
+    code = "TOO_MANY_CONNECTIONS"
 
 
 class ConfigError(ValueError):

@@ -36,6 +36,7 @@ from llava_sessions.errors import (
     SessionNotFound,
     TooManyImages,
     TooManySessions,
+    TurnCancelled,
 )
 from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, memory_budget
 from llava_sessions.handler.engine.batch_decode import BatchedDecode, padding_tokens
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # (token id, whether it is the turn's last): called as each token is picked.
 TokenCallback = Callable[[int, bool], None]
+# Whether the turn's client has gone away: asked before the turn starts and after each token.
+CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,21 @@ class OpenedSession:
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One turn for ``SessionEngine.turns``; ``on_token`` gets each token of this turn as it is picked."""
+    """One turn for ``SessionEngine.turns``.
+
+    ``on_token`` gets each token of this turn as it is picked. When ``cancelled()`` turns true the
+    turn stops at its next token and its session is left as before it (TurnCancelled). Past
+    ``deadline`` (a ``time.monotonic()`` value) the turn stops and answers what it has, with
+    finish reason "deadline"; the session keeps exactly that answer.
+    """
 
     session_id: str
     prompt: str
     params: SamplingParams
     images: Sequence = ()
     on_token: TokenCallback | None = None
+    cancelled: CancelCheck | None = None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ class TurnResult:
     prompt_tokens: int  # the whole context this turn's answer was conditioned on
     cached_tokens: int  # of those, how many came from the session's KV cache
     completion_tokens: int
-    finish_reason: str  # "stop" (eos) or "length"
+    finish_reason: str  # "stop" (eos), "length" (max_new_tokens or the context) or "deadline"
     ttft_s: float  # from the turn's start (images, room, prefill) to its first token
     decode_s: float  # from the first token to the last
 
@@ -101,6 +112,9 @@ class EngineCounters:
     features_restored: int = 0
     sessions_evicted: int = 0
     memory_refusals: int = 0
+    # Turns stopped because their client went away (undone), and turns cut by their deadline.
+    turns_cancelled: int = 0
+    turns_past_deadline: int = 0
 
 
 @dataclass
@@ -141,6 +155,7 @@ class _Running:
     answer: list[int] = field(default_factory=list)
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    stopped_by: str | None = None  # "cancelled" or "deadline" when the turn stopped early
     outcome: object = None  # the TurnResult or the exception, once known
 
 
@@ -291,8 +306,9 @@ class SessionEngine:
 
     # --- background expiry -------------------------------------------------
 
-    def start_expiry_sweeper(self, interval_s: float = 5.0) -> None:
-        """Free expired sessions even when no request names them again."""
+    def start_expiry_sweeper(self, interval_s: float = 5.0, on_sweep: Callable[[], None] | None = None) -> None:
+        """Free expired sessions even when no request names them again; ``on_sweep()`` is called
+        after a sweep that freed any (metrics: the gauges change when memory is freed)."""
         if self._sweeper is not None:
             return
         self._stop_sweeper.clear()
@@ -302,6 +318,8 @@ class SessionEngine:
                 freed = self.sweep_expired()
                 if freed:
                     log.info("expired %d session(s)", freed)
+                    if on_sweep is not None:
+                        on_sweep()
 
         self._sweeper = threading.Thread(target=run, name="session-expiry", daemon=True)
         self._sweeper.start()
@@ -360,6 +378,8 @@ class SessionEngine:
     def _start_turn(self, slot: int, request: TurnRequest, started: float, may_defer: bool) -> _Running | None:
         """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now)."""
         session_id, images = request.session_id, request.images
+        if request.cancelled is not None and request.cancelled():  # gone while it waited: never starts
+            raise TurnCancelled()
         record, state = self._checkout(session_id)
         try:
             total_images = len(state.features) + len(images)
@@ -440,7 +460,7 @@ class SessionEngine:
                 self._decode_together(group)
         for running in wave:
             if running.outcome is None:
-                running.outcome = self._finish(running)
+                running.outcome = self._undo(running) if running.stopped_by == "cancelled" else self._finish(running)
 
     def _grant_headroom(self, running: _Running) -> None:
         """Spare KV slots after a lone turn (kv_headroom_tokens), so the session's next question
@@ -538,17 +558,25 @@ class SessionEngine:
         return logits
 
     def _pick(self, running: _Running, logits: torch.Tensor) -> bool:
-        """Pick the turn's next token from its logits [1, V] and send it; True while it goes on."""
-        token = generation.select_next_token(
-            logits, running.request.params, None, suppressed=self.loaded.image_token_id
-        )
+        """Pick the turn's next token from its logits [1, V] and send it; True while it goes on.
+
+        A turn whose client is gone stops here, its token unsent (``_undo`` follows); one past its
+        deadline stops with this token as its last.
+        """
+        request = running.request
+        token = generation.select_next_token(logits, request.params, None, suppressed=self.loaded.image_token_id)
         running.answer.append(token)
         running.last_token_at = time.perf_counter()
         if len(running.answer) == 1:
             running.first_token_at = running.last_token_at
         goes_on = token not in self.loaded.eos_token_ids and len(running.answer) < running.max_new
-        if running.request.on_token is not None:
-            running.request.on_token(token, not goes_on)
+        if request.cancelled is not None and request.cancelled():
+            running.stopped_by = "cancelled"
+            return False
+        if goes_on and request.deadline is not None and time.monotonic() >= request.deadline:
+            running.stopped_by, goes_on = "deadline", False
+        if request.on_token is not None:
+            request.on_token(token, not goes_on)
         return goes_on
 
     def _decode_together(self, group: list[_Running]) -> None:
@@ -584,7 +612,11 @@ class SessionEngine:
         # Between turns a session holds its tokens and at most the spare slots reserved for it.
         kv_cache.trim(state.cache, running.headroom)
         text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
-        finish = "stop" if answer and answer[-1] in self.loaded.eos_token_ids else "length"
+        if answer and answer[-1] in self.loaded.eos_token_ids:
+            finish = "stop"
+        else:
+            finish = running.stopped_by or "length"
+        self.counters.turns_past_deadline += finish == "deadline"
         state.token_ids.extend(running.turn_ids)
         state.token_ids.extend(answer)
         state.token_ids.extend(self.formatter.closing_ids(answer, self.loaded.eos_token_ids))
@@ -615,6 +647,19 @@ class SessionEngine:
         del state.features[running.features_before:]
         state.pending_images = running.pending_before
         state.cache = None
+
+    def _undo(self, running: _Running) -> TurnCancelled:
+        """A turn whose client went away: the session is as before it, the history's KV kept
+        (cut back to the history), so the next turn prefills only its own tokens."""
+        state = running.state
+        cache = state.cache
+        self._roll_back(running)
+        if cache is not None:
+            kv_cache.truncate(cache, min(len(state.token_ids), cache.get_seq_length()))
+            kv_cache.trim(cache, running.headroom)
+            state.cache = cache
+        self.counters.turns_cancelled += 1
+        return TurnCancelled()
 
     def _image_rows(self, state, full_ids: list[int], start: int) -> torch.Tensor | None:
         """Feature rows for the image tokens in full_ids[start:], in placeholder order."""

@@ -15,11 +15,20 @@ from llava_sessions.handler.engine import kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
 
 
+# Temperatures below this pick greedily: dividing logits by a smaller one overflows float32
+# (1e-45 is 0 there) and sampling would fail; at this temperature sampling is greedy anyway.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included): greedy
+    top_p: float = 1.0  # any value in (0, 1] keeps at least the most likely token
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
 
 
 @torch.inference_mode()
@@ -114,7 +123,7 @@ def select_next_token(
     has no features behind it (the next prefill could not fill it).
     """
     logits = logits[0]  # [V]
-    if params.temperature == 0:
+    if params.greedy:
         token = int(torch.argmax(logits))
         # argmax keeps the first maximum: masking another id cannot change it. Skipping the
         # mask saves two small ops per token, most of this function's time on a CPU.
@@ -123,13 +132,15 @@ def select_next_token(
     logits = logits.float()
     if suppressed is not None:
         logits = logits.index_fill(0, torch.tensor([suppressed], device=logits.device), float("-inf"))
-    if params.temperature == 0:
+    if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        # Keep the smallest prefix whose mass reaches top_p. The most likely token always stays:
+        # a top_p that rounds to 0 in float32 (1e-300) would otherwise leave nothing to sample.
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -171,6 +171,17 @@ def trim(cache: DynamicCache, headroom: int) -> None:
             layer.trim(_most_spare(headroom))
 
 
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Forget every token from ``length`` on (a turn undone); appending layers keep their buffers,
+    so the next turn appends in place where the undone one began."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+        if isinstance(layer, AppendLayer):
+            layer.forget_plan()
+
+
 def cache_bytes(cache: DynamicCache | None) -> int:
     """Device bytes the cache holds, spare room included."""
     if cache is None:

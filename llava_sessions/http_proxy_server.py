@@ -17,6 +17,8 @@ from typing import Callable
 import aiohttp
 from aiohttp import web
 
+from llava_sessions.connection_guard import ConnectionLimits, GuardedAppRunner
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
@@ -28,12 +30,14 @@ STOP_TIMEOUT_S = SHUTDOWN_GRACE_S + 3.0
 class HttpProxyServer:
     name = "http-proxy"  # the thread's name and the log lines'
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, limits: ConnectionLimits | None = None):
         self.host, self.port = host, port
+        self.connection_limits = limits if limits is not None else ConnectionLimits()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._client: aiohttp.ClientSession | None = None  # to the upstream servers
+        self.failure: BaseException | None = None  # what stopped it, when it stopped on an error
 
     @property
     def url(self) -> str:
@@ -68,6 +72,11 @@ class HttpProxyServer:
         """Serve in this thread (the main one) until SIGINT or SIGTERM, or stop() from another thread."""
         asyncio.run(self._serve(on_listening=self._stop_on_signals))
 
+    @property
+    def running(self) -> bool:
+        """Serving from its background thread (False once it stopped, on stop() or an error)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop serving: in-flight requests get SHUTDOWN_GRACE_S, the whole stop at most STOP_TIMEOUT_S."""
         loop, stopping = self._loop, self._stopping
@@ -90,6 +99,7 @@ class HttpProxyServer:
         try:
             asyncio.run(self._serve(on_listening=lambda: listening.set_result(None)))
         except BaseException as exc:
+            self.failure = exc
             if listening.done():
                 log.exception("the %s stopped on an error", self.name)
             else:
@@ -105,8 +115,17 @@ class HttpProxyServer:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client sent
         )
         # auto_decompress off: a compressed request body reaches the handlers as sent, so they can
-        # refuse it as a JSON error instead of aiohttp's decoder failing with a text/plain 400 or 500.
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S, auto_decompress=False)
+        # refuse it as a JSON error instead of aiohttp's decoder failing with a 400 or 500.
+        # handler_cancellation: a client that hangs up cancels its handler's task, so nothing keeps
+        # working (or holding a worker) for an answer nobody will read.
+        runner = GuardedAppRunner(
+            self._app(),
+            limits=self.connection_limits,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_GRACE_S,
+            auto_decompress=False,
+            handler_cancellation=True,
+        )
         try:
             await runner.setup()
             await web.TCPSite(runner, self.host, self.port).start()

@@ -151,7 +151,7 @@ def _answer(session, line: str, images: list[str], stream: bool) -> None:
         if turn is not None:
             turn.close()
         print(flush=True)
-        _note("stopped (the endpoint still finishes that answer in the session)")
+        _note("stopped: that answer is not part of the conversation; the next question follows the last whole one")
         return
     print(flush=True)
 

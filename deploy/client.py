@@ -436,7 +436,7 @@ class Turn:
     image_keys: tuple[str, ...]  # content identities, to recognise the same images again
     params: dict  # generation fields as sent (max_new_tokens, temperature, top_p)
     answer: str | None = None
-    complete: bool = False  # False: still streaming, or stopped early (the server finishes it anyway)
+    complete: bool = False  # False: still streaming (a turn not delivered whole leaves the history)
     usage: dict | None = None
 
 
@@ -571,6 +571,13 @@ class SessionClient:
         except ClientError as exc:
             raise error_from_client_error(exc) from exc
 
+    def _hang_up(self) -> None:
+        """Close the runtime client's connections, as a stopped user means: the server then
+        stops a turn it was still running and does not keep it."""
+        http_session = getattr(getattr(self._runtime, "_endpoint", None), "http_session", None)
+        if http_session is not None and hasattr(http_session, "close"):
+            http_session.close()
+
     def _invoke_kwargs(self, body: dict, session_id: str) -> dict:
         data = json.dumps(body, separators=(",", ":")).encode("utf-8")
         if len(data) > self.max_body_bytes:
@@ -667,7 +674,9 @@ class Session:
     ) -> TurnStream:
         """Send one turn now; iterate the result for the answer's token texts as they come.
 
-        Stopping early (``close()``, ``break``) does not undo the turn: the server finishes it.
+        Stopping early (``close()``, or starting the next turn) hangs up: the server stops the
+        turn and does not keep it, and it leaves ``history`` too. Only answers delivered whole
+        are part of the conversation.
         """
         prompt, new_images, params = self._prepare(text, images, messages, max_new_tokens, temperature, top_p)
         turn_stream = TurnStream(self, prompt, new_images, params)
@@ -715,7 +724,7 @@ class Session:
         if self.closed:
             raise SessionError("SESSION_CLOSED", None, f"session {self.id} is closed; open a new one")
         if self._active_stream is not None:
-            self._active_stream.close()  # a stream left unread: stop reading it (its turn stays)
+            self._active_stream.close()  # a stream left unread: hang up (its turn is not kept)
             self._active_stream = None
         params = {**self.params, **_generation_params(max_new_tokens, temperature, top_p)}
         if messages is None:
@@ -842,7 +851,8 @@ class Session:
                 lambda: self.client._invoke(self._turn_body(prompt, turn.images, params), self.id))
             result = _json_body(response)
         except KeyboardInterrupt:
-            self.history.append(turn)  # sent and stopped waiting: the server finishes it in the session
+            # Stopped waiting: hang up, so the server stops the turn and does not keep it either.
+            self.client._hang_up()
             raise
         answer = result.get("generated_text")
         if not isinstance(answer, str):
@@ -972,12 +982,11 @@ class TurnStream:
             self._response = session._with_recovery(
                 lambda: session.client._invoke_stream(body, session.id), reason)
         except KeyboardInterrupt:
-            self.done = True
-            self._turn.answer = ""
-            session.history.append(self._turn)  # sent and stopped waiting: the server finishes it
+            self.done = True  # stopped waiting: hang up; the server does not keep the turn
+            session.client._hang_up()
             raise
         self._events = iter_events(payload_chunks(self._response["Body"]))
-        session.history.append(self._turn)  # the server has the turn now; stopping early won't undo it
+        session.history.append(self._turn)  # it leaves again unless delivered whole (close, _fail)
 
     def __next__(self) -> str:
         if self.done or self._events is None:
@@ -1051,10 +1060,11 @@ class TurnStream:
         return self.text if self.text is not None else "".join(self._pieces)
 
     def close(self) -> None:
-        """Stop reading. The server still finishes the turn; the session keeps it (answer partial here)."""
+        """Stop reading and hang up: the server stops the turn and leaves its session as before
+        it, so the turn leaves the history too (``text`` stays None)."""
         if not self.done:
             self.done = True
-            self._turn.answer = "".join(self._pieces)
+            self._discard_turn()
         self._close_body()
 
     def _close_body(self) -> None:

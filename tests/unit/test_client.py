@@ -550,16 +550,15 @@ def test_stream_replays_a_lost_session(client, endpoint):
     assert [t.prompt for t in chat.history] == ["q1", "q2"]
 
 
-def test_stopped_stream_stays_in_the_conversation(client, endpoint):
+def test_a_stopped_stream_is_not_part_of_the_conversation(client, endpoint):
     chat = client.open()
     turn = chat.stream("q1")
     assert next(turn) == "answer"
-    turn.close()
-    assert chat.history[0].answer == "answer" and not chat.history[0].complete
-    endpoint.sessions["s1"]["turns"].append(("q1", [], "whatever the server finished"))  # it completes the turn
+    turn.close()  # a hang-up: the server stops the turn and does not keep it
+    assert chat.history == [] and turn.text is None
     endpoint.lose_all()
-    assert chat.ask("q2") == "answer 1 to q2 with 0 images é日本"  # q1 was replayed, so this is turn 1
-    assert chat.history[0].complete and chat.divergences == []
+    assert chat.ask("q2") == "answer 0 to q2 with 0 images é日本"  # nothing to replay: q2 is turn 0
+    assert [t.prompt for t in chat.history] == ["q2"] and chat.divergences == []
 
 
 def test_replay_with_another_instance_diverging(client, endpoint):
@@ -812,7 +811,7 @@ def test_an_unread_stream_is_stopped_by_the_next_turn(client, endpoint):
     first = chat.stream("q1")
     assert next(first) == "answer"
     assert chat.ask("q2") == "answer 1 to q2 with 0 images é日本"
-    assert first.done and chat.history[0].answer == "answer" and not chat.history[0].complete
+    assert first.done and [t.prompt for t in chat.history] == ["q2"]  # q1 was not delivered whole
     assert list(first) == []
 
 
@@ -826,3 +825,21 @@ def test_front_door_413_is_request_too_large():
         with pytest.raises(SessionError) as caught:
             chat.ask("q")
     assert (caught.value.code, caught.value.status) == ("REQUEST_TOO_LARGE", 413)
+
+
+def test_a_turn_the_user_stopped_waiting_for_is_not_part_of_the_conversation(client, endpoint, monkeypatch):
+    chat = client.open()
+    chat.ask("q1")
+    hung_up = []
+    monkeypatch.setattr(client, "_hang_up", lambda: hung_up.append(True))
+
+    def interrupted(body, session_id):
+        raise KeyboardInterrupt
+
+    for send in ("_invoke", "_invoke_stream"):
+        with monkeypatch.context() as patch:
+            patch.setattr(client, send, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                chat.ask("q2") if send == "_invoke" else chat.stream("q2")
+    # The server drops a turn whose client hung up; so does the transcript.
+    assert [t.prompt for t in chat.history] == ["q1"] and hung_up == [True, True]

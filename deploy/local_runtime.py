@@ -57,6 +57,7 @@ import asyncio
 import contextlib
 import concurrent.futures
 import logging
+import os
 import re
 import signal
 import sys
@@ -71,6 +72,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from llava_sessions.connection_guard import ConnectionLimits
 from llava_sessions.deploy import eventstream
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, NEW_SESSION, SESSION_HEADER
 from llava_sessions.http_proxy_server import HttpProxyServer
@@ -80,7 +82,9 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 8080
-DEFAULT_INSTANCES = 2
+# Two instances show sticky routing; each worker then gets its share of the cores (ServingStack),
+# so a one-core host runs one.
+DEFAULT_INSTANCES = min(2, len(os.sched_getaffinity(0)))
 VARIANT = "AllTraffic"
 ACCOUNT = "000000000000"  # there is no account; ARNs and messages need one
 DEFAULT_REGION = "us-east-1"
@@ -196,6 +200,7 @@ class SageMakerRuntimeServer(HttpProxyServer):
         stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
         health_interval_s: float = HEALTH_INTERVAL_S,
         clock: Callable[[], float] = time.time,
+        limits: ConnectionLimits | None = None,
     ):
         if not instance_urls:
             raise ValueError("instance_urls must name at least one instance")
@@ -208,7 +213,7 @@ class SageMakerRuntimeServer(HttpProxyServer):
             _Instance(i, url.rstrip("/"), None if d is None else str(d))
             for i, (url, d) in enumerate(zip(instance_urls, log_dirs))
         ]
-        super().__init__(host, port)
+        super().__init__(host, port, limits=limits)
         self.endpoint_name = endpoint_name
         self.max_body_bytes = max_body_bytes
         self.invocation_timeout_s = invocation_timeout_s
@@ -605,7 +610,8 @@ class LocalRuntime:
         from llava_sessions.serving_stack import ServingStack
 
         self.stacks = [
-            ServingStack(self.archive, self.run_dir / f"instance-{i}", workers=self.workers, port=0)
+            ServingStack(self.archive, self.run_dir / f"instance-{i}", workers=self.workers, port=0,
+                         host_workers=self.n_instances * self.workers)
             for i in range(self.n_instances)
         ]
         pool = concurrent.futures.ThreadPoolExecutor(self.n_instances, thread_name_prefix="instance-start")

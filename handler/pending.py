@@ -16,4 +16,5 @@ class PendingRequest:
     request: Any = None  # protocol.OpenSession | Turn | CloseSession, once parsed
     stream: Any = None  # streaming.TokenStream of a streamed turn
     turn: Any = None  # the engine's TurnRequest, for a turn
+    hop: Any = None  # router_hop.Hop: its id at the router, when the router received it
     reply: Any = None  # replies.Reply, set once it is answered

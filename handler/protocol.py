@@ -484,12 +484,17 @@ def turn_response(
     prompt_tokens: int,
     cached_tokens: int,
     completion_tokens: int,
+    finish_reason: str | None = None,
     style: str = NATIVE,
 ) -> dict:
+    """``finish_reason``: "stop" (end of turn), "length" (max_new_tokens or the context) or
+    "deadline" (a turn that is not streamed stopped at turn_deadline_s with what it had)."""
     if _check_style(style) == AWS_SAMPLE:
         return {"response_text": generated_text}
+    finish = {} if finish_reason is None else {"finish_reason": finish_reason}
     return {
         "generated_text": generated_text,
+        **finish,
         "usage": {
             "prompt_tokens": prompt_tokens,
             "cached_tokens": cached_tokens,

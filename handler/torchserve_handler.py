@@ -18,11 +18,12 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from http import HTTPStatus
 
 from llava_sessions.config import ServingConfig
-from llava_sessions.errors import InternalError, SessionsError
-from llava_sessions.handler import bundle, image_sources, protocol, streaming
+from llava_sessions.errors import InternalError, InvalidRequest, SessionsError, TurnCancelled
+from llava_sessions.handler import bundle, image_sources, protocol, router_hop, streaming
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
 
@@ -38,6 +39,9 @@ class LlavaSessionHandler:
         self.engine = None
         self.config: ServingConfig | None = None
         self.metrics = None  # SessionMetrics when TorchServe provides a metrics cache
+        # This start's router secret (router_hop.py): bundles and the router's headers need it.
+        self.router_secret: str | None = None
+        self.cancellations: router_hop.CancelListener | None = None
         self.initialized = False
 
     # --- hook 1: once per worker --------------------------------------------
@@ -55,14 +59,28 @@ class LlavaSessionHandler:
         self.config = ServingConfig.from_sources(yaml_section)
         source = self.config.model or os.path.join(properties["model_dir"], ARCHIVE_MODEL_SUBDIR)
         device = resolve_device(self.config.device, properties.get("gpu_id"))
+        if device.type == "cpu" and self.config.cpu_threads:
+            import torch
+
+            torch.set_num_threads(self.config.cpu_threads)  # this worker's share of the host's cores
         self.engine = SessionEngine(load_model(source, device, self.config.dtype), self.config)
-        # Check often enough that a session outlives its TTL by at most a quarter of it.
-        self.engine.start_expiry_sweeper(interval_s=min(5.0, self.config.session_ttl_s / 4))
         if getattr(context, "metrics", None) is not None:
             from llava_sessions.handler.metrics import SessionMetrics
 
             self.metrics = SessionMetrics(context.metrics, context.model_name)
+        # Check often enough that a session outlives its TTL by at most a quarter of it; the
+        # gauges show what expiry freed then, not at the next request.
+        self.engine.start_expiry_sweeper(
+            interval_s=min(5.0, self.config.session_ttl_s / 4), on_sweep=self._observe_engine
+        )
+        self.router_secret = os.environ.get(router_hop.SECRET_ENV) or None
+        if self.router_secret is not None:
+            self.cancellations = router_hop.CancelListener(self.router_secret, context.model_name)
         self.initialized = True
+
+    def _observe_engine(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_engine(self.engine)
 
     # --- TorchServe's entry point -------------------------------------------
 
@@ -88,7 +106,7 @@ class LlavaSessionHandler:
             ):
                 self._run_waiting(waiting)
                 waiting = []
-            self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
+            self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream, item.hop)))
         self._run_waiting(waiting)
         by_row: dict[int, list[PendingRequest]] = {}
         for item in items:
@@ -101,8 +119,7 @@ class LlavaSessionHandler:
                 [item] = row_items
                 self._send(context, idx, item.reply)
                 bodies.append(item.reply.render())
-        if self.metrics is not None:
-            self.metrics.observe_engine(self.engine)
+        self._observe_engine()
         return bodies
 
     def _unpack(self, data: list[dict], context) -> tuple[list[PendingRequest], set[int]]:
@@ -110,8 +127,11 @@ class LlavaSessionHandler:
         items, bundles = [], set()
         for idx, row in enumerate(data):
             headers = context.get_all_request_header(idx) or {}
+            trusted = router_hop.from_router(headers, self.router_secret)
             try:
                 count = bundle.member_count(headers)
+                if count is not None and not trusted:
+                    raise InvalidRequest("bundles come only from this server's own router; send one request per call")
                 members = None if count is None else bundle.decode_request(_body_bytes(row), count)
             except SessionsError as error:
                 item = PendingRequest(idx)
@@ -120,7 +140,8 @@ class LlavaSessionHandler:
                 continue
             if members is None:
                 item = PendingRequest(idx)
-                self._guarded(item, self._prepare, item, row, headers, streaming.TorchServeSink(context, idx))
+                sink = streaming.TorchServeSink(context, idx)
+                self._guarded(item, self._prepare, item, row, headers, sink, trusted)
                 items.append(item)
                 continue
             bundles.add(idx)
@@ -128,7 +149,8 @@ class LlavaSessionHandler:
             for member, (member_headers, body) in enumerate(members):
                 item = PendingRequest(idx, member)
                 sink = streaming.BundleMemberSink(row_sink, member)
-                self._guarded(item, self._prepare, item, {"body": body}, member_headers, sink)
+                # The bundle came with the secret: its members' own headers are the router's.
+                self._guarded(item, self._prepare, item, {"body": body}, member_headers, sink, True)
                 items.append(item)
         return items, bundles
 
@@ -148,20 +170,24 @@ class LlavaSessionHandler:
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
         """One request alone; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
         item = PendingRequest(0)
-        self._guarded(item, self._prepare, item, row, headers, sink)
+        trusted = router_hop.from_router(headers, self.router_secret)
+        self._guarded(item, self._prepare, item, row, headers, sink, trusted)
         if item.reply is None:
             if isinstance(item.request, protocol.Turn):
                 self._run_waiting([item])
             else:
-                self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream)))
+                self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream, item.hop)))
         return item.reply
 
-    def _prepare(self, item: PendingRequest, row: dict, headers: dict, sink) -> None:
-        """Hook 2 for one request, plus what a turn needs before it can join the batch."""
+    def _prepare(self, item: PendingRequest, row: dict, headers: dict, sink, trusted: bool) -> None:
+        """Hook 2 for one request, plus what a turn needs before it can join the batch.
+
+        ``trusted``: the request came from this start's router, so its hop headers count."""
+        item.hop = router_hop.Hop.of(headers, trusted)
         item.request = self.decode_request(row, headers)
         item.stream = self._token_stream(item.request, sink)
         if isinstance(item.request, protocol.Turn):
-            item.turn = self.turn_request(item.request, item.stream)
+            item.turn = self.turn_request(item.request, item.stream, item.hop)
 
     def _run_waiting(self, waiting: list[PendingRequest]) -> None:
         if not waiting:
@@ -216,21 +242,26 @@ class LlavaSessionHandler:
 
     # --- hook 3: run on the engine -------------------------------------------
 
-    def run(self, request, stream: streaming.TokenStream | None = None):
+    def run(self, request, stream: streaming.TokenStream | None = None, hop: router_hop.Hop | None = None):
         """Open or close a session; a lone turn runs as a batch of one."""
+        hop = hop or router_hop.Hop(None, time.time())
         if isinstance(request, protocol.OpenSession):
             images = image_sources.load_images(request.images, self.config)
             opened = self.engine.open_session(images)
-            return opened, self._answer_first_question(request, opened.session_id)
+            first = self._answer_first_question(request, opened.session_id, hop)
+            if self._client_gone(hop):  # nobody will learn the id: the session would only wait for its TTL
+                self.engine.close_session(opened.session_id)
+                raise TurnCancelled("the client closed the connection; the session it opened was closed again")
+            return opened, first
         if isinstance(request, protocol.Turn):
-            [outcome] = self.run_batch([self.turn_request(request, stream)])
+            [outcome] = self.run_batch([self.turn_request(request, stream, hop)])
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome
         self.engine.close_session(request.session_id)
         return None
 
-    def _answer_first_question(self, request: protocol.OpenSession, session_id: str):
+    def _answer_first_question(self, request: protocol.OpenSession, session_id: str, hop: router_hop.Hop):
         """The open's own question, as the session's first turn; None when it brought none.
 
         If it fails the session is closed again: the client gets an error, not the id.
@@ -238,20 +269,33 @@ class LlavaSessionHandler:
         if request.first_turn is None:
             return None
         try:
-            return self.run(dataclasses.replace(request.first_turn, session_id=session_id))
+            return self.run(dataclasses.replace(request.first_turn, session_id=session_id), None, hop)
         except Exception:
             self.engine.close_session(session_id)
             raise
 
-    def turn_request(self, request: protocol.Turn, stream: streaming.TokenStream | None = None):
-        """The engine's TurnRequest for a parsed turn: its images loaded, its stream's callback."""
+    def turn_request(self, request: protocol.Turn, stream: streaming.TokenStream | None = None,
+                     hop: router_hop.Hop | None = None):
+        """The engine's TurnRequest for a parsed turn: its images loaded, its stream's callback,
+        whether its client is gone, and (not streamed) its deadline."""
         from llava_sessions.handler.engine.engine import TurnRequest
         from llava_sessions.handler.engine.generation import SamplingParams
 
+        hop = hop or router_hop.Hop(None, time.time())
         images = image_sources.load_images(request.images, self.config)
         params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
         on_token = stream.on_token if stream is not None else None
-        return TurnRequest(request.session_id, request.prompt, params, tuple(images), on_token)
+        cancelled = None
+        if self.cancellations is not None and hop.request_id is not None:
+            cancelled = lambda: self._client_gone(hop)  # noqa: E731
+        deadline = None
+        if stream is None and self.config.turn_deadline_s > 0:
+            # When the router received it, on this process's monotonic clock.
+            deadline = time.monotonic() + hop.received_at + self.config.turn_deadline_s - time.time()
+        return TurnRequest(request.session_id, request.prompt, params, tuple(images), on_token, cancelled, deadline)
+
+    def _client_gone(self, hop: router_hop.Hop) -> bool:
+        return self.cancellations is not None and self.cancellations.is_cancelled(hop.request_id)
 
     def run_batch(self, turns: list) -> list:
         """Turns of different sessions on the engine together; a result or an exception for each."""
@@ -291,14 +335,22 @@ class LlavaSessionHandler:
             prompt_tokens=result.prompt_tokens,
             cached_tokens=result.cached_tokens,
             completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
             style=style,
         )
 
     def _send(self, context, idx: int, reply: Reply) -> None:
-        context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, idx)
+        context.set_response_status(reply.status, _phrase(reply.status), idx)
         context.set_response_content_type(idx, reply.content_type)
         for name, value in reply.headers.items():
             context.set_response_header(idx, name, value)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # 499: nginx's "client closed request", not in the standard list
+        return "Client Closed Request" if status == 499 else "Unknown"
 
 
 def _body_bytes(row: dict) -> bytes:

@@ -6,6 +6,12 @@ to the least-loaded backend; the backend's response headers say which session it
 (``X-Amzn-SageMaker-Session-Id: <id>; Expires=...``) or closed; ``SessionRoutes`` remembers that.
 Responses stream through chunk by chunk, so token streaming keeps its latency.
 
+The router is the trust boundary: a client cannot send what only the router sends its workers
+(``handler/router_hop.py``: bundles, the internal headers). A client that goes away while its
+turn waits or runs is dropped from the queue, or its worker is told to stop the turn, which then
+leaves its session as before it. On ``drain`` (SIGTERM) it answers new requests 503, lets what is
+in flight finish for a grace period, then ends each remaining answer cleanly.
+
 Torch-free: the container's front process imports nothing heavy.
 """
 
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,17 +29,20 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from llava_sessions.config import RouterConfig
 from llava_sessions.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    RequestTimeout,
     RequestTooLarge,
     RouteNotFound,
     SessionNotFound,
     SessionsError,
+    TooManySessions,
     WorkerUnavailable,
 )
-from llava_sessions.handler import bundle
+from llava_sessions.handler import bundle, router_hop
 from llava_sessions.handler.protocol import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
@@ -57,6 +67,9 @@ BUNDLE_MEMBER_OVERHEAD = 4096
 # Requests that may wait in the router for one worker (TorchServe's own job_queue_size default).
 MAX_WAITING = 100
 CONNECT_TIMEOUT_S = 5.0
+# After a drain's grace, how long the cut answers get to be written.
+CUT_WRITE_S = 5.0
+RETRY_AFTER_S = "1"
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -77,6 +90,7 @@ HOP_BY_HOP = frozenset(
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", SESSION_HEADER.lower()}
 # TorchServe leaks its internal streaming marker to clients; no server software is named.
 _NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next", "server"}
+_SHUTTING_DOWN = "this instance is shutting down"
 EVENT_STREAM = "text/event-stream"
 # What TorchServe's front end answers when the worker process went away during the request
 # (killed, crashed, or killed by TorchServe itself past the model's responseTimeout).
@@ -90,13 +104,26 @@ class _Target:
 
 
 @dataclass
-class _Waiting:
-    """A request that found its worker busy, waiting to go with the next bundle."""
+class _Exchange:
+    """One client request on its way through the router, from its body to its answer."""
 
     request: web.Request
     body: bytes
-    target: _Target
-    answered: asyncio.Future  # the response once sent downstream, or the error to answer
+    hop: router_hop.Hop  # its id at the worker (for cancellation) and when it arrived
+    target: _Target | None = None
+    # A request that found its worker busy waits to go with the next bundle: the response
+    # once sent downstream, or the error to answer.
+    answered: asyncio.Future | None = None
+    downstream: "_Downstream | None" = None  # once its answer started going to the client
+    upstream_sent: bool = False  # its worker may be running it
+    cut: bool = False  # the drain's grace ran out: end it now
+
+
+@dataclass
+class DrainReport:
+    finished: int = 0  # in flight when the drain began, and answered within the grace
+    cut: int = 0  # ended at the grace's end: streams with an error event, the rest with a 503
+    refused: int = 0  # arrived during the drain: 503
 
 
 class _Gate:
@@ -104,7 +131,15 @@ class _Gate:
 
     def __init__(self):
         self.busy = False
-        self.waiting: list[_Waiting] = []
+        self.waiting: list[_Exchange] = []
+
+
+class _TryElsewhere(Exception):
+    """An open refused 429 TOO_MANY_SESSIONS by its worker: another worker may have room."""
+
+    def __init__(self, response: web.Response):
+        super().__init__("worker full")
+        self.response = response
 
 
 class AffinityRouter(HttpProxyServer):
@@ -119,20 +154,28 @@ class AffinityRouter(HttpProxyServer):
         host: str = "127.0.0.1",
         port: int = 8080,
         ping_url: str,
-        max_body_bytes: int = 8 * MiB,
+        config: RouterConfig | None = None,
         routes: SessionRoutes | None = None,
         request_timeout_s: float = 660,
         max_bundle: int = MAX_BUNDLE,
         max_waiting: int = MAX_WAITING,
+        secret: str | None = None,
+        model_names: list[str] | None = None,
     ):
+        """``secret``: shared with the workers (router_hop.py; None: a new one, which no worker
+        knows). ``model_names``: the TorchServe model of each backend, to tell a worker that a
+        client went away (None: from the backend URLs' last segment)."""
         if not backends:
             raise ValueError("backends must name at least one inference URL")
         if routes is not None and routes.n_backends != len(backends):
             raise ValueError(f"routes is sized for {routes.n_backends} backends, got {len(backends)} URLs")
-        super().__init__(host, port)
+        self.config = config or RouterConfig()
+        super().__init__(host, port, limits=self.config.connection_limits())
         self.backends = list(backends)
         self.ping_url = ping_url
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = self.config.max_request_bytes
+        self.secret = secret or router_hop.new_secret()
+        self.model_names = model_names or [url.rstrip("/").rsplit("/", 1)[-1] for url in self.backends]
         self.routes = routes if routes is not None else SessionRoutes(len(backends))
         if max_bundle < 1 or max_waiting < 0:
             raise ValueError(f"max_bundle must be at least 1 and max_waiting at least 0, got {max_bundle}, {max_waiting}")
@@ -141,9 +184,46 @@ class AffinityRouter(HttpProxyServer):
         self._gates = [_Gate() for _ in backends]
         # A read timeout, not a total one: a long stream is fine while tokens keep coming.
         self._timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=request_timeout_s)
+        self._in_flight: dict[asyncio.Task, _Exchange] = {}
+        self._drain: DrainReport | None = None  # set once draining
+        self._cancels: router_hop.CancelSender | None = None
 
     async def _started(self) -> None:
+        self._cancels = router_hop.CancelSender(self.secret)
         log.info("affinity router on %s in front of %d backends", self.url, len(self.backends))
+
+    async def _stopped(self) -> None:
+        if self._cancels is not None:
+            self._cancels.close()
+
+    # --- drain (SIGTERM) ----------------------------------------------------------
+
+    def drain(self, grace_s: float) -> DrainReport:
+        """From another thread: refuse new requests (503), give those in flight ``grace_s`` to
+        finish, then end the rest (a stream with TGI's error event and a clean end, anything
+        else not yet answered with a JSON 503). Returns once every answer is ended."""
+        if self._loop is None or self._loop.is_closed():
+            return DrainReport()
+        future = asyncio.run_coroutine_threadsafe(self._drain_in_loop(grace_s), self._loop)
+        return future.result(grace_s + CUT_WRITE_S + 5)
+
+    async def _drain_in_loop(self, grace_s: float) -> DrainReport:
+        report = self._drain = self._drain or DrainReport()
+        waiting = dict(self._in_flight)
+        log.info("draining: %d request(s) in flight get up to %.1f s; new requests get 503", len(waiting), grace_s)
+        if waiting:
+            await asyncio.wait(list(waiting), timeout=grace_s)
+        cut = {task: exchange for task, exchange in self._in_flight.items() if not task.done()}
+        report.finished += sum(1 for task in waiting if task.done())
+        for task, exchange in cut.items():
+            exchange.cut = True
+            task.cancel()
+        if cut:
+            await asyncio.wait(list(cut), timeout=CUT_WRITE_S)
+        report.cut += len(cut)
+        log.info("drained: %d finished in the grace, %d cut, %d new request(s) refused",
+                 report.finished, report.cut, report.refused)
+        return report
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors])
@@ -155,6 +235,8 @@ class AffinityRouter(HttpProxyServer):
     # --- handlers -------------------------------------------------------------
 
     async def _ping(self, request: web.Request) -> web.Response:
+        if self._drain is not None:  # the load balancer should stop sending us requests
+            return web.json_response({"status": "Draining"}, status=503)
         healthy = await self._backend_healthy()
         return web.json_response(
             {"status": "Healthy" if healthy else "Unhealthy"}, status=200 if healthy else 503
@@ -169,28 +251,78 @@ class AffinityRouter(HttpProxyServer):
             return False
 
     async def _invocations(self, request: web.Request) -> web.StreamResponse:
+        if self._drain is not None:
+            self._drain.refused += 1
+            raise WorkerUnavailable(f"{_SHUTTING_DOWN}; retry (a session it held is gone once it stops)")
+        _refuse_internal(request.headers)
+        received_at = time.time()
         body = await self._read_body(request)
-        target = self._route(request.headers, body)
-        return await self._dispatch(request, body, target)
+        exchange = _Exchange(request, body, router_hop.Hop(router_hop.new_request_id(), received_at))
+        task = asyncio.current_task()
+        self._in_flight[task] = exchange
+        try:
+            return await self._answer(exchange)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler), or the drain cut it.
+            if exchange.upstream_sent:
+                self._cancel_at_worker(exchange)
+            if not exchange.cut:
+                log.debug("client gone before its answer ended")
+                raise
+            task.uncancel()
+            return await self._cut_off(exchange)
+        finally:
+            del self._in_flight[task]
+
+    async def _answer(self, exchange: _Exchange) -> web.StreamResponse:
+        """Route and dispatch; an open that its worker has no room for is tried on the others."""
+        exchange.target = self._route(exchange.request.headers, exchange.body)
+        tried = set()
+        while True:
+            try:
+                return await self._dispatch(exchange)
+            except _TryElsewhere as full:
+                tried.add(exchange.target.backend)
+                backend = self.routes.pick_backend(exclude=tried)
+                if backend is None:
+                    return full.response
+                log.debug("backend %d full; open tried on backend %d", exchange.target.backend, backend)
+                exchange.target = _Target(backend, None)
+
+    def _cancel_at_worker(self, exchange: _Exchange) -> None:
+        """Tell the worker to stop this request's turn: its session stays as before it."""
+        if self._cancels is not None and exchange.target is not None:
+            self._cancels.cancel(self.model_names[exchange.target.backend], exchange.hop.request_id)
+
+    async def _cut_off(self, exchange: _Exchange) -> web.StreamResponse:
+        """End an answer that the drain's grace did not see finish."""
+        error = WorkerUnavailable(f"{_SHUTTING_DOWN} and its grace period ended before this answer did; "
+                                  "the turn is not part of the session")
+        downstream = exchange.downstream
+        if downstream is None or not downstream.reply.prepared:
+            return _error_response(error, {"Retry-After": RETRY_AFTER_S})
+        await downstream.broken_off(error)
+        return downstream.reply
 
     # --- batching: one request in hand per worker, the rest together --------------------
 
-    async def _dispatch(self, request: web.Request, body: bytes, target: _Target) -> web.StreamResponse:
+    async def _dispatch(self, exchange: _Exchange) -> web.StreamResponse:
         """Straight to an idle worker; to a busy one with the next bundle (see handler/bundle.py)."""
-        gate = self._gates[target.backend]
+        gate = self._gates[exchange.target.backend]
         if gate.busy:
             if len(gate.waiting) >= self.max_waiting:  # overload: say so now rather than queue without end
                 raise WorkerUnavailable(
                     f"the model worker for this request has {len(gate.waiting)} requests waiting; retry shortly"
                 )
-            waiting = _Waiting(request, body, target, asyncio.get_running_loop().create_future())
-            gate.waiting.append(waiting)
-            return await waiting.answered  # a client that hangs up cancels it: it is then skipped
+            exchange.answered = asyncio.get_running_loop().create_future()
+            gate.waiting.append(exchange)
+            # A client that hangs up (or a drain cut) cancels the future: it is then skipped.
+            return await exchange.answered
         gate.busy = True
         try:
-            return await self._forward(request, body, target)
+            return await self._forward(exchange)
         finally:
-            self._send_next(target.backend)
+            self._send_next(exchange.target.backend)
 
     def _send_next(self, backend: int) -> None:
         """The worker is free: what waited goes now, together (within the size and count limits)."""
@@ -208,11 +340,11 @@ class AffinityRouter(HttpProxyServer):
         members, gate.waiting = gate.waiting[:taken], gate.waiting[taken:]
         asyncio.get_running_loop().create_task(self._send_waiting(backend, members))
 
-    async def _send_waiting(self, backend: int, members: list[_Waiting]) -> None:
+    async def _send_waiting(self, backend: int, members: list[_Exchange]) -> None:
         try:
             if len(members) == 1:
                 [member] = members
-                await _settle(member, lambda: self._forward(member.request, member.body, member.target))
+                await _settle(member, lambda: self._forward(member))
             else:
                 await self._forward_bundle(backend, members)
         except Exception:
@@ -222,11 +354,12 @@ class AffinityRouter(HttpProxyServer):
                 _settle_error(member, InternalError("the router failed to relay this answer; it has been logged"))
             self._send_next(backend)
 
-    async def _forward_bundle(self, backend: int, members: list[_Waiting]) -> None:
-        body = bundle.encode_request(
-            (_upstream_headers(m.request.headers, m.target.session_id), m.body) for m in members
-        )
-        headers = {"Content-Type": bundle.CONTENT_TYPE, bundle.BUNDLE_HEADER: str(len(members))}
+    async def _forward_bundle(self, backend: int, members: list[_Exchange]) -> None:
+        body = bundle.encode_request((self._upstream_headers(m), m.body) for m in members)
+        headers = {"Content-Type": bundle.CONTENT_TYPE, bundle.BUNDLE_HEADER: str(len(members)),
+                   router_hop.SECRET_HEADER: self.secret}
+        for member in members:
+            member.upstream_sent = True
         try:
             async with self._client.post(self.backends[backend], data=body, headers=headers,
                                          timeout=self._timeout) as upstream:
@@ -241,7 +374,7 @@ class AffinityRouter(HttpProxyServer):
         for member in members:  # each member hears why, as a request of its own would
             await _settle(member, lambda: self._relay_error(member.target, upstream.status, upstream.headers, payload))
 
-    async def _relay_bundle(self, upstream: aiohttp.ClientResponse, members: list[_Waiting]) -> None:
+    async def _relay_bundle(self, upstream: aiohttp.ClientResponse, members: list[_Exchange]) -> None:
         """Each member's frames to its client as they arrive (``handler/bundle.py``)."""
         answers = [_MemberAnswer(member) for member in members]
         reader = bundle.FrameReader()
@@ -279,7 +412,8 @@ class AffinityRouter(HttpProxyServer):
                 else:
                     await answer.downstream.finish()
                     _settle_result(member, answer.downstream.reply)
-        except ConnectionError:  # the client hung up: its answer is dropped, the others go on
+        except ConnectionError:  # the client hung up: its answer is dropped, its turn stopped, the others go on
+            self._cancel_at_worker(member)
             _settle_error(member, ConnectionResetError("client gone"))
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -292,10 +426,19 @@ class AffinityRouter(HttpProxyServer):
         if (request.content_length or 0) > self.max_body_bytes:
             raise self._too_large()
         body = bytearray()
-        async for chunk in request.content.iter_any():
-            body += chunk
-            if len(body) > self.max_body_bytes:  # chunked uploads announce no length
-                raise self._too_large()
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                async for chunk in request.content.iter_any():
+                    body += chunk
+                    if len(body) > self.max_body_bytes:  # chunked uploads announce no length
+                        raise self._too_large()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.config.body_timeout_s:g} s; send it at once"
+            ) from None
+        except (ConnectionError, aiohttp.ClientPayloadError):
+            log.debug("client gone while sending its body")
+            raise asyncio.CancelledError from None  # nobody to answer: aiohttp ends it quietly
         return bytes(body)
 
     def _too_large(self) -> RequestTooLarge:
@@ -319,12 +462,14 @@ class AffinityRouter(HttpProxyServer):
         log.debug("session %s -> backend %d", session_id[:8], backend)
         return _Target(backend, session_id)
 
-    async def _forward(self, request: web.Request, body: bytes, target: _Target) -> web.StreamResponse:
+    async def _forward(self, exchange: _Exchange) -> web.StreamResponse:
+        target = exchange.target
+        exchange.upstream_sent = True
         try:
             upstream = await self._client.post(
                 self.backends[target.backend],
-                data=body,
-                headers=_upstream_headers(request.headers, target.session_id),
+                data=exchange.body,
+                headers=self._upstream_headers(exchange),
                 timeout=self._timeout,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -334,7 +479,35 @@ class AffinityRouter(HttpProxyServer):
             if _relayed_after_reading(upstream.status, target):
                 payload = await self._read_upstream(target, upstream)
                 return self._relay_error(target, upstream.status, upstream.headers, payload)
-            return await _relay_stream(request, upstream, target)
+            exchange.downstream = _Downstream(exchange.request, upstream.status, upstream.headers, upstream.reason)
+            return await self._relay_stream(exchange, upstream)
+
+    async def _relay_stream(self, exchange: _Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Send each chunk on as it arrives (see ``_Downstream`` for a stream broken off upstream)."""
+        downstream = exchange.downstream
+        await downstream.start()
+        try:
+            async for data, _ in upstream.content.iter_chunks():
+                try:
+                    await downstream.write(data)
+                except ConnectionError:  # the client hung up mid-stream: stop its turn at the worker
+                    log.debug("client gone mid-stream")
+                    self._cancel_at_worker(exchange)
+                    return downstream.reply
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("response from backend %d broken off mid-stream: %s", exchange.target.backend,
+                        type(exc).__name__)
+            await downstream.broken_off()
+            return downstream.reply
+        with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
+            await downstream.finish()
+        return downstream.reply
+
+    def _upstream_headers(self, exchange: _Exchange) -> CIMultiDict:
+        """The client's end-to-end headers, the session header in canonical case, and the hop's."""
+        headers = _upstream_headers(exchange.request.headers, exchange.target.session_id)
+        headers.update(exchange.hop.headers(self.secret))
+        return headers
 
     async def _read_upstream(self, target: _Target, upstream: aiohttp.ClientResponse) -> bytes:
         try:
@@ -349,7 +522,10 @@ class AffinityRouter(HttpProxyServer):
             return self._relay_not_found(target, headers, payload)
         if status >= 500:
             return self._relay_server_error(target, status, headers, payload)
-        return web.Response(status=status, body=payload, headers=_downstream_headers(headers))
+        response = web.Response(status=status, body=payload, headers=_downstream_headers(headers))
+        if status == 429 and target.session_id is None and _error_code(payload) == TooManySessions.code:
+            raise _TryElsewhere(response)
+        return response
 
     def _relay_not_found(self, target: _Target, headers, payload: bytes) -> web.Response:
         """A worker that lost a session (restarted, expired) says so; stop routing to it."""
@@ -400,6 +576,21 @@ class AffinityRouter(HttpProxyServer):
 
 
 # --- routing helpers ------------------------------------------------------------
+
+
+def _refuse_internal(headers: CIMultiDictProxy) -> None:
+    """The router's trust boundary: what only the router tells its workers, no client may send."""
+    for name in headers:
+        if router_hop.is_internal(name):
+            raise InvalidRequest(
+                f"the {name[:60]} header is internal to this server (between its router and its workers); "
+                "leave it out"
+            )
+    if headers.get("Content-Type", "").strip().lower().startswith(bundle.CONTENT_TYPE):
+        raise InvalidRequest(
+            "bundle framing is internal to this server; send one JSON request per call "
+            "(Content-Type: application/json)"
+        )
 
 
 def _header_session_id(headers: CIMultiDictProxy) -> str | None:
@@ -463,7 +654,10 @@ def _error_code(payload: bytes) -> str | None:
 
 def _upstream_headers(headers: CIMultiDictProxy, session_id: str | None) -> CIMultiDict:
     dropped = _NOT_FORWARDED | _connection_tokens(headers)
-    forwarded = CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+    forwarded = CIMultiDict(
+        (name, value) for name, value in headers.items()
+        if name.lower() not in dropped and not router_hop.is_internal(name)
+    )
     forwarded.setdefault("Content-Type", "application/json")
     if session_id is not None:
         forwarded[SESSION_HEADER] = session_id
@@ -478,24 +672,6 @@ def _downstream_headers(headers: CIMultiDictProxy) -> CIMultiDict:
 def _connection_tokens(headers: CIMultiDictProxy) -> set[str]:
     """Headers named in Connection are hop-by-hop too."""
     return {token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")}
-
-
-async def _relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, target: _Target
-) -> web.StreamResponse:
-    """Send each chunk on as it arrives (see ``_Downstream`` for a stream broken off upstream)."""
-    downstream = _Downstream(request, upstream.status, upstream.headers, upstream.reason)
-    await downstream.start()
-    try:
-        async for data, _ in upstream.content.iter_chunks():
-            await downstream.write(data)
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
-        log.warning("response from backend %d broken off mid-stream: %s", target.backend, type(exc).__name__)
-        await downstream.broken_off()
-        return downstream.reply
-    with contextlib.suppress(ConnectionError):  # the client may hang up after the last chunk
-        await downstream.finish()
-    return downstream.reply
 
 
 class _Downstream:
@@ -517,19 +693,21 @@ class _Downstream:
         await self.reply.prepare(self.request)
 
     async def write(self, data: bytes) -> None:
-        await self.reply.write(data)
-        if data:
+        if data:  # before the write's await: the bytes are in the transport once it starts
             self.tail = (self.tail + data)[-2:]
+        await self.reply.write(data)
 
     async def finish(self) -> None:
         await self.reply.write_eof()
 
-    async def broken_off(self) -> None:
+    async def broken_off(self, error: SessionsError | None = None) -> None:
+        """End an answer whose rest will not come: an event stream between two events gets the
+        error event and a clean end; anything else is cut (no terminating chunk)."""
         if not (self.events and self.tail == b"\n\n"):
             if self.request.transport is not None:
                 self.request.transport.close()
             return
-        error = WorkerUnavailable(
+        error = error or WorkerUnavailable(
             "the model worker stopped in the middle of this answer (killed, or silent past its time limit); the turn "
             "is not part of the session, and a session the worker held is gone: open a new session"
         )
@@ -542,7 +720,7 @@ class _MemberAnswer:
     """A bundle member's answer as its frames arrive: relayed as it comes, or (a 404 or 5xx, which
     the router looks into) buffered until its end."""
 
-    def __init__(self, member: _Waiting):
+    def __init__(self, member: _Exchange):
         self.member = member
         self.status = 0
         self.headers: CIMultiDict = CIMultiDict()
@@ -550,7 +728,7 @@ class _MemberAnswer:
         self.buffered = bytearray()
 
     async def start(self) -> None:
-        self.downstream = _Downstream(self.member.request, self.status, self.headers)
+        self.downstream = self.member.downstream = _Downstream(self.member.request, self.status, self.headers)
         await self.downstream.start()
 
     async def write(self, data: bytes) -> None:
@@ -572,11 +750,14 @@ class _MemberAnswer:
 
 
 def _relayed_after_reading(status: int, target: _Target) -> bool:
-    """Answers the router reads whole before relaying: a session's 404, and any 5xx."""
-    return (status == 404 and target.session_id is not None) or status >= 500
+    """Answers the router reads whole before relaying: a session's 404, an open's 429 (another
+    worker may have room), and any 5xx."""
+    if target.session_id is None:
+        return status == 429 or status >= 500
+    return status == 404 or status >= 500
 
 
-async def _settle(waiting: _Waiting, answer: Callable[[], Any]) -> None:
+async def _settle(waiting: _Exchange, answer: Callable[[], Any]) -> None:
     """Answer a waiting request with what ``answer()`` returns (or its awaitable gives), or its error."""
     try:
         response = answer()
@@ -588,12 +769,12 @@ async def _settle(waiting: _Waiting, answer: Callable[[], Any]) -> None:
         _settle_result(waiting, response)
 
 
-def _settle_result(waiting: _Waiting, response: web.StreamResponse) -> None:
+def _settle_result(waiting: _Exchange, response: web.StreamResponse) -> None:
     if not waiting.answered.done():
         waiting.answered.set_result(response)
 
 
-def _settle_error(waiting: _Waiting, error: BaseException) -> None:
+def _settle_error(waiting: _Exchange, error: BaseException) -> None:
     if not waiting.answered.done():
         waiting.answered.set_exception(error)
 
@@ -615,7 +796,9 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except SessionsError as error:
-        return _error_response(error)
+        # A 503 says when to come back (draining, or a worker busy or restarting).
+        extra = {"Retry-After": RETRY_AFTER_S} if error.code == WorkerUnavailable.code else None
+        return _error_response(error, extra)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         error = MethodNotAllowed(f"this path takes {allowed} only")

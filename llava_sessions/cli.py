@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import os
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from llava_sessions.config import ServingConfig
+from llava_sessions.config import ENV_PREFIX, RouterConfig, ServingConfig
 from llava_sessions.errors import ConfigError
 
 DEFAULT_SESSIONS_PER_WORKER = 32
@@ -68,11 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
     serve.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
-    serve.add_argument(
-        "--max-request-bytes", type=int,
-        help="largest request body, refused above with 413 REQUEST_TOO_LARGE "
-        "(default $LLAVA_SESSIONS_MAX_REQUEST_BYTES, else 8 MiB)",
-    )
+    _router_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser(
@@ -94,11 +90,36 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-gb", type=float, help="memory budget for the sessions-fit figure (default: free memory)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw TTFT per turn (needs matplotlib)")
+    bench.add_argument("--workers-scaling", action="store_true",
+                       help="instead: aggregate tokens/s of one worker, two workers sharing the cores, and two "
+                       "workers each on every core (--concurrency sessions x --turns turns, --repeats rounds)")
     bench.set_defaults(run=cmd_bench)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands)
     return parser
+
+
+def _router_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's limits (docs/limits.md); each defaults to $LLAVA_SESSIONS_<NAME>, else the built-in."""
+    defaults = RouterConfig()
+    options = [
+        ("--max-request-bytes", int, "max_request_bytes", "largest request body; above it 413 REQUEST_TOO_LARGE"),
+        ("--drain-seconds", float, "drain_seconds",
+         "on SIGTERM, how long turns in flight get to finish before they are cut"),
+        ("--idle-timeout", float, "idle_timeout_s", "seconds a connection may sit with no request in progress"),
+        ("--header-timeout", float, "header_timeout_s", "seconds from a request's first byte to its whole headers"),
+        ("--body-timeout", float, "body_timeout_s", "seconds from a request's headers to its whole body"),
+        ("--max-connections", int, "max_connections", "open client connections; beyond it 503"),
+    ]
+    for flag, kind, name, text in options:
+        parser.add_argument(flag, type=kind, dest=name, default=None,
+                            help=f"{text} (default ${ENV_PREFIX}{name.upper()}, else {getattr(defaults, name):g})")
+
+
+def _router_config(args) -> RouterConfig:
+    names = [f.name for f in dataclasses.fields(RouterConfig)]
+    return RouterConfig.from_sources(**{name: getattr(args, name, None) for name in names})
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,10 +155,7 @@ def cmd_serve(args) -> int:
     from llava_sessions.serving_stack import ServingStack
     from llava_sessions.torchserve_process import TorchServeError
 
-    max_request_bytes = args.max_request_bytes or _env_int("LLAVA_SESSIONS_MAX_REQUEST_BYTES")
-    if max_request_bytes is not None and max_request_bytes < 1024:
-        raise ConfigError("--max-request-bytes (LLAVA_SESSIONS_MAX_REQUEST_BYTES) must be at least 1024")
-    limit = {} if max_request_bytes is None else {"max_request_bytes": max_request_bytes}
+    config = _router_config(args)
     workers = _workers(args)
     if args.archive is not None:
         archive = _prebuilt_archive(args)
@@ -145,22 +163,31 @@ def cmd_serve(args) -> int:
         model_dir = models.resolve_model(args.model)
         archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
     run_dir = args.run_dir or models.home() / "run" / f"serve-{args.port}"
-    stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port, **limit)
+    stack = ServingStack(archive, run_dir, workers=workers, host=args.host, port=args.port, config=config)
     _stop_on_sigterm()
+    serving = False
     try:
         stack.start(ready_timeout=args.ready_timeout)
+        serving = True
         served = args.archive or args.model or "the offline tiny model (random weights)"
         print(f"llava-sessions: serving {served} "
               f"with {workers} worker(s) at {stack.url}  (POST /invocations, GET /ping; "
-              f"logs in {stack.log_dir}); Ctrl-C stops", flush=True)
-        code = stack.torchserve.wait()
-        print(f"llava-sessions: TorchServe exited ({code})\n{stack.torchserve.log_tail()}", file=sys.stderr)
+              f"Prometheus metrics: {stack.torchserve.metrics_url}; logs in {stack.log_dir}); Ctrl-C stops", flush=True)
+        stopped = stack.watch(lambda event: print(f"llava-sessions: {event}", file=sys.stderr, flush=True))
+        print(f"llava-sessions: {stopped}", file=sys.stderr, flush=True)
         return 1
     except TorchServeError as exc:
         print(f"llava-sessions: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("llava-sessions: stopping", flush=True)
+        if not serving:
+            print("llava-sessions: stopping", flush=True)
+            return 0
+        print(f"llava-sessions: stopping: new requests get 503, turns in flight get up to "
+              f"{config.drain_seconds:g} s", flush=True)
+        report = stack.drain()
+        print(f"llava-sessions: drained ({report.finished} finished, {report.cut} cut, "
+              f"{report.refused} refused); stopping TorchServe", flush=True)
         return 0
     finally:
         stack.stop()
@@ -169,6 +196,8 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from llava_sessions import bench
 
+    if args.workers_scaling:
+        return bench.workers_main(args)
     return bench.main(args)
 
 
@@ -205,16 +234,6 @@ def _prebuilt_archive(args) -> Path:
             "container it is /opt/ml/model, where SageMaker copies what `llava-sessions upload` put on S3"
         )
     return args.archive.resolve()
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not a whole number of bytes") from None
 
 
 def _workers(args) -> int:

@@ -1,14 +1,17 @@
-"""The one serving configuration, validated at start.
+"""The serving configuration, validated at start: the worker's and the router's.
 
-Values come from, lowest to highest precedence: the defaults below, the
-``handler:`` section of the archive's model-config.yaml, and environment
-variables ``LLAVA_SESSIONS_<FIELD>`` (upper-case field name), which is how a
-SageMaker Model's ``Environment`` reaches the container. Torch-free.
+``ServingConfig`` is what each model worker runs with. Its values come from, lowest to highest
+precedence: the defaults below, the ``handler:`` section of the archive's model-config.yaml, and
+environment variables ``LLAVA_SESSIONS_<FIELD>`` (upper-case field name), which is how a SageMaker
+Model's ``Environment`` reaches the container. ``RouterConfig`` is what the front process (the
+affinity router) runs with: the same environment variables, then ``serve``'s flags. docs/limits.md
+lists every setting. Torch-free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -68,6 +71,14 @@ class ServingConfig:
     # Log prompts, images and full session ids (off: they are users' data).
     log_content: bool = False
 
+    # A turn that is not streamed stops after this many seconds, counted from when the router
+    # received it, and answers what it has (finish_reason "deadline"): SageMaker drops a
+    # non-streamed invocation that takes 60 s. 0: no deadline. Streamed turns have none.
+    turn_deadline_s: float = 55.0
+    # Torch threads of a worker on the CPU. 0: torch's default (every core); `serve` and `local`
+    # set it to the cores divided by the workers on the host, so workers do not fight over cores.
+    cpu_threads: int = 0
+
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +110,8 @@ class ServingConfig:
             )
         if self.image_fetch_timeout_s <= 0:
             raise ConfigError("image_fetch_timeout_s must be > 0")
+        _check_at_least(self, "turn_deadline_s", 0, "0 turns the deadline off")
+        _check_at_least(self, "cpu_threads", 0, "0 keeps torch's default")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ConfigError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
@@ -119,7 +132,6 @@ class ServingConfig:
         **overrides: Any,
     ) -> "ServingConfig":
         """Merge defaults, a model-config.yaml ``handler:`` section and the environment."""
-        environ = os.environ if environ is None else environ
         known = {f.name: f for f in fields(cls) if f.name != "extra"}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -128,18 +140,75 @@ class ServingConfig:
                 values[key] = _coerce(known[key], raw, f"handler.{key}")
             else:
                 extra[key] = raw
-        for name, f in known.items():
-            env_name = ENV_PREFIX + name.upper()
-            if env_name in environ:
-                values[name] = _coerce(f, environ[env_name], env_name)
-        for name, raw in overrides.items():
-            if name not in known:
-                raise ConfigError(f"unknown setting {name!r}")
-            values[name] = _coerce(known[name], raw, name)
+        values.update(_from_environ_and_overrides(known, environ, overrides))
         return cls(**values, extra=extra)
 
     def replace(self, **changes: Any) -> "ServingConfig":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The front process's limits (docs/limits.md): what one client connection or request may hold."""
+
+    # Largest request body; above it 413 REQUEST_TOO_LARGE. SageMaker's own limit is 6 MB.
+    max_request_bytes: int = 8 * MiB
+    # A connection with no request in progress this long is closed (keep-alive idle, and a
+    # connection that never sends a request).
+    idle_timeout_s: float = 75.0
+    # From the first byte of a request to its complete headers; past it 408 and the connection closes.
+    header_timeout_s: float = 10.0
+    # From the headers to the whole body; past it 408 REQUEST_TIMEOUT.
+    body_timeout_s: float = 60.0
+    # Open client connections; one more is answered 503 at once and closed.
+    max_connections: int = 1000
+    # On SIGTERM: new requests get 503, and the turns in flight get this long to finish before
+    # they are cut (streams end with an error event). Docker's default stop timeout is 10 s.
+    drain_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, "max_request_bytes", 1024, "", flag="--max-request-bytes")
+        for name in ("idle_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}; set {ENV_PREFIX}{name.upper()}")
+        _check_at_least(self, "max_connections", 1, "")
+        _check_at_least(self, "drain_seconds", 0, "0 cuts what is in flight at once", flag="--drain-seconds")
+
+    def connection_limits(self):
+        """The limits each client connection runs under (connection_guard.py)."""
+        from llava_sessions.connection_guard import ConnectionLimits
+
+        return ConnectionLimits(self.idle_timeout_s, self.header_timeout_s, self.max_connections)
+
+    @classmethod
+    def from_sources(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "RouterConfig":
+        """Defaults, then ``LLAVA_SESSIONS_<FIELD>`` variables, then ``overrides`` (flags; None: not given)."""
+        known = {f.name: f for f in fields(cls)}
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return cls(**_from_environ_and_overrides(known, environ, given))
+
+
+def _from_environ_and_overrides(
+    known: Mapping[str, dataclasses.Field], environ: Mapping[str, str] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ and name not in overrides:  # an override (a flag) wins
+            values[name] = _coerce(f, environ[env_name], env_name)
+    for name, raw in overrides.items():
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _coerce(known[name], raw, name)
+    return values
+
+
+def _check_at_least(config: Any, name: str, least: float, hint: str, flag: str | None = None) -> None:
+    value = getattr(config, name)
+    if value < least:
+        where = f"{ENV_PREFIX}{name.upper()}" + (f" or {flag}" if flag else "")
+        raise ConfigError(f"{name} must be at least {least}{f' ({hint})' if hint else ''}, got {value}; set {where}")
 
 
 def _coerce(f: dataclasses.Field, raw: Any, where: str) -> Any:
@@ -156,13 +225,25 @@ def _coerce(f: dataclasses.Field, raw: Any, where: str) -> Any:
                 return False
             raise ValueError(f"not a boolean: {raw!r}")
         if isinstance(default, int):
-            return int(raw)
+            return _number(int, raw, where, "a whole number")
         if isinstance(default, float):
-            return float(raw)
+            return _number(float, raw, where, "a number")
         if isinstance(default, tuple):
             if isinstance(raw, str):
                 return tuple(p.strip() for p in raw.split(",") if p.strip())
             return tuple(str(p) for p in raw)
         return str(raw)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _number(kind: type, raw: Any, where: str, what: str):
+    try:
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={raw!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}={raw!r} is not a finite number")
+    return value

@@ -13,7 +13,7 @@ import heapq
 import re
 import threading
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from llava_sessions.handler.engine.session_store import is_valid_session_id
 
@@ -40,11 +40,14 @@ class SessionRoutes:
             self._expire_locked()
             return len(self._routes)
 
-    def pick_backend(self) -> int:
-        """The backend with the fewest live sessions; ties go round-robin."""
+    def pick_backend(self, exclude: Collection[int] = ()) -> int | None:
+        """The backend with the fewest live sessions, ties round-robin; None if all are excluded."""
         with self._lock:
             self._expire_locked()
             order = [(self._next + step) % self.n_backends for step in range(self.n_backends)]
+            order = [backend for backend in order if backend not in exclude]
+            if not order:
+                return None
             chosen = min(order, key=lambda backend: self._counts[backend])  # first of the fewest
             self._next = (chosen + 1) % self.n_backends
             return chosen

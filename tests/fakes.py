@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import socket
 import struct
 import textwrap
 import threading
@@ -123,3 +124,18 @@ def local_http_server(
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def raw_post(port: int, body: bytes, **headers: str) -> socket.socket:
+    """POST /invocations on a socket of its own, so a test can hang up whenever it likes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n{head}\r\n".encode() + body)
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Hang up as a killed client does: RST, not FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

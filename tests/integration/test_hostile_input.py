@@ -395,6 +395,11 @@ ODD_TURNS = [
     # Past what the context leaves: clipped to it, not refused.
     pytest.param({"prompt": "go on", "max_new_tokens": 2048}, id="max-new-tokens-at-limit"),
     pytest.param({"prompt": "go on", "temperature": 2.0, "top_p": 1e-9}, id="sampling-extremes"),
+    # Within the documented ranges but zero in float32: greedy, and at least one token kept.
+    pytest.param({"prompt": "go on", "temperature": 1e-300}, id="temperature-1e-300"),
+    pytest.param({"prompt": "go on", "temperature": 5e-324}, id="temperature-denormal"),
+    pytest.param({"prompt": "go on", "temperature": 1e-45}, id="temperature-1e-45"),
+    pytest.param({"prompt": "go on", "temperature": 1.0, "top_p": 1e-300}, id="top-p-1e-300"),
 ]
 
 

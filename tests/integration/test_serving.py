@@ -45,6 +45,22 @@ def start_server(model_dir, tmp, *, workers: int, ttl: int) -> ServingStack:
     return ServingStack(archive, tmp / "run", workers=workers, port=0).start(ready_timeout=300)
 
 
+def gauge(server: ServingStack, name: str, label: str = "") -> float | None:
+    """One copy's gauge on TorchServe's Prometheus port (None until first written)."""
+    text = requests.get(server.torchserve.metrics_url, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and 'ModelName="llava-0"' in line and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def wait_for_gauge(server: ServingStack, name: str, value: float, label: str = "", timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while gauge(server, name, label) != value and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return gauge(server, name, label) == value
+
+
 def worker_log(server: ServingStack) -> str:
     return (server.log_dir / "model_log.log").read_text(errors="replace")
 
@@ -182,8 +198,12 @@ def test_sessions_expire_and_are_freed_without_another_request(tiny_model_dir, t
         response = invoke(server.url, {"requestType": "NEW_SESSION", "images": [png_b64(session_images(1)[0])]})
         sid = response.json()["session_id"]
         assert invoke(server.url, {"prompt": "hi", "max_new_tokens": 3}, sid).status_code == 200
-        # Freed by the worker's sweeper, with no request naming the session.
+        assert wait_for_gauge(server, "llava_sessions_open", 1.0)  # written within a second
+        # Freed by the worker's sweeper, with no request naming the session; the gauges say so
+        # then, not at the next request.
         assert wait_for_log(server, r"sessions: 0 open, 0 bytes held", timeout=20)
+        assert wait_for_gauge(server, "llava_sessions_open", 0.0)
+        assert wait_for_gauge(server, "llava_session_bytes", 0.0, 'tier="device_kv"')
         response = invoke(server.url, {"prompt": "still there?"}, sid)
         assert response.status_code == 404 and response.json()["error"]["code"] == "SESSION_NOT_FOUND"
     finally:

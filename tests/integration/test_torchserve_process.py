@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import llava_sessions.torchserve_process as tsp
 from llava_sessions.archive import build_archive
 from llava_sessions.torchserve_process import TorchServeError, TorchServeProcess, group_pids
 from tests.fakes import write_echo_handler, write_fake_checkpoint
@@ -176,3 +179,189 @@ def test_wait_ready_reports_the_log_when_workers_fail(tmp_path, checkpoint):
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         with pytest.raises(TorchServeError, match="(?s)not READY.*checkpoint unreadable"):
             ts.wait_ready(timeout=8)
+
+
+# --- ports taken between being chosen and being bound ----------------------------------------
+
+
+@pytest.fixture
+def squatter():
+    """A port someone else listens on (as another stack that chose the same free port would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The process group of each launch; each launch first checks the ones before left nothing."""
+    pgids: list[int] = []
+    launch = TorchServeProcess._launch
+
+    def checked_launch(self):
+        assert all(group_pids(pgid) == [] for pgid in pgids), "a failed launch left processes behind"
+        launch(self)
+        pgids.append(self.pid)
+
+    monkeypatch.setattr(TorchServeProcess, "_launch", checked_launch)
+    return pgids
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == tsp.__name__ and r.levelno == logging.WARNING]
+
+
+def test_a_port_taken_after_it_was_chosen_is_chosen_afresh(workdir, archive, squatter, launches, monkeypatch,
+                                                           caplog):
+    real_free_port, chosen = tsp._free_port, []
+
+    def free_port(host):  # the second choice (the management port) is one someone else took since
+        chosen.append(squatter if len(chosen) == 1 else real_free_port(host))
+        return chosen[-1]
+
+    monkeypatch.setattr(tsp, "_free_port", free_port)
+    caplog.set_level(logging.WARNING, logger=tsp.__name__)
+    with TorchServeProcess(archive, workdir / "run-race") as ts:
+        assert ts.management_port == squatter
+        ts.wait_ready(timeout=120)
+        assert ts.attempts == 2 and len(launches) == 2
+        ports = (ts.port, ts.management_port, ts.metrics_port, ts.grpc_inference_port, ts.grpc_management_port)
+        assert squatter not in ports and ts.url.endswith(f":{ts.port}")
+        assert post(ts.backend_urls[0], {"n": 1})["body"] == {"n": 1}
+        assert ts.describe("llava-0")["workers"][0]["status"] == "READY"
+        # The first launch's failure stays in the console log but is not this launch's.
+        assert f"Failed to bind to address: http://127.0.0.1:{squatter}" in ts.console_log.read_text()
+        assert "Failed to bind" not in ts.log_tail(1000)
+    assert _warnings(caplog) == [f"TorchServe could not bind 127.0.0.1:{squatter} (taken since it was chosen); "
+                                 "restarting on fresh ports, attempt 2 of 3"]
+    assert all(group_pids(pgid) == [] for pgid in launches)
+
+
+def test_ports_taken_at_every_try_give_up_after_bounded_attempts(tmp_path, archive, squatter, launches,
+                                                                 monkeypatch, caplog):
+    monkeypatch.setattr(tsp, "_free_port", lambda host: squatter)
+    caplog.set_level(logging.WARNING, logger=tsp.__name__)
+    with TorchServeProcess(archive, tmp_path / "run") as ts:
+        with pytest.raises(TorchServeError, match=rf"could not bind 127\.0\.0\.1:{squatter}: the port is in use "
+                                                  r"\(taken since it was chosen\); gave up after 3 attempts"):
+            ts.wait_ready(timeout=120)
+        assert ts.attempts == 3
+    assert len(launches) == 3
+    assert all(group_pids(pgid) == [] for pgid in launches)
+    assert [m.rsplit(", ", 1)[1] for m in _warnings(caplog)] == ["attempt 2 of 3", "attempt 3 of 3"]
+
+
+def test_a_taken_port_given_explicitly_is_reported_not_retried(tmp_path, archive, squatter, launches, caplog):
+    caplog.set_level(logging.WARNING, logger=tsp.__name__)
+    with TorchServeProcess(archive, tmp_path / "run", metrics_port=squatter) as ts:
+        with pytest.raises(TorchServeError, match=rf"could not bind 127\.0\.0\.1:{squatter}: the port is in use "
+                                                  r"\(it was given explicitly\)"):
+            ts.wait_ready(timeout=120)
+        assert ts.attempts == 1 and ts.metrics_port == squatter
+    assert _warnings(caplog) == []
+    assert all(group_pids(pgid) == [] for pgid in launches)
+
+
+# --- what ended, and how ----------------------------------------------------------------------
+
+
+def test_exit_report_names_the_killed_front_end(workdir, archive):
+    with TorchServeProcess(archive, workdir / "run-jvm") as ts:
+        ts.wait_ready(timeout=120)
+        pgid, java = ts.pid, ts.frontend_pid
+        assert b"org.pytorch.serve.ModelServer" in Path(f"/proc/{java}/cmdline").read_bytes()
+        assert ts.exit_report(log_lines=0) == f"TorchServe is still running (launcher pid {pgid})"
+        os.kill(java, signal.SIGKILL)
+        assert ts.wait(timeout=60) == 0  # TorchServe's launcher drops the JVM's status: exits 0
+        report = ts.exit_report()
+        assert report.splitlines()[0] == (f"TorchServe's front end (Java, pid {java}) was killed by signal 9 "
+                                          f"(SIGKILL); its launcher (pid {pgid}) then exited with code 0")
+        assert "Last lines of TorchServe's log" in report and "WORKER_MODEL_LOADED" in report
+        assert ts.poll_worker_changes() == []
+    assert group_pids(pgid) == []
+
+
+def test_exit_report_names_the_killed_launcher(workdir, archive):
+    with TorchServeProcess(archive, workdir / "run-launcher") as ts:
+        ts.wait_ready(timeout=120)
+        pgid, java = ts.pid, ts.frontend_pid
+        os.kill(pgid, signal.SIGKILL)  # the launcher alone: the JVM and its worker run on
+        assert ts.wait(timeout=30) == -signal.SIGKILL
+        assert ts.exit_report(log_lines=0) == (f"TorchServe's launcher (pid {pgid}) was killed by signal 9 "
+                                               f"(SIGKILL); its front end (Java, pid {java}) is still running")
+        assert java in group_pids(pgid)
+    assert group_pids(pgid) == []
+
+
+def test_exit_report_says_when_it_cannot_know(tmp_path, archive):
+    """A torchserve that is not a Python script runs without the wrapper: the JVM's status is lost."""
+    script = tmp_path / "torchserve"
+    script.write_text(f'#!/bin/sh\nexec "{Path(sys.executable).parent / "torchserve"}" "$@"\n')
+    script.chmod(0o755)
+    with TorchServeProcess(archive, tmp_path / "run", torchserve=script) as ts:
+        ts.wait_ready(timeout=120)
+        pgid, java = ts.pid, ts.frontend_pid
+        assert java in group_pids(pgid)
+        os.kill(java, signal.SIGKILL)
+        assert ts.wait(timeout=60) == 0
+        assert ts.exit_report(log_lines=0) == (
+            f"TorchServe's front end (Java, pid {java}) is gone, how it ended is not known (its exit status "
+            f"went to the launcher); TorchServe's launcher (pid {pgid}) exited with code 0")
+    assert group_pids(pgid) == []
+
+
+def test_poll_worker_changes_reports_a_killed_worker_and_its_successor(workdir, archive):
+    with TorchServeProcess(archive, workdir / "run-worker", copies=2) as ts:
+        ts.wait_ready(timeout=120)
+        assert ts.poll_worker_changes() == []
+        victim, other = ts.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        messages: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("is back" in m for m in messages) and time.monotonic() < deadline:
+            messages += ts.poll_worker_changes()
+            time.sleep(0.2)
+        successor, still = ts.worker_pids()
+        assert successor != victim and still == other
+        assert messages == [f"worker of llava-0 (pid {victim}) stopped; TorchServe is starting a new one",
+                            f"worker of llava-0 is back (pid {successor})"]
+        assert ts.poll_worker_changes() == []
+        # A management API that does not answer (here: a stopped JVM) reports nothing.
+        java = ts.frontend_pid
+        os.kill(java, signal.SIGSTOP)
+        try:
+            assert ts.poll_worker_changes(timeout=0.5) == []
+        finally:
+            os.kill(java, signal.SIGCONT)
+        assert ts.poll_worker_changes() == []
+
+
+def test_serving_stack_watch_reports_worker_restarts_then_the_exit(workdir, archive):
+    """What `serve` runs once ready (ServingStack.watch; the router plays no part in it)."""
+    import threading
+    import types
+
+    from llava_sessions.serving_stack import ServingStack
+
+    with TorchServeProcess(archive, workdir / "run-watch") as ts:
+        ts.wait_ready(timeout=120)
+        pgid, java, victim = ts.pid, ts.frontend_pid, ts.worker_pids()[0]
+        events: list[str] = []
+
+        def kill_java_once_the_worker_is_back():
+            deadline = time.monotonic() + 60
+            while not any("is back" in e for e in events) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.kill(java, signal.SIGKILL)  # also after 60 s, so that watch() returns
+
+        killer = threading.Thread(target=kill_java_once_the_worker_is_back, daemon=True)
+        os.kill(victim, signal.SIGKILL)
+        killer.start()
+        report = ServingStack.watch(types.SimpleNamespace(torchserve=ts, router=None), events.append, interval=0.2)
+        killer.join(10)
+        assert events[0] == f"worker of llava-0 (pid {victim}) stopped; TorchServe is starting a new one"
+        assert events[1].startswith("worker of llava-0 is back (pid ") and len(events) == 2
+        assert report.splitlines()[0] == (f"TorchServe's front end (Java, pid {java}) was killed by signal 9 "
+                                          f"(SIGKILL); its launcher (pid {pgid}) then exited with code 0")
+    assert group_pids(pgid) == []

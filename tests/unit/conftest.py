@@ -12,12 +12,19 @@ def handler(tiny_model_dir):
 
     from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
 
+    from llava_sessions.handler import router_hop
+
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
                       model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
     h = LlavaSessionHandler()
-    h.initialize(context)
+    # As under `serve`: the router's secret in the worker's environment (a fresh one per handler,
+    # so each listens on its own cancellation socket).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(router_hop.SECRET_ENV, router_hop.new_secret())
+        h.initialize(context)
     yield h
     h.engine.stop()
+    h.cancellations.close()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from llava_sessions.affinity_router import AffinityRouter, _body_session_id
+from llava_sessions.config import RouterConfig
 from llava_sessions.handler import bundle
 from llava_sessions.http_proxy_server import STOP_TIMEOUT_S
 from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
@@ -56,6 +57,8 @@ class FakeTorchServe:
         self.bundles: list[list[dict]] = []  # each bundle's member bodies
         self.answered = [0] * n_models  # requests answered per model, a bundle's members each
         self.ping_status = 200
+        self.full: set[int] = set()  # backends that answer opens 429 TOO_MANY_SESSIONS
+        self.events_sent = 0  # events of X-Test-Events streams
         self.release = threading.Event()  # lets a slow stream go on
         self.released_in_time: bool | None = None
         self._loop = asyncio.new_event_loop()
@@ -104,6 +107,8 @@ class FakeTorchServe:
             return await self._slow_stream(request)
         if "X-Test-Die" in request.headers:
             return await self._die_mid_stream(request)
+        if "X-Test-Events" in request.headers:
+            return await self._event_stream(request)
         if "X-Test-Hold" in request.headers:  # the worker stays busy until released
             await asyncio.get_running_loop().run_in_executor(None, self.release.wait, WAIT_S)
         count = bundle.member_count(request.headers)
@@ -117,6 +122,9 @@ class FakeTorchServe:
         self.answered[backend] += 1
         payload = json.loads(body)
         session_id = CIMultiDict(headers).get(SESSION_HEADER) or payload.get("session_id")
+        if session_id in (None, "NEW_SESSION") and backend in self.full:
+            error = {"error": {"code": "TOO_MANY_SESSIONS", "message": "this worker is full"}}
+            return 429, {}, json.dumps(error).encode()
         if session_id in (None, "NEW_SESSION"):
             session_id = "sess-" + secrets.token_hex(8)
             self.sessions[backend].add(session_id)
@@ -157,6 +165,22 @@ class FakeTorchServe:
         for chunk in (b"second\n", b"third\n"):
             await asyncio.sleep(0.02)
             await reply.write(chunk)
+        await reply.write_eof()
+        return reply
+
+    async def _event_stream(self, request: web.Request) -> web.StreamResponse:
+        """A token stream, one event every 50 ms until released (at most 100), then the last one."""
+        reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        reply.enable_chunked_encoding()
+        await reply.prepare(request)
+        self.release.clear()
+        for _ in range(100):
+            if self.release.is_set():
+                break
+            await reply.write(b'data:{"token": {"id": 1, "text": "a", "special": false}, "generated_text": null}\n\n')
+            self.events_sent += 1
+            await asyncio.sleep(0.05)
+        await reply.write(b'data:{"token": null, "generated_text": "aaa"}\n\n')
         await reply.write_eof()
         return reply
 
@@ -425,7 +449,7 @@ def invoke_stream(http, router, **headers) -> requests.Response:
 
 
 def test_body_over_the_limit_is_refused(http, make_router, fake):
-    router = make_router(max_body_bytes=1024)
+    router = make_router(config=RouterConfig(max_request_bytes=1024))
     assert invoke(http, router, b"x" * 1024 + b"x").status_code == 413
     chunked = http.post(f"{router.url}/invocations", data=iter([b"x" * 700, b"x" * 700]), timeout=WAIT_S)
     assert chunked.status_code == 413

@@ -12,7 +12,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 from llava_sessions.errors import InvalidRequest
-from llava_sessions.handler import bundle
+from llava_sessions.handler import bundle, router_hop
 from tests.fakes import png_b64
 from tests.unit.test_streaming import FakeSocket, decode_frame, parse_events
 
@@ -66,7 +66,8 @@ def run_bundle(handler, members: list[tuple[dict, dict | bytes]]):
     """One bundle through handle(), as TorchServe delivers it; returns {member: [frames]}."""
     encoded = [(headers, body if isinstance(body, bytes) else json.dumps(body).encode()) for body, headers in members]
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
-    context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: str(len(members))})]
+    context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: str(len(members)),
+                                                   router_hop.SECRET_HEADER: handler.router_secret})]
     context.request_ids = {0: "req-0"}
     context.cl_socket = FakeSocket()
     [out] = handler.handle([{"body": bundle.encode_request(encoded)}], context)
@@ -132,7 +133,8 @@ def test_a_bundle_runs_its_members_as_one_batch_and_answers_each(handler, images
 
 def test_a_malformed_bundle_is_one_client_error(handler):
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
-    context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: "2"})]
+    context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: "2",
+                                                   router_hop.SECRET_HEADER: handler.router_secret})]
     [out] = handler.handle([{"body": b"\x00\x00"}], context)
     assert context.request_processor[0].get_response_status_code() == 400
     assert json.loads(out)["error"]["code"] == "INVALID_REQUEST"

@@ -120,3 +120,23 @@ def test_the_worker_keeps_the_host_memory_it_frees(tiny_model_dir, monkeypatch):
         assert calls == [1]
     finally:
         worker.engine.stop()
+
+
+def test_a_cpu_worker_takes_its_share_of_the_cores(tiny_model_dir, monkeypatch):
+    """`serve` sets LLAVA_SESSIONS_CPU_THREADS to the cores divided by the workers (ServingStack)."""
+    import torch
+
+    from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("LLAVA_SESSIONS_CPU_THREADS", "1")
+    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
+                      model_yaml_config={"handler": {"model": str(tiny_model_dir), "session_ttl_s": 60}})
+    worker = LlavaSessionHandler()
+    try:
+        torch.set_num_threads(2)
+        worker.initialize(context)
+        assert torch.get_num_threads() == 1
+    finally:
+        worker.engine.stop()
+        torch.set_num_threads(threads)

@@ -1,0 +1,162 @@
+"""What passes between the affinity router and its workers only, and how a worker knows it is the router.
+
+Clients never speak on this hop: the router refuses a client request that carries any
+``X-Llava-Sessions-*`` header (``is_internal``), and a worker honours those headers (a bundle, a
+request id, when the router received the request) only when the request also carries the
+secret that the router and its workers share for this start (``from_router``). The secret is
+made once per ``serve`` (``new_secret``) and reaches the workers in ``LLAVA_SESSIONS_ROUTER_SECRET``.
+
+A client that goes away while its turn waits or runs is told to the turn's worker at once, out
+of band: TorchServe hands a worker one request at a time and never tells it about the client, so
+the router sends the request's id as one datagram to a Unix socket that the worker listens on
+(``CancelSender`` / ``CancelListener``). The socket lives in Linux's abstract namespace (no file
+to clean up), named from the secret and the model copy, and every datagram carries the secret.
+
+Torch-free: the router imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = "LLAVA_SESSIONS_ROUTER_SECRET"
+INTERNAL_PREFIX = "x-llava-sessions-"
+SECRET_HEADER = "X-Llava-Sessions-Router-Secret"
+REQUEST_ID_HEADER = "X-Llava-Sessions-Request-Id"
+RECEIVED_AT_HEADER = "X-Llava-Sessions-Received-At"  # epoch seconds, when the router read the request
+
+# A cancellation is remembered this long, for a request that reaches its worker after it.
+CANCEL_MEMORY_S = 600.0
+MAX_REMEMBERED = 4096
+_MAX_DATAGRAM = 512
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def is_internal(header_name: str) -> bool:
+    return header_name.lower().startswith(INTERNAL_PREFIX)
+
+
+def header(headers: Mapping, name: str) -> str | None:
+    """A header's value whatever the case of its name (TorchServe keeps the sender's spelling)."""
+    wanted = name.lower()
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == wanted and isinstance(value, str):
+            return value
+    return None
+
+
+def from_router(headers: Mapping, secret: str | None) -> bool:
+    """Whether the request carries this start's router secret (compared in constant time)."""
+    sent = header(headers, SECRET_HEADER)
+    if not secret or sent is None:
+        return False
+    return hmac.compare_digest(sent.strip().encode(), secret.encode())
+
+
+@dataclass(frozen=True)
+class Hop:
+    """What the router said about one request: its id (for cancellation) and when it arrived."""
+
+    request_id: str | None
+    received_at: float  # epoch seconds
+
+    @classmethod
+    def of(cls, headers: Mapping, trusted: bool) -> "Hop":
+        """From the router's headers when ``trusted``; otherwise no id, received now."""
+        if not trusted:
+            return cls(None, time.time())
+        try:
+            received_at = float(header(headers, RECEIVED_AT_HEADER) or "")
+        except ValueError:
+            received_at = time.time()
+        return cls(header(headers, REQUEST_ID_HEADER), received_at)
+
+    def headers(self, secret: str) -> dict[str, str]:
+        """The router's side: the headers that say this, with the secret."""
+        sent = {SECRET_HEADER: secret, RECEIVED_AT_HEADER: f"{self.received_at:.6f}"}
+        if self.request_id is not None:
+            sent[REQUEST_ID_HEADER] = self.request_id
+        return sent
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(12)
+
+
+def _address(secret: str, model_name: str) -> bytes:
+    digest = hashlib.sha256(f"{secret}/{model_name}".encode()).hexdigest()[:32]
+    return b"\0llava-sessions-cancel-" + digest.encode()
+
+
+class CancelSender:
+    """The router's end: one datagram per request whose client went away. Never blocks."""
+
+    def __init__(self, secret: str):
+        self._secret = secret.encode()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+
+    def cancel(self, model_name: str, request_id: str) -> None:
+        try:
+            self._socket.sendto(self._secret + b" " + request_id.encode(), _address(self._secret.decode(), model_name))
+        except OSError as exc:  # no listener (the worker restarts) or its queue is full: nothing to stop
+            log.debug("cancel for %s not delivered: %s", model_name, type(exc).__name__)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+class CancelListener:
+    """The worker's end: a thread that remembers which request ids were cancelled, for a while."""
+
+    def __init__(self, secret: str, model_name: str):
+        self._secret = secret.encode()
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(_address(secret, model_name))
+        self._thread = threading.Thread(target=self._listen, name="turn-cancellations", daemon=True)
+        self._thread.start()
+
+    def is_cancelled(self, request_id: str | None) -> bool:
+        if request_id is None:
+            return False
+        with self._lock:
+            return request_id in self._cancelled
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                datagram = self._socket.recv(_MAX_DATAGRAM)
+            except OSError:  # closed
+                return
+            secret, _, request_id = datagram.partition(b" ")
+            if not hmac.compare_digest(secret, self._secret) or not request_id:
+                continue
+            self._remember(request_id.decode("ascii", errors="replace"))
+
+    def _remember(self, request_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._cancelled[request_id] = now
+            while self._cancelled and (
+                len(self._cancelled) > MAX_REMEMBERED or next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_S
+            ):
+                self._cancelled.popitem(last=False)

@@ -58,6 +58,19 @@ def main(args) -> int:
     return 1
 
 
+def workers_main(args) -> int:
+    """``--workers-scaling``: one worker against two (bench/workers.py)."""
+    from llava_sessions.bench import workers
+
+    device = "cpu" if args.device == "auto" else args.device
+    options = workers.Options(preset=args.preset, model=args.model, sessions=args.concurrency,
+                              turns=args.turns, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                              device=device)
+    result = workers.run(options, log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(json.dumps(_finite(result), indent=2) if args.json else workers.table(result))
+    return 0
+
+
 def _finite(value):
     """JSON has no NaN/Infinity: they become null."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -282,10 +282,13 @@ class StackProcess:
 
     The bench's client threads then do not share an interpreter lock with the router, as no
     real client does. The child stops the stack when told, or when this process goes away.
+    ``workers`` model copies; ``cpu_threads``: each CPU worker's torch threads (None: the
+    stack's default, the cores divided by the workers).
     """
 
-    def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0):
-        self.args = (str(model_dir), str(work_dir), device)
+    def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0,
+                 workers: int = 1, cpu_threads: int | None = None):
+        self.args = (str(model_dir), str(work_dir), device, workers, cpu_threads)
         self.ready_timeout = ready_timeout
         self.url: str | None = None
 
@@ -322,9 +325,14 @@ class StackProcess:
         self._conn.close()
 
 
-def _serve_until_told(model_dir: str, work_dir: str, device: str, conn) -> None:
+def _serve_until_told(model_dir: str, work_dir: str, device: str, workers: int, cpu_threads: int | None,
+                      conn) -> None:
+    import os
+
+    if cpu_threads is not None:  # the stack passes it on to its workers
+        os.environ["LLAVA_SESSIONS_CPU_THREADS"] = str(cpu_threads)
     try:
-        stack = start_stack(Path(model_dir), Path(work_dir), device)
+        stack = start_stack(Path(model_dir), Path(work_dir), device, workers=workers)
     except Exception as error:
         conn.send(("failed", f"{type(error).__name__}: {error}"))
         return
@@ -337,8 +345,8 @@ def _serve_until_told(model_dir: str, work_dir: str, device: str, conn) -> None:
         stack.stop()
 
 
-def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32):
-    """Build the archive and start a ServingStack with one worker on a free loopback port."""
+def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32, workers: int = 1):
+    """Build the archive and start a ServingStack with ``workers`` workers on a free loopback port."""
     from llava_sessions.archive import build_archive
     from llava_sessions.serving_stack import ServingStack
 
@@ -350,4 +358,4 @@ def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worke
         session_ttl_s=3600,
         handler_overrides=overrides,
     )
-    return ServingStack(archive, work_dir / "run", workers=1, port=0).start(ready_timeout=900)
+    return ServingStack(archive, work_dir / "run", workers=workers, port=0).start(ready_timeout=900)

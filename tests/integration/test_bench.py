@@ -97,3 +97,22 @@ def test_the_table_holds_the_run_to_its_devices_targets_and_says_how_answers_agr
     assert "up to near ties: 1 answer(s)" in report.table(parted)
     parted["answers_match_up_to_near_ties"] = False
     assert "answers of (a) equal the reference: NO" in report.table(parted)
+
+
+def test_workers_scaling_prints_each_configuration_and_its_ratios(tmp_path, monkeypatch):
+    """Smoke run of `bench --workers-scaling` (ratios are the bench's business, not a test's)."""
+    monkeypatch.setenv("LLAVA_SESSIONS_HOME", str(tmp_path / "home"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["bench", "--workers-scaling", "--preset", "tiny", "--concurrency", "2", "--turns", "1",
+                         "--repeats", "1", "--max-new-tokens", "4", "--json"])
+    assert code == 0, err.getvalue()[-3000:]
+    result = json.loads(out.getvalue())
+    assert [c["name"] for c in result["configurations"]] == [
+        "one worker", "two workers", "two workers, every core each"]
+    assert [c["workers"] for c in result["configurations"]] == [1, 2, 2]
+    for config in result["configurations"]:
+        assert config["tokens_per_s"] > 0 and config["opens_per_s"] > 0
+        assert config["turn_rounds"][0]["tokens"] == 2 * 4  # every turn answered in full
+    assert set(result["ratios"]) == {"cold_opens_two_workers_over_one", "cold_opens_two_workers_every_core_over_one",
+                                     "follow_ups_two_workers_over_one", "follow_ups_two_workers_every_core_over_one"}

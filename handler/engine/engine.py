@@ -17,11 +17,13 @@ free its worst case, and a turn that still finds no memory is refused (OutOfMemo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -115,6 +117,59 @@ class EngineCounters:
     # Turns stopped because their client went away (undone), and turns cut by their deadline.
     turns_cancelled: int = 0
     turns_past_deadline: int = 0
+    # Turns that waited for a later wave of their ``turns`` call (no room beside the earlier
+    # ones), once per wave waited.
+    turns_deferred: int = 0
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """One session in an ``EngineSnapshot``; the bytes are measured on its tensors."""
+
+    history_tokens: int  # token ids in its history (``SessionEngine.session_history``)
+    kv_tokens: int  # of those, how many its KV cache holds (0 without one)
+    kv_bytes: int  # its KV cache on the device, spare slots included (0 without one)
+    feature_bytes: int  # its image features, on the device or on host
+    features_on_host: bool  # cold: features in host memory until its next turn
+    images: int  # images whose features it holds
+    busy: bool  # a turn of it is running
+    expires_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What an engine holds at one moment, taken under its lock (``SessionEngine.snapshot``); for
+    tests and metrics. Torch-free. It names sessions by their full ids: never log it.
+
+    ``sessions`` (least recently used first) measure each session's tensors, while the tier
+    bytes are the engine's accounting per session, which the memory budget decides on: the two
+    agree whenever no operation is between its steps.
+    """
+
+    sessions: Mapping[str, SessionView]
+    device_kv: int  # bytes by tier, as accounted (``bytes_by_tier``)
+    device_features: int
+    host_features: int
+    reserved: int  # device bytes promised to the operation in progress
+    batch_view_bytes: int  # KV held by a batched decode in progress (its rows' KV and padding)
+    memory_budget: int  # device bytes the sessions may hold
+    host_budget: int  # host bytes their cold features may hold
+    counters: EngineCounters  # a copy
+
+    @property
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def tiers(self) -> dict[str, int]:
+        """As ``SessionEngine.bytes_by_tier``."""
+        return {"device_kv": self.device_kv, "device_features": self.device_features,
+                "host_features": self.host_features}
+
+    @property
+    def device_bytes(self) -> int:
+        """Accounted device bytes of the sessions (``device_kv + device_features``)."""
+        return self.device_kv + self.device_features
 
 
 @dataclass
@@ -293,16 +348,64 @@ class SessionEngine:
     def bytes_by_tier(self) -> dict[str, int]:
         """Bytes sessions hold: KV and features on the device (bounded by the budget), features on host."""
         with self._lock:
-            records = self._store.lru_records()
-            return {
-                "device_kv": sum(r.device_kv_bytes for r in records),
-                "device_features": sum(r.device_feature_bytes for r in records),
-                "host_features": sum(r.host_feature_bytes for r in records),
-            }
+            return self._tiers()
+
+    def snapshot(self) -> EngineSnapshot:
+        """Every session and the memory accounting at this moment, read-only (EngineSnapshot).
+
+        Measures every session's tensors: for tests and occasional metrics, not per token. Safe
+        from a turn's own ``on_token`` callback (the lock is reentrant).
+        """
+        with self._lock:
+            views = {}
+            order = self._store.lru_order()
+            listed = set(order)
+            # A state without a record would be a leak: listed (after the others) so its bytes show.
+            for session_id in order + [sid for sid in self._states if sid not in listed]:
+                record, state = self._store.lookup(session_id), self._states.get(session_id)
+                if state is None:
+                    state = _SessionState()  # reserved by an open in progress: nothing held yet
+                views[session_id] = SessionView(
+                    history_tokens=len(state.token_ids),
+                    kv_tokens=_cached_tokens(state),
+                    kv_bytes=generation.cache_bytes(state.cache),
+                    feature_bytes=state.feature_bytes(),
+                    features_on_host=state.features_on_host,
+                    images=len(state.features),
+                    busy=record is not None and record.busy,
+                    expires_at=record.expires_at if record is not None else 0.0,
+                )
+            return EngineSnapshot(
+                sessions=MappingProxyType(views),
+                **self._tiers(),
+                reserved=self._reserved,
+                batch_view_bytes=self._batch_view_bytes,
+                memory_budget=self.memory_budget_bytes,
+                host_budget=self.host_budget_bytes,
+                counters=dataclasses.replace(self.counters),
+            )
+
+    def session_history(self, session_id: str) -> tuple[int, ...]:
+        """The token ids of an open session's history (what its next turn is conditioned on,
+        before the turn's own tokens); for tests. Raises SessionNotFound. Touches nothing: the
+        session's expiry and LRU place stay as they are."""
+        with self._lock:
+            state = self._states.get(session_id) if self._store.lookup(session_id) is not None else None
+            if state is None:
+                raise SessionNotFound()
+            return tuple(state.token_ids)
 
     def device_bytes_held(self) -> int:
         with self._lock:
             return self._store.device_bytes()
+
+    def _tiers(self) -> dict[str, int]:
+        records = self._store.lru_records()
+        return {
+            "device_kv": sum(r.device_kv_bytes for r in records),
+            "device_features": sum(r.device_feature_bytes for r in records),
+            "host_features": sum(r.host_feature_bytes for r in records),
+        }
 
     # --- background expiry -------------------------------------------------
 
@@ -357,6 +460,7 @@ class SessionEngine:
                     continue
                 if running is None:
                     deferred.append(slot)
+                    self.counters.turns_deferred += 1
                 else:
                     wave.append(running)
             if len(wave) == 1:

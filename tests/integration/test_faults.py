@@ -10,8 +10,9 @@
 - Nothing the clients sent (prompts, images) and no full session id is in any log.
 
 One stack for the module. Its handler is the real one, except that a prompt starting with
-"stall" stops answering after its second token (the worker is busy, as in a long prefill); its
-archive has a 3 s responseTimeout instead of 600 s. See docs/faults.md.
+"stall" stops answering after its second token (the worker is busy, as in a long prefill:
+tests/integration/stalling_handler.py, the archive's handler file); its archive has a 3 s
+responseTimeout instead of 600 s. See docs/faults.md.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import json
 import logging
 import os
 import signal
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -31,39 +32,17 @@ from llava_sessions.archive import build_archive
 from llava_sessions.serving_stack import ServingStack
 from tests.conftest import noise_image
 from tests.fakes import isolate_from_aws, png_b64
+from tests.integration import stalling_handler
 
 pytestmark = pytest.mark.integration
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
 RESPONSE_TIMEOUT_S = 3
-STALL_S = 60
 MAX_NEW = 8
 # Distinctive text in every prompt: the log check looks for it.
 SECRET = "quokka-tangerine-4417"
 PROMPTS = [f"{SECRET} what is in the picture?", f"{SECRET} which colours?", f"{SECRET} and on the left?"]
-STALL = f"stall {SECRET} tell me everything"
-
-STALLING_HANDLER = textwrap.dedent(
-    f'''
-    """The session handler; a prompt starting with "stall" stops answering after its second token."""
-    import time
-
-    from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
-
-
-    class StallingHandler(LlavaSessionHandler):
-        def initialize(self, context):
-            super().initialize(context)
-            pick = self.engine._pick
-
-            def stalling_pick(running, logits):
-                if running.request.prompt.startswith("stall") and len(running.answer) == 2:
-                    time.sleep({STALL_S})
-                return pick(running, logits)
-
-            self.engine._pick = stalling_pick
-    '''
-)
+STALL = f"{stalling_handler.STALL_PREFIX} {SECRET} tell me everything"
 
 # Every id and image the module sent, for the log check.
 SENT_IDS: set[str] = set()
@@ -87,9 +66,9 @@ def router_log():
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir, tmp_path_factory, router_log):
     tmp = tmp_path_factory.mktemp("faults")
-    handler_file = tmp / "stalling_handler.py"
-    handler_file.write_text(STALLING_HANDLER)
-    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=8, session_ttl_s=600,
+    # A real module (imported above): TorchServe imports it from the archive as its handler.
+    handler_file = Path(stalling_handler.__file__)
+    archive = build_archive(tiny_model_dir, tmp / "archive", max_sessions_per_worker=8, session_ttl_s=600,
                             handler_file=handler_file)
     config = archive / "model-config.yaml"
     text = config.read_text()

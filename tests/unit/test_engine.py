@@ -17,9 +17,10 @@ from llava_sessions.errors import (
     TooManyImages,
     TooManySessions,
 )
+from llava_sessions.handler.engine import generation
 from llava_sessions.handler.engine.engine import SessionEngine
 from llava_sessions.handler.engine.generation import SamplingParams
-from llava_sessions.handler.engine.session_store import is_valid_session_id
+from llava_sessions.wire import is_valid_session_id
 
 QUESTIONS = [
     "What is in the image?",
@@ -62,9 +63,30 @@ def stateless_answer(loaded, history_ids, images, max_new_tokens):
 
 def prompt_ids_of_last_turn(engine, session_id, result):
     """The history the last answer was conditioned on (everything before the answer)."""
-    ids = engine._states[session_id].token_ids
+    ids = list(engine.session_history(session_id))
     after_answer = len(result.token_ids) + (0 if result.finish_reason == "stop" else 1)
     return ids[: len(ids) - after_answer]
+
+
+def held_tensors(monkeypatch):
+    """Weak references to the image features (generation.encode_images) and the KV caches
+    (generation.new_cache) the engine makes from now on, oldest first: a test can watch them be freed."""
+    features, caches = [], []
+    encode_images, new_cache = generation.encode_images, generation.new_cache
+
+    def encoded(loaded, images):
+        out = encode_images(loaded, images)
+        features.extend(weakref.ref(f) for f in out)
+        return out
+
+    def made(loaded):
+        cache = new_cache(loaded)
+        caches.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(generation, "encode_images", encoded)
+    monkeypatch.setattr(generation, "new_cache", made)
+    return features, caches
 
 
 @pytest.fixture
@@ -155,19 +177,21 @@ def test_session_ids_are_random_and_sagemaker_shaped(loaded_tiny):
     assert all(is_valid_session_id(i) and len(i) >= 32 for i in ids)
 
 
-def test_close_frees_features_and_kv(loaded_tiny, images):
+def test_close_frees_features_and_kv(loaded_tiny, images, monkeypatch):
     engine = make_engine(loaded_tiny)
+    features, caches = held_tensors(monkeypatch)
     session = engine.open_session(images)
     engine.turn(session.session_id, QUESTIONS[0], GREEDY)
-    state = engine._states[session.session_id]
-    feature_ref = weakref.ref(state.features[0])
-    key_ref = weakref.ref(state.cache.layers[0].keys)
+    assert len(features) == 2 and len(caches) == 1  # the session's features and its one cache
+    feature_ref, cache_ref = features[0], caches[0]
+    key_ref = weakref.ref(cache_ref().layers[0].keys)
     assert engine.bytes_held() > 0
-    del state
+    view = engine.snapshot().sessions[session.session_id]
+    assert view.images == 2 and view.kv_bytes > 0 and view.kv_tokens > 0
     engine.close_session(session.session_id)
     gc.collect()
     assert engine.bytes_held() == 0 and engine.session_count() == 0
-    assert feature_ref() is None and key_ref() is None
+    assert feature_ref() is None and key_ref() is None and cache_ref() is None
     assert engine.counters.sessions_closed == 1
     with pytest.raises(SessionNotFound):
         engine.turn(session.session_id, QUESTIONS[1], GREEDY)
@@ -175,15 +199,17 @@ def test_close_frees_features_and_kv(loaded_tiny, images):
         engine.close_session(session.session_id)
 
 
-def test_expired_sessions_are_freed_without_being_named_again(loaded_tiny, images):
+def test_expired_sessions_are_freed_without_being_named_again(loaded_tiny, images, monkeypatch):
     clock = FakeClock()
     engine = make_engine(loaded_tiny, clock=clock, session_ttl_s=60)
+    features, _caches = held_tensors(monkeypatch)
     old = engine.open_session([images[0]])
     assert old.expires_at == clock.now + 60
     engine.turn(old.session_id, QUESTIONS[0], GREEDY)
     clock.now += 30
     young = engine.open_session([images[1]])
-    feature_ref = weakref.ref(engine._states[old.session_id].features[0])
+    feature_ref = features[0]  # old's image (young's is features[1])
+    assert feature_ref() is not None
     clock.now += 30  # old is now exactly at its expiry
     assert engine.sweep_expired() == 1
     gc.collect()
@@ -263,7 +289,7 @@ def test_max_new_tokens_ends_the_turn_with_eos_in_history(loaded_tiny):
     session = engine.open_session([])
     result = engine.turn(session.session_id, QUESTIONS[0], SamplingParams(max_new_tokens=3))
     assert result.completion_tokens == 3
-    ids = engine._states[session.session_id].token_ids
+    ids = engine.session_history(session.session_id)
     assert ids[-1] in loaded_tiny.eos_token_ids
 
 

@@ -7,6 +7,7 @@ QUESTIONS[0] has a 30-token context, so it reserves (30 + 10) tokens of KV.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
 from llava_sessions.handler.engine import generation, memory_budget
 from llava_sessions.handler.engine.kv_cache import AppendLayer, spare_tokens
-from llava_sessions.handler.engine.engine import SessionEngine
+from llava_sessions.handler.engine.engine import EngineSnapshot, SessionEngine
 from llava_sessions.handler.engine.generation import SamplingParams, cache_bytes
 from llava_sessions.handler.replies import error_reply
 from tests.unit.test_engine import (
@@ -38,33 +39,42 @@ def budgeted(loaded, budget, host_budget):
     return SessionEngine(loaded, ServingConfig(memory_budget_bytes=budget), FakeClock(), host_budget_bytes=host_budget)
 
 
-def measured(engine) -> dict[str, int]:
-    """Bytes by tier, measured on the tensors themselves."""
+def measured(engine_or_snapshot) -> dict[str, int]:
+    """Bytes by tier, measured on the tensors themselves (the snapshot's sessions, not its accounting)."""
+    snapshot = as_snapshot(engine_or_snapshot)
     tiers = {"device_kv": 0, "device_features": 0, "host_features": 0}
-    for state in engine._states.values():
-        tiers["device_kv"] += cache_bytes(state.cache)
-        tier = "host_features" if state.features_on_host else "device_features"
-        tiers[tier] += state.feature_bytes()
+    for view in snapshot.sessions.values():
+        tiers["device_kv"] += view.kv_bytes
+        tier = "host_features" if view.features_on_host else "device_features"
+        tiers[tier] += view.feature_bytes
     return tiers
 
 
-def tier_of(engine, session_id) -> str:
-    if not engine.has_session(session_id):
+def as_snapshot(engine_or_snapshot):
+    if isinstance(engine_or_snapshot, EngineSnapshot):
+        return engine_or_snapshot
+    return engine_or_snapshot.snapshot()
+
+
+def tier_of(engine_or_snapshot, session_id) -> str:
+    view = as_snapshot(engine_or_snapshot).sessions.get(session_id)
+    if view is None:
         return "gone"
-    state = engine._states[session_id]
-    if state.features_on_host:
+    if view.features_on_host:
         return "cold"
-    if cache_bytes(state.cache):
+    if view.kv_bytes:
         return "hot"
-    return "warm" if state.feature_bytes() else "empty"  # empty: no images, no KV
+    return "warm" if view.feature_bytes else "empty"  # empty: no images, no KV
 
 
 def check_accounting(engine) -> dict[str, int]:
-    tiers = measured(engine)
-    assert engine.bytes_by_tier() == tiers
+    snapshot = engine.snapshot()
+    tiers = measured(snapshot)
+    assert engine.bytes_by_tier() == tiers and snapshot.tiers == tiers
     assert tiers["device_kv"] + tiers["device_features"] <= engine.memory_budget_bytes
     assert tiers["host_features"] <= engine.host_budget_bytes
-    assert engine._reserved == 0
+    assert snapshot.reserved == 0 and snapshot.batch_view_bytes == 0
+    assert not any(view.busy for view in snapshot.sessions.values())
     return tiers
 
 
@@ -79,11 +89,12 @@ def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, ima
     assert (engine.kv_bytes_per_token, engine.feature_bytes_per_image) == (KV_TOKEN, FEATURES)
     session = engine.open_session(images)
     result = engine.turn(session.session_id, QUESTIONS[0], GREEDY)
-    state = engine._states[session.session_id]
-    assert state.feature_bytes() == 2 * FEATURES
+    view = engine.snapshot().sessions[session.session_id]
+    assert view.feature_bytes == 2 * FEATURES
     kv_tokens = result.prompt_tokens + result.completion_tokens - 1
+    assert view.kv_tokens == kv_tokens
     # A lone turn with the budget free moved into a buffer with 2 x headroom spare slots.
-    assert cache_bytes(state.cache) == (kv_tokens + 2 * headroom) * KV_TOKEN
+    assert view.kv_bytes == (kv_tokens + 2 * headroom) * KV_TOKEN
     assert engine.bytes_by_tier() == {
         "device_kv": (kv_tokens + 2 * headroom) * KV_TOKEN,
         "device_features": 2 * FEATURES,
@@ -91,18 +102,39 @@ def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, ima
     }
 
 
-def test_a_follow_up_that_fits_the_spare_slots_copies_no_history(loaded_tiny, images):
-    engine, exact = make_engine(loaded_tiny), make_engine(loaded_tiny, kv_headroom_tokens=0)
+def caches_of(monkeypatch, loaded) -> list:
+    """The KV caches made for sessions of engines on ``loaded`` (generation.new_cache), oldest first.
+
+    Tests whose twin engine must not count give the twin a copy of the LoadedModel."""
+    made = []
+    new_cache = generation.new_cache
+
+    def tracked(model):
+        cache = new_cache(model)
+        if model is loaded:
+            made.append(cache)
+        return cache
+
+    monkeypatch.setattr(generation, "new_cache", tracked)
+    return made
+
+
+def test_a_follow_up_that_fits_the_spare_slots_copies_no_history(loaded_tiny, images, monkeypatch):
+    engine = make_engine(loaded_tiny)
+    exact = make_engine(dataclasses.replace(loaded_tiny), kv_headroom_tokens=0)  # its caches are not engine's
+    caches = caches_of(monkeypatch, loaded_tiny)
     sid, exact_sid = engine.open_session(images).session_id, exact.open_session(images).session_id
     for question in QUESTIONS[:2]:
         assert engine.turn(sid, question, GREEDY).token_ids == exact.turn(exact_sid, question, GREEDY).token_ids
-    cache = engine._states[sid].cache
-    buffer, spare = cache.layers[0]._key_buffer.data_ptr(), cache.layers[0].spare()
+    [cache] = caches  # the session's one cache, kept from turn to turn
+    # keys is a view of the start of the layer's buffer: its address is the buffer's.
+    buffer, spare = cache.layers[0].keys.data_ptr(), cache.layers[0].spare()
     result = engine.turn(sid, "Why?", SamplingParams(1))
     assert result.token_ids == exact.turn(exact_sid, "Why?", SamplingParams(1)).token_ids
     new_tokens = result.prompt_tokens - result.cached_tokens
     assert new_tokens <= spare  # it fit: written in place, the buffer did not move
-    assert cache.layers[0]._key_buffer.data_ptr() == buffer and cache.layers[0].spare() == spare - new_tokens
+    assert cache.layers[0].keys.data_ptr() == buffer and cache.layers[0].spare() == spare - new_tokens
+    assert caches == [cache] and engine.snapshot().sessions[sid].kv_bytes == cache_bytes(cache)
     check_accounting(engine)
 
 
@@ -110,23 +142,25 @@ def test_follow_ups_prefill_in_place_turn_after_turn(loaded_tiny, images, monkey
     """No follow-up's prefill copies the history: a turn that would leave fewer than the headroom's
     spare slots moves at its first decode step, after its first token, not at the next prefill;
     and it moves into twice the headroom, so the turn after it fits in place."""
-    engine, exact = make_engine(loaded_tiny), make_engine(loaded_tiny, kv_headroom_tokens=0)
+    engine = make_engine(loaded_tiny)
+    exact = make_engine(dataclasses.replace(loaded_tiny), kv_headroom_tokens=0)  # its caches are not engine's
     headroom = engine.config.kv_headroom_tokens
+    caches = caches_of(monkeypatch, loaded_tiny)  # engine's session's cache(s), newest last
     moved = []
     prefill = generation.prefill
 
     def watched(loaded, input_ids, image_rows, cache):
-        before = cache.layers[0]._key_buffer
+        before = cache.layers[0].keys  # a view of the start of the layer's buffer (None: new cache)
         logits = prefill(loaded, input_ids, image_rows, cache)
-        if before is not None and cache is engine._states[sid].cache:  # not the twin's
-            moved.append(cache.layers[0]._key_buffer.data_ptr() != before.data_ptr())
+        if before is not None and caches and cache is caches[-1]:  # not the twin's
+            moved.append(cache.layers[0].keys.data_ptr() != before.data_ptr())
         return logits
 
     monkeypatch.setattr(generation, "prefill", watched)
     regrow, regrown = AppendLayer._regrow, []
 
     def counted(layer, *args):
-        cache = engine._states[sid].cache if sid in engine._states else None
+        cache = caches[-1] if caches and engine.has_session(sid) else None
         if cache is not None and layer is cache.layers[0]:
             regrown.append(args[1])
         regrow(layer, *args)
@@ -138,7 +172,9 @@ def test_follow_ups_prefill_in_place_turn_after_turn(loaded_tiny, images, monkey
         result = engine.turn(sid, question, GREEDY)
         assert result.token_ids == exact.turn(exact_sid, question, GREEDY).token_ids
         # Between turns: from one to two headrooms spare, whether the turn fit in place or moved.
-        spares.append(spare_tokens(engine._states[sid].cache))
+        spares.append(spare_tokens(caches[-1]))
+        assert engine.snapshot().sessions[sid].kv_bytes == cache_bytes(caches[-1])  # it is the session's
+    assert len(caches) == 1  # one cache, kept from turn to turn
     assert moved == [False] * (2 * len(QUESTIONS) - 1)
     assert all(headroom <= spare <= 2 * headroom for spare in spares)
     assert 0 < len(regrown) <= len(spares) // 2 + 1  # at most every other turn moved
@@ -152,7 +188,8 @@ def test_spare_slots_come_only_from_plainly_free_budget(loaded_tiny, images):
     sid = engine.open_session(images[:1]).session_id
     result = engine.turn(sid, QUESTIONS[0], GREEDY)
     kv_tokens = result.prompt_tokens + result.completion_tokens - 1
-    assert cache_bytes(engine._states[sid].cache) == kv_tokens * KV_TOKEN
+    view = engine.snapshot().sessions[sid]
+    assert view.kv_bytes == kv_tokens * KV_TOKEN and view.kv_tokens == kv_tokens
     check_accounting(engine)
 
 
@@ -252,7 +289,7 @@ def test_many_sessions_churning_under_a_tight_budget_answer_like_an_unconstraine
         live = [s for s in twin_of if s not in gone]
         if len(live) < 10 and (len(live) < 6 or rng.random() < 0.4):
             pics = [images[rng.randrange(2)]] if rng.random() < 0.85 else []
-            before = _snapshot(engine)
+            before = _tiers_before(engine)
             sid = engine.open_session(pics).session_id
             _check_step(engine, before, asking=sid, was_cold=False)
             twin_of[sid] = twin.open_session(pics).session_id
@@ -267,7 +304,7 @@ def test_many_sessions_churning_under_a_tight_budget_answer_like_an_unconstraine
                 continue
             question = QUESTIONS[turns_of[sid]]
             extra = [images[1]] if turns_of[sid] == 1 and rng.random() < 0.2 else []
-            before = _snapshot(engine)
+            before = _tiers_before(engine)
             was_cold = tier_of(engine, sid) == "cold"
             result = engine.turn(sid, question, GREEDY, images=extra, on_token=on_token)
             _check_step(engine, before, asking=sid, was_cold=was_cold)
@@ -293,16 +330,18 @@ def test_many_sessions_churning_under_a_tight_budget_answer_like_an_unconstraine
     assert c.images_encoded == twin.counters.images_encoded
 
 
-def _snapshot(engine):
+def _tiers_before(engine):
     """LRU order (oldest first) with each session's tier, and the counters, before an operation."""
-    return [(sid, tier_of(engine, sid)) for sid in engine._store.lru_order()], counts(engine)
+    snapshot = engine.snapshot()
+    return [(sid, tier_of(snapshot, sid)) for sid in snapshot.sessions], counts(engine)
 
 
 def _check_step(engine, before, asking, was_cold):
     """The operation's demotions follow the plan's rules, and the counters count exactly them."""
     tiers_before, counts_before = before
     others = [(sid, tier) for sid, tier in tiers_before if sid != asking]
-    after = {sid: tier_of(engine, sid) for sid, _ in others}
+    snapshot = engine.snapshot()
+    after = {sid: tier_of(snapshot, sid) for sid, _ in others}
     dropped = [sid for sid, tier in others if tier == "hot" and after[sid] != "hot"]
     offloaded = [sid for sid, tier in others if tier in ("hot", "warm") and after[sid] == "cold"]
     evicted = [sid for sid, _ in others if after[sid] == "gone"]

@@ -79,15 +79,16 @@ def test_an_oom_in_a_prefill_frees_lru_memory_and_retries_once(loaded_tiny, monk
     # of KV, a and b hold 39 each), so both dropped theirs and every session is still there.
     assert engine.counters.kv_dropped == 2 and engine.counters.sessions_evicted == 0
     assert all(engine.has_session(s) for s in (a, b, c))
-    assert engine._states[a].cache is None and engine._states[b].cache is None
-    assert engine.counters.memory_refusals == 0 and engine._reserved == 0
+    snapshot = engine.snapshot()
+    assert [(snapshot.sessions[s].kv_tokens, snapshot.sessions[s].kv_bytes) for s in (a, b)] == [(0, 0), (0, 0)]
+    assert engine.counters.memory_refusals == 0 and snapshot.reserved == 0
     # Nobody's answers changed: a rebuilds its KV from its features and token ids.
     assert answers_of(engine, [a, b, c], QUESTIONS[1]) == answers_of(twin, [ta, tb, tc], QUESTIONS[1])
 
 
 def test_an_oom_that_persists_refuses_the_turn_and_leaves_the_session_as_before(loaded_tiny, monkeypatch):
     engine, (a, b, c), twin, (ta, tb, tc) = three_sessions(loaded_tiny)
-    history = list(engine._states[c].token_ids)
+    history = engine.session_history(c)
     calls = failing(monkeypatch, "prefill", CUDA_OOM, {1, 2})
 
     with pytest.raises(OutOfMemoryBudget) as refused:
@@ -96,8 +97,9 @@ def test_an_oom_that_persists_refuses_the_turn_and_leaves_the_session_as_before(
     assert len(calls) == 2  # the retry failed too
     reply = error_reply(refused.value)
     assert (reply.status, reply.body["error"]["code"]) == (503, "INSUFFICIENT_MEMORY")
-    assert engine.counters.memory_refusals == 1 and engine._reserved == 0
-    assert engine._states[c].token_ids == history and not engine._store.lookup(c).busy
+    snapshot = engine.snapshot()
+    assert engine.counters.memory_refusals == 1 and snapshot.reserved == 0
+    assert engine.session_history(c) == history and not snapshot.sessions[c].busy
     # The worker keeps serving; c's turn asked again and everyone else's equal the twin's.
     assert answers_of(engine, [c, a, b], QUESTIONS[0]) == answers_of(twin, [tc, ta, tb], QUESTIONS[0])
 
@@ -109,7 +111,7 @@ def test_an_oom_is_refused_without_touching_anyone_when_the_others_hold_too_litt
     calls = failing(monkeypatch, "prefill", CUDA_OOM, {1})
     with pytest.raises(OutOfMemoryBudget):
         engine.turn(b, QUESTIONS[1], GREEDY)
-    assert len(calls) == 1 and engine.counters.kv_dropped == 0 and engine._states[a].cache is not None
+    assert len(calls) == 1 and engine.counters.kv_dropped == 0 and engine.snapshot().sessions[a].kv_tokens > 0
     assert answers_of(engine, [b, a, c], QUESTIONS[1]) == answers_of(twin, [tb, ta, tc], QUESTIONS[1])
 
 
@@ -137,7 +139,7 @@ def test_an_oom_while_decoding_refuses_every_turn_of_the_batch_cleanly(loaded_ti
     ])
     assert [type(o) for o in outcomes] == [OutOfMemoryBudget, OutOfMemoryBudget]
     assert streamed  # tokens had gone out: a stream ends with an INSUFFICIENT_MEMORY event
-    assert engine.counters.memory_refusals == 2 and engine._reserved == 0
+    assert engine.counters.memory_refusals == 2 and engine.snapshot().reserved == 0
     monkeypatch.undo()
     assert answers_of(engine, [a, b, c], QUESTIONS[1]) == answers_of(twin, [ta, tb, tc], QUESTIONS[1])
 

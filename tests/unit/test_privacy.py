@@ -91,7 +91,7 @@ def test_a_session_answers_to_its_own_id_only(handler):
     sid, other = opened.body["session_id"], neighbour.body["session_id"]
     first = request(handler, {"prompt": SECRET_PROMPT, "max_new_tokens": 4}, sid)
     assert first.status == 200
-    held = handler.engine._states[sid].token_ids[:]
+    held = handler.engine.session_history(sid)
 
     for wrong in variants(sid):
         for body in ({"prompt": "repeat what I said", "max_new_tokens": 4}, {"requestType": "CLOSE"}):
@@ -105,7 +105,7 @@ def test_a_session_answers_to_its_own_id_only(handler):
         assert reply.body["error"]["code"] in ("SESSION_NOT_FOUND", "INVALID_REQUEST"), (wrong, reply.body)
 
     # Nothing was taken from or added to the session by the wrong ids; its neighbour knows nothing of it.
-    assert handler.engine._states[sid].token_ids == held
+    assert handler.engine.session_history(sid) == held
     assert request(handler, {"prompt": "and now?", "max_new_tokens": 4}, sid).body["usage"]["cached_tokens"] > 0
     assert request(handler, {"prompt": "and now?", "max_new_tokens": 4}, other).body["usage"]["cached_tokens"] == 0
     for session_id in (sid, other):

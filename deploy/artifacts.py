@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava_sessions.deploy import aws
 from llava_sessions.deploy.progress import ByteProgress, human_bytes
 
 from llava_sessions.errors import ConfigError
@@ -220,15 +219,41 @@ def transfer_config(part_size: int = DEFAULT_PART_SIZE, concurrency: int = DEFAU
     )
 
 
+def check_bucket(s3, bucket: str, err=None) -> None:
+    """Refuse a bucket that does not exist before hashing gigabytes of weights for it.
+
+    Any other answer (403: no s3:ListBucket on the bucket itself) is a warning: the upload may
+    still be allowed."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = _code(exc)
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            region = s3.meta.region_name
+            raise ConfigError(
+                f"bucket {bucket!r} does not exist (or is in another account): create it with "
+                f"`aws s3 mb s3://{bucket} --region {region}`, or leave out --s3 to upload to the default "
+                f"bucket sagemaker-{region}-<account>, which `upload` creates"
+            ) from None
+        print(f"could not check the bucket {bucket} ({code or exc}); going on", file=err or sys.stderr)
+
+
 def upload_directory(s3, archive_dir: Path, bucket: str, prefix: str, *, delete: bool = False,
-                     config=None, digest_cache: DigestCache | None = None, stream=None) -> UploadResult:
-    """Upload the archive folder's files under ``prefix``; unchanged ones are skipped."""
+                     config=None, digest_cache: DigestCache | None = None, stream=None,
+                     bucket_checked: bool = False) -> UploadResult:
+    """Upload the archive folder's files under ``prefix``; unchanged ones are skipped.
+
+    The bucket is checked first (``check_bucket``) unless the caller already did."""
     stream = stream if stream is not None else sys.stderr
     prefix = prefix.strip("/")
     if delete and not prefix:
         raise ConfigError("--delete needs a prefix: it would otherwise prune the whole bucket")
     key_prefix = f"{prefix}/" if prefix else ""
     pairs = archive_files(archive_dir)
+    if not bucket_checked:
+        check_bucket(s3, bucket, stream)
     digests = (digest_cache or DigestCache(None)).digests([p for p, _ in pairs], stream=stream)
     files = [LocalFile(p, key_prefix + name, p.stat().st_size, digests[p]) for p, name in pairs]
     remote = _list_sizes(s3, bucket, key_prefix)
@@ -248,9 +273,11 @@ def upload_directory(s3, archive_dir: Path, bucket: str, prefix: str, *, delete:
 
 
 def upload_file(s3, path: Path, bucket: str, key: str, *, config=None,
-                digest_cache: DigestCache | None = None, stream=None) -> UploadResult:
+                digest_cache: DigestCache | None = None, stream=None, bucket_checked: bool = False) -> UploadResult:
     """Upload one file (the tarball) to ``key`` unless the same bytes are already there."""
     stream = stream if stream is not None else sys.stderr
+    if not bucket_checked:
+        check_bucket(s3, bucket, stream)
     digest = (digest_cache or DigestCache(None)).digests([path], stream=stream)[path]
     local = LocalFile(path, key, path.stat().st_size, digest)
     result = UploadResult(f"s3://{bucket}/{key}")
@@ -328,89 +355,3 @@ def default_bucket(boto_session) -> str:
 # --- the command ------------------------------------------------------------------------
 
 
-def register(commands) -> None:
-    from llava_sessions.cli import _model_arguments
-
-    upload = commands.add_parser(
-        "upload",
-        help="package the model archive and upload it to S3 for a SageMaker endpoint",
-        description="Build the model archive (as `archive` does) and upload it to S3: uncompressed "
-        "under a prefix (for ModelDataSource S3Prefix, CompressionType None) or as model.tar.gz. "
-        "Files already there with the same SHA-256 are skipped; prints the URI for `deploy`.",
-    )
-    _model_arguments(upload)
-    upload.add_argument("--s3", metavar="s3://BUCKET/PREFIX",
-                        help="destination (default: s3://sagemaker-<region>-<account>/llava-sessions/<model>/)")
-    upload.add_argument("--format", default="dir", choices=["dir", "tar.gz"],
-                        help="dir: files under the prefix, uncompressed (default); tar.gz: one model.tar.gz")
-    upload.add_argument("--archive", type=Path, metavar="DIR",
-                        help="upload this already built archive folder instead of building one")
-    upload.add_argument("--delete", action="store_true",
-                        help="also delete objects under the prefix that the archive no longer has")
-    upload.add_argument("--part-size-mb", type=int, default=DEFAULT_PART_SIZE // MIB,
-                        help="multipart part size and threshold in MiB (default 64)")
-    upload.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                        help="parts uploaded at once (default 8)")
-    _aws_arguments(upload)
-    upload.set_defaults(run=cmd_upload)
-
-
-def _aws_arguments(parser) -> None:
-    parser.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION / profile)")
-    parser.add_argument("--profile", help="AWS profile (default: AWS_PROFILE)")
-
-
-def cmd_upload(args) -> int:
-    if args.part_size_mb < 5 or args.concurrency < 1:
-        raise ConfigError("--part-size-mb must be at least 5 (S3's minimum part) and --concurrency at least 1")
-    archive_dir, model_name = _archive(args)
-    boto_session = aws.session(args.region, args.profile)
-    if args.s3:
-        bucket, key = parse_s3_uri(args.s3)
-    else:
-        bucket, key = default_bucket(boto_session), f"llava-sessions/{model_name}/"
-    s3 = aws.client("s3", args.region, args.profile)
-    config = transfer_config(args.part_size_mb * MIB, args.concurrency)
-    cache = DigestCache(archive_dir.parent / f".{archive_dir.name}.sha256.json")
-    if args.format == "tar.gz":
-        if args.delete:
-            raise ConfigError("--delete applies to --format dir only")
-        tarball = write_tarball(archive_dir, archive_dir.parent / TARBALL_NAME)
-        if not key.endswith(".tar.gz"):
-            key = key.rstrip("/") + "/" + TARBALL_NAME if key.strip("/") else TARBALL_NAME
-        result = upload_file(s3, tarball, bucket, key, config=config, digest_cache=cache)
-    else:
-        if key.endswith(".tar.gz"):
-            raise ConfigError("--s3 names a .tar.gz object: add --format tar.gz, or give a prefix")
-        result = upload_directory(s3, archive_dir, bucket, key, delete=args.delete, config=config,
-                                  digest_cache=cache)
-    _report(result)
-    return 0
-
-
-def _archive(args) -> tuple[Path, str]:
-    """The archive folder to upload and a name for the default prefix."""
-    if args.archive:
-        if not (args.archive / "MAR-INF" / "MANIFEST.json").is_file():
-            raise ConfigError(f"{args.archive} is not a model archive folder (no MAR-INF/MANIFEST.json)")
-        return args.archive.resolve(), args.archive.resolve().name
-    from llava_sessions import models
-    from llava_sessions.cli import _build_archive
-
-    model_dir = models.resolve_model(args.model)
-    archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
-    print(f"archive: {archive}", file=sys.stderr)
-    return archive, model_dir.name
-
-
-def _report(result: UploadResult) -> None:
-    if result.uploaded:
-        print(f"uploaded {len(result.uploaded)} file(s) ({human_bytes(result.bytes_uploaded)}), "
-              f"{len(result.skipped)} unchanged")
-    else:
-        print(f"nothing to upload: all {len(result.skipped)} file(s) already in S3 and unchanged")
-    if result.deleted:
-        print(f"deleted {len(result.deleted)} stale object(s)")
-    print(f"model data: {result.uri}")
-    print(f"ModelDataSource: {json.dumps(result.model_data_source)}")
-    print(f"next: llava-sessions deploy --name NAME --image IMAGE_URI --model-data {result.uri}")

@@ -10,7 +10,7 @@
         for piece in chat.stream("And the colours?"):
             print(piece, end="", flush=True)
 
-What it does on the wire (README "Talking to it", NOTES §1):
+What it does on the wire (README "Talking to it"; llava_sessions/wire.py holds the rules):
 
 - ``open`` sends ``{"requestType": "NEW_SESSION", "images": [...]}`` through ``invoke_endpoint``
   with ``SessionId="NEW_SESSION"`` and reads ``NewSessionId`` (``<id>; Expires=<UTC time>``).
@@ -42,6 +42,7 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -52,14 +53,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-NEW_SESSION = "NEW_SESSION"
+from llava_sessions import wire
+from llava_sessions.errors import SessionsError
+from llava_sessions.wire import CLOSE, NEW_SESSION
 
 # SageMaker's InvokeEndpoint payload limit is 6 MB. The JSON body is kept under this
 # many bytes (headers and rounding get the rest); larger images go through S3.
 DEFAULT_MAX_BODY_BYTES = 5_500_000
 
-_SESSION_ID = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
-_EXPIRES = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _SESSION_LOST_HINT = re.compile(r"expired|invalid|not found|does not exist|unknown|no longer|closed", re.IGNORECASE)
 _REMOTE_PREFIXES = ("s3://", "https://", "http://")
 
@@ -67,8 +68,17 @@ _REMOTE_PREFIXES = ("s3://", "https://", "http://")
 # --- errors --------------------------------------------------------------------
 
 
-class SessionError(Exception):
-    """An error from the endpoint (or about the session), with the container's stable code.
+log = logging.getLogger(__name__)
+
+
+def _short_id(session_id: str | None) -> str:
+    """Enough of a session id to follow it in a log, not enough to use it."""
+    return "none" if session_id is None else session_id[:12] + "..."
+
+
+class SessionError(SessionsError):
+    """An error from the endpoint (or about the session), with the container's stable code: the
+    client's kind of the server's ``SessionsError`` (``except SessionsError`` catches both).
 
     ``code`` is the container's code (``SESSION_NOT_FOUND``, ``INVALID_IMAGE``, ... see the
     README's table) when the container answered; otherwise a code of the client's own
@@ -79,10 +89,10 @@ class SessionError(Exception):
     """
 
     def __init__(self, code: str, status: int | None, message: str, *, aws_code: str | None = None):
-        super().__init__(f"{code}" + (f" ({status})" if status is not None else "") + f": {message}")
+        super().__init__(message)
+        self.args = (f"{code}" + (f" ({status})" if status is not None else "") + f": {message}",)
         self.code = code
         self.status = status
-        self.message = message
         self.aws_code = aws_code
 
 
@@ -154,79 +164,39 @@ def _is_session_lost(error: SessionError) -> bool:
 def parse_new_session_id(value: Any) -> tuple[str, datetime | None]:
     """``<id>; Expires=YYYY-MM-DDTHH:MM:SSZ`` -> (id, expiry as an aware UTC datetime).
 
-    A bare id (no attributes) is accepted with no expiry; anything else ill-formed is a
-    SessionError ``BAD_RESPONSE``.
+    Read by ``wire.parse_session_header``. A bare id (no attributes) is accepted with no expiry;
+    anything else ill-formed is a SessionError ``BAD_RESPONSE``.
     """
     if not isinstance(value, str) or not value.strip():
         raise SessionError(
             "BAD_RESPONSE", None,
-            "the endpoint opened no session: its answer has no NewSessionId "
-            "(X-Amzn-SageMaker-New-Session-Id). Is it a stateful-session container?",
+            f"the endpoint opened no session: its answer has no NewSessionId "
+            f"({wire.NEW_SESSION_HEADER}). Is it a stateful-session container?",
         )
-    head, *attributes = [part.strip() for part in value.split(";")]
-    if not _SESSION_ID.match(head) or len(head) > 256:
-        raise SessionError("BAD_RESPONSE", None, f"NewSessionId {value[:80]!r} does not start with a valid session id")
-    expires = None
-    for attribute in attributes:
-        name, sep, text = attribute.partition("=")
-        if not sep:
-            raise SessionError("BAD_RESPONSE", None, f"NewSessionId {value[:80]!r}: attribute {attribute!r} is not name=value")
-        if name.strip().lower() == "expires":
-            text = text.strip()
-            if not _EXPIRES.match(text):
-                raise SessionError(
-                    "BAD_RESPONSE", None,
-                    f"NewSessionId {value[:80]!r}: Expires must be YYYY-MM-DDTHH:MM:SSZ (UTC)",
-                )
-            try:
-                expires = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-            except ValueError:
-                raise SessionError("BAD_RESPONSE", None, f"NewSessionId {value[:80]!r}: Expires is not a date") from None
-    return head, expires
+    if wire.is_valid_session_id(value.strip()):
+        return value.strip(), None
+    parsed = wire.parse_session_header(value)
+    if parsed is None:
+        raise SessionError(
+            "BAD_RESPONSE", None,
+            f"NewSessionId {value[:80]!r} is not '<session id>; Expires=YYYY-MM-DDTHH:MM:SSZ' "
+            "(a valid session id, then its expiry in UTC)",
+        )
+    return parsed[0], datetime.fromtimestamp(parsed[1], UTC)
 
 
 # --- TGI event stream --------------------------------------------------------------
 
 
 def iter_events(chunks: Iterable[bytes]) -> Iterator[dict]:
-    """TGI's server-sent events (``data:<json>`` lines) out of byte chunks split anywhere.
+    """TGI's server-sent events out of byte chunks split anywhere (``wire.iter_events``).
 
-    Blank lines, comments (``:...``) and other SSE fields (``event:``, ``id:``) are skipped.
     A ``data:`` line that is not a JSON object is a SessionError ``BAD_RESPONSE``.
     """
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        start = 0
-        while True:
-            newline = buffer.find(b"\n", start)
-            if newline < 0:
-                break
-            event = _parse_line(bytes(buffer[start:newline]))
-            start = newline + 1
-            if event is not None:
-                yield event
-        del buffer[:start]
-    if buffer.strip():
-        event = _parse_line(bytes(buffer))
-        if event is not None:
-            yield event
-
-
-def _parse_line(line: bytes) -> dict | None:
-    line = line.rstrip(b"\r")
-    if not line.startswith(b"data:"):
-        return None  # blank line, comment or another SSE field
-    payload = line[5:]
-    if payload.startswith(b" "):
-        payload = payload[1:]
     try:
-        event = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise SessionError("BAD_RESPONSE", None, f"the stream sent an event that is not JSON: {payload[:80]!r}") from None
-    if not isinstance(event, dict):
-        raise SessionError("BAD_RESPONSE", None, f"the stream sent an event that is not a JSON object: {payload[:80]!r}")
-    return event
+        yield from wire.iter_events(chunks)
+    except wire.MalformedEvent as exc:
+        raise SessionError("BAD_RESPONSE", None, str(exc)) from None
 
 
 def payload_chunks(body: Iterable[Mapping[str, Any]]) -> Iterator[bytes]:
@@ -428,7 +398,7 @@ def _content_parts(content: Any, index: int) -> tuple[list[str], list[_Image]]:
 
 
 @dataclass
-class Turn:
+class TurnRecord:
     """One turn of the conversation as the client keeps it for replay."""
 
     prompt: str
@@ -565,7 +535,7 @@ class SessionClient:
         from botocore.exceptions import ClientError
 
         kwargs = self._invoke_kwargs(body, session_id)
-        kwargs["Accept"] = "text/event-stream"
+        kwargs["Accept"] = wire.EVENT_CONTENT_TYPE
         try:
             return self.runtime.invoke_endpoint_with_response_stream(**kwargs)
         except ClientError as exc:
@@ -616,7 +586,7 @@ class Session:
         self.params = params
         self.id: str | None = None
         self.expires_at: datetime | None = None
-        self.history: list[Turn] = []
+        self.history: list[TurnRecord] = []
         self.reopened = 0
         self.divergences: list[Divergence] = []
         self.last_reopen_reason: str | None = None
@@ -631,7 +601,7 @@ class Session:
         self._active_stream: TurnStream | None = None
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"expires {self.expires_at:%Y-%m-%dT%H:%M:%SZ}" if self.expires_at else "open"
+        state = "closed" if self.closed else f"expires {self.expires_at:{wire.EXPIRES_FORMAT}}" if self.expires_at else "open"
         return f"<Session {self.id} on {self.client.endpoint_name}: {len(self.history)} turns, {state}>"
 
     def __enter__(self) -> Session:
@@ -704,7 +674,7 @@ class Session:
         try:
             if self.id is not None:
                 try:
-                    response = self.client._invoke({"requestType": "CLOSE"}, self.id)
+                    response = self.client._invoke({"requestType": CLOSE}, self.id)
                 except SessionError as error:
                     if _is_session_lost(error):
                         return  # gone already (expired, instance replaced): closed all the same
@@ -839,10 +809,10 @@ class Session:
             body["stream"] = True
         return body
 
-    def _new_turn(self, prompt: str, images: list[_Image], params: dict) -> Turn:
+    def _new_turn(self, prompt: str, images: list[_Image], params: dict) -> TurnRecord:
         overhead = len(json.dumps(self._turn_body(prompt, (), params, stream=True)).encode("utf-8")) + 16
         refs = self._refs(images, overhead) if images else ()
-        return Turn(prompt=prompt, images=refs, image_keys=tuple(i.key for i in images), params=dict(params))
+        return TurnRecord(prompt=prompt, images=refs, image_keys=tuple(i.key for i in images), params=dict(params))
 
     def _ask_turn(self, prompt: str, images: list[_Image], params: dict, expected: str | None = None) -> str:
         turn = self._new_turn(prompt, images, params)
@@ -926,11 +896,13 @@ class Session:
             half_built, self.id, self.expires_at = self.id, None, None  # the next turn tries again
             if half_built is not None:
                 try:
-                    self.client._invoke({"requestType": "CLOSE"}, half_built)
+                    self.client._invoke({"requestType": CLOSE}, half_built)
                 except Exception:
                     pass
             raise
         self.reopened += 1
+        log.info("session lost (%s); reopened as %s and replayed %d turn(s)", reason, _short_id(self.id),
+                 len(self.history))
 
     def _replay(self) -> None:
         for index, turn in enumerate(self.history):
@@ -1000,8 +972,9 @@ class TurnStream:
                 if not self._yielded and _is_session_lost(error) and self._restart(error):
                     continue
                 self._fail(error)
-            if "error" in event:
-                error = SessionError(str(event.get("error_type") or "INTERNAL_ERROR"), None, str(event["error"]))
+            failure = wire.event_error(event)
+            if failure is not None:
+                error = SessionError(failure[0], None, failure[1])
                 if not self._yielded and _is_session_lost(error) and self._restart(error):
                     continue
                 self._fail(error)

@@ -7,6 +7,12 @@ identical names, which is what makes ``deploy`` idempotent, and new inputs
 give new names, so ``update`` builds the next Model and config beside the
 ones in service, rolls the endpoint to them, then deletes the old pair.
 
+Each command is first worked out as Steps, with read-only calls only (describe
+and list): the list of AWS calls that change something, each with its
+arguments, and the waits between them. ``--dry-run`` prints the Steps; the
+real run makes exactly those calls in order. When one fails, the error names
+what the run created and left behind, and the command that removes it.
+
 The container's environment (read by the container entrypoint and by
 ``ServingConfig``, which takes ``LLAVA_SESSIONS_<FIELD>`` overrides):
 
@@ -24,7 +30,6 @@ Torch-free; boto3 is reached only through the clients handed in.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llava_sessions.deploy import aws
 from llava_sessions.deploy.progress import StatusTicker, human_seconds
 
 from llava_sessions.errors import ConfigError
@@ -233,9 +237,179 @@ def _missing(exc) -> bool:
     )
 
 
+# --- the plan: every call that changes something, worked out before the first one -------------
+
+
+def _api_name(operation: str) -> str:
+    """boto3's method name -> the API's: create_endpoint_config -> CreateEndpointConfig."""
+    return "".join(part.capitalize() for part in operation.split("_"))
+
+
+@dataclass
+class Call:
+    """One AWS call that changes something, with the arguments it will be made with.
+
+    ``creates`` and ``removes`` name the resource it brings into being or deletes
+    ("model chat-model-1a2b3c4d"): what a run says it will delete, and what it
+    says it left behind when a later step fails.
+    """
+
+    service: str  # "sagemaker" or "application-autoscaling": the client that makes it
+    operation: str  # that client's method, e.g. "create_model"
+    params: dict[str, Any]
+    why: str
+    shown: tuple[str, ...] = ()  # the key arguments, "Key=value", a line each, for the plan
+    creates: str = ""
+    removes: str = ""
+    done: str = ""  # said (stderr) once it succeeded
+
+    def lines(self) -> list[str]:
+        head, *rest = self.shown or ("",)
+        return [f"aws {self.service} {_api_name(self.operation)} {head}".rstrip()] + [f"    {line}" for line in rest]
+
+
+@dataclass
+class Wait:
+    """Poll describe_endpoint (read-only) until the endpoint is InService, or gone."""
+
+    endpoint: str
+    until: str  # "InService" or "gone"
+    why: str
+    config: str | None = None  # InService on this config, else the update was rolled back
+
+    def lines(self) -> list[str]:
+        goal = "it is gone" if self.until == "gone" else "InService" + (f" on {self.config}" if self.config else "")
+        return [f"aws sagemaker DescribeEndpoint EndpointName={self.endpoint}   (read-only, repeated until {goal})"]
+
+
+Step = Call | Wait
+
+
+@dataclass
+class Steps:
+    """What a deploy, update or teardown will do, worked out with read-only calls only.
+
+    ``--dry-run`` prints it (``format``); the real run makes its calls in order
+    (``Lifecycle.run``), so what the dry run shows is what runs.
+    """
+
+    command: str  # "deploy", "update" or "teardown"
+    endpoint: str
+    steps: list[Step] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)  # what the look-ups found (said before the run)
+    ahead: list[str] = field(default_factory=list)  # what the run will create or delete (said before it)
+    done: list[str] = field(default_factory=list)  # said (stdout) once every step ran
+    running: str = ""  # update: the endpoint config in service before the run
+    restore: str = ""  # update: the options that register lifted autoscaling again
+
+    def calls(self) -> list[Call]:
+        return [s for s in self.steps if isinstance(s, Call)]
+
+    def format(self) -> str:
+        """The dry run's report, laid out as ``image push --dry-run``'s."""
+        from llava_sessions.deploy.image import format_plan
+
+        lines = [f"llava-sessions {self.command} --dry-run: nothing changes. The plan:"]
+        if self.found:
+            lines.append(f"(read-only look-ups made for it: {'; '.join(self.found)})")
+        if self.steps:
+            lines.append(format_plan(self.steps))
+            lines += self.ahead
+        else:
+            lines += self.done[:1] or ["nothing to do"]
+        return "\n".join(lines)
+
+    def left_behind(self, ran: int) -> str:
+        """The first ``ran`` steps succeeded and the next one failed: what this run left, and how to remove it."""
+        done, pending = self.steps[:ran], [s for s in self.steps[ran:] if isinstance(s, Call)]
+        made = [s.creates for s in done if isinstance(s, Call) and s.creates]
+        name = self.endpoint
+        teardown = f"`llava-sessions teardown --name {name}`"
+        lines = []
+        if self.command == "deploy":
+            creates_endpoint = any(s.operation == "create_endpoint" for s in self.calls())
+            if made and creates_endpoint:
+                lines.append(f"left behind by this run: {', '.join(made)}")
+                lines.append(f"remove them with {teardown}, or fix the cause and run the same deploy again "
+                             "(it reuses them)")
+            elif pending and not creates_endpoint:  # the endpoint was there before: keep it
+                lines.append(f"endpoint {name} was there before this run and stays; not done: {'; '.join(s.why for s in pending)}. "
+                             "Run the same deploy again to finish")
+        elif self.command == "update":
+            switched = next((s.config for s in done if isinstance(s, Wait) and s.config), None)
+            if switched:
+                lines.append(f"endpoint {name} runs {switched} now; not done: {'; '.join(s.why for s in pending)}")
+                lines.append(f"run the same `llava-sessions update --name {name}` again to finish "
+                             "(it deletes the old configs and models)")
+            elif made:
+                lines.append(f"left behind by this run: {', '.join(made)} (endpoint {name} still runs {self.running})")
+                lines.append(f"the next `llava-sessions update --name {name}` that succeeds deletes them (it deletes "
+                             f"every config and model of {name} that the endpoint does not run); {teardown} "
+                             "deletes them with the endpoint")
+            ops = [s.operation for s in done if isinstance(s, Call)]
+            if "deregister_scalable_target" in ops and "register_scalable_target" not in ops:
+                lines.append(f"autoscaling of {name} was deregistered for the instance type change and is not "
+                             f"registered again: {self.restore}")
+        else:
+            left = list(dict.fromkeys(s.removes for s in pending if s.removes))
+            if left:
+                lines.append(f"not deleted yet: {', '.join(left)}; run {teardown} again to finish")
+        return "\n".join(lines)
+
+
+def _model_call(plan: Plan) -> Call:
+    container = plan.model.container()
+    data = (f"ModelDataUrl={plan.model.model_data}" if "ModelDataUrl" in container
+            else f"ModelDataSource={plan.model.model_data} (S3Prefix, CompressionType None)")
+    shown = [f"ModelName={plan.model_name}", f"Image={plan.model.image}", data,
+             f"ExecutionRoleArn={plan.model.role}"]
+    if plan.model.environment:
+        shown.append(f"Environment={json.dumps(container['Environment'])}")
+    return Call("sagemaker", "create_model",
+                {"ModelName": plan.model_name, "PrimaryContainer": container,
+                 "ExecutionRoleArn": plan.model.role, "Tags": _tags(plan.endpoint)},
+                why=f"create the model {plan.model_name}", shown=tuple(shown),
+                creates=f"model {plan.model_name}", done=f"created model {plan.model_name}")
+
+
+def _config_call(plan: Plan) -> Call:
+    v = plan.variant
+    shown = (f"EndpointConfigName={plan.config_name}",
+             f"VariantName={VARIANT} ModelName={plan.model_name}",
+             f"InstanceType={v.instance_type} InitialInstanceCount={v.instance_count}",
+             f"RoutingStrategy={v.routing}",
+             f"ModelDataDownloadTimeoutInSeconds={v.download_timeout_s} "
+             f"ContainerStartupHealthCheckTimeoutInSeconds={v.startup_timeout_s}")
+    return Call("sagemaker", "create_endpoint_config", plan.endpoint_config(),
+                why=f"create the endpoint config {plan.config_name}", shown=shown,
+                creates=f"config {plan.config_name}", done=f"created endpoint config {plan.config_name}")
+
+
+def _delete_call(kind: str, name: str, why: str) -> Call:
+    operation, key = {"endpoint": ("delete_endpoint", "EndpointName"),
+                      "config": ("delete_endpoint_config", "EndpointConfigName"),
+                      "model": ("delete_model", "ModelName")}[kind]
+    return Call("sagemaker", operation, {key: name}, why=why, shown=(f"{key}={name}",), removes=f"{kind} {name}")
+
+
+def _autoscaling_hint(endpoint: str, target: dict, policies: list[dict]) -> str:
+    """The update options that register ``target`` and its (our) policy again."""
+    options = f"--autoscale-min {target['MinCapacity']} --autoscale-max {target['MaxCapacity']}"
+    ours = next((p for p in policies if p["PolicyName"] == POLICY_NAME), None)
+    value = (ours or {}).get("TargetTrackingScalingPolicyConfiguration", {}).get("TargetValue")
+    if value is not None:
+        options += f" --autoscale-target {value:g}"
+    return f"`llava-sessions update --name {endpoint} {options}` registers it again"
+
+
 @dataclass
 class Lifecycle:
-    """deploy / update / teardown over a sagemaker and an application-autoscaling client."""
+    """deploy / update / teardown over a sagemaker and an application-autoscaling client.
+
+    ``plan_deploy`` / ``plan_update`` / ``plan_teardown`` make read-only calls
+    only and return the Steps; ``run`` makes them. ``deploy`` / ``update`` /
+    ``teardown`` do both.
+    """
 
     sm: Any
     autoscaling: Any
@@ -273,135 +447,201 @@ class Lifecycle:
     def note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
-    # -- deploy --
+    # -- the three commands --
 
     def deploy(self, plan: Plan, *, wait: bool = True) -> None:
-        current = self.endpoint(plan.endpoint)
+        self.run(self.plan_deploy(plan, wait=wait))
+
+    def update(self, plan: Plan, *, wait: bool = True) -> None:
+        self.run(self.plan_update(plan, wait=wait))
+
+    def teardown(self, name: str, *, keep_model: bool = False, wait: bool = True) -> None:
+        self.run(self.plan_teardown(name, keep_model=keep_model, wait=wait))
+
+    # -- running the steps --
+
+    def run(self, steps: Steps) -> None:
+        """Make the steps' calls in order. When one fails, the error names what this run left behind."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for line in steps.found + steps.ahead:
+            self.note(line)
+        ran = 0
+        try:
+            for step in steps.steps:
+                if isinstance(step, Wait):
+                    self._wait_for(step)
+                else:
+                    client = self.sm if step.service == "sagemaker" else self.autoscaling
+                    getattr(client, step.operation)(**step.params)
+                    if step.done:
+                        self.note(step.done)
+                ran += 1
+        except (DeployError, ClientError, BotoCoreError) as exc:
+            report = steps.left_behind(ran)
+            if not report:
+                raise
+            text = str(exc) if isinstance(exc, DeployError) else f"AWS refused: {exc}"
+            raise DeployError(f"{text}\n{report}") from exc
+        except KeyboardInterrupt:
+            report = steps.left_behind(ran)
+            if report:
+                self.note(f"interrupted. {report}")
+            raise
+        for line in steps.done:
+            self.say(line)
+
+    def _wait_for(self, step: Wait) -> None:
+        after = self.wait(step.endpoint, step.until) or {}
+        if step.config and after.get("EndpointConfigName") != step.config:
+            raise DeployError(
+                f"the update of {step.endpoint} was rolled back to {after.get('EndpointConfigName')}: "
+                f"{after.get('FailureReason', 'no reason given')}"
+            )
+
+    # -- deploy --
+
+    def plan_deploy(self, plan: Plan, *, wait: bool = True) -> Steps:
+        name = plan.endpoint
+        steps = Steps("deploy", name)
+        current = self.endpoint(name)
         if current is None:
-            self._create_model(plan)
-            self._create_config(plan)
-            self.sm.create_endpoint(EndpointName=plan.endpoint, EndpointConfigName=plan.config_name,
-                                    Tags=_tags(plan.endpoint))
-            self.note(f"creating endpoint {plan.endpoint} ({plan.variant.instance_count} x "
-                      f"{plan.variant.instance_type}); this usually takes 5-15 minutes")
-            self._finish(plan, wait, "created")
-            return
+            steps.found.append(f"no endpoint {name} yet")
+            steps.steps += self._model_and_config(plan, steps)
+            v = plan.variant
+            steps.steps.append(Call(
+                "sagemaker", "create_endpoint",
+                {"EndpointName": name, "EndpointConfigName": plan.config_name, "Tags": _tags(name)},
+                why=f"create the endpoint {name}", shown=(f"EndpointName={name} EndpointConfigName={plan.config_name}",),
+                creates=f"endpoint {name}",
+                done=f"creating endpoint {name} ({v.instance_count} x {v.instance_type}); "
+                     "this usually takes 5-15 minutes"))
+            self._then(plan, wait, steps, "created")
+            steps.ahead.append(f"this deploy creates: {', '.join(c.creates for c in steps.calls() if c.creates)}; "
+                               f"`llava-sessions teardown --name {name}` removes them all")
+            return steps
         if current["EndpointConfigName"] != plan.config_name:
             raise ConfigError(
-                f"endpoint {plan.endpoint} already exists with config {current['EndpointConfigName']}, "
+                f"endpoint {name} already exists with config {current['EndpointConfigName']}, "
                 f"but these options make {plan.config_name} (another model, image or settings). Roll it "
                 "over with `llava-sessions update` and the same options, or `teardown` it first"
             )
         status = current["EndpointStatus"]
         if status == "Failed":
             raise DeployError(
-                f"endpoint {plan.endpoint} failed: {current.get('FailureReason', 'no reason given')}. "
-                f"Fix the cause, run `llava-sessions teardown --name {plan.endpoint}`, then deploy again"
+                f"endpoint {name} failed: {current.get('FailureReason', 'no reason given')}. "
+                f"Fix the cause, run `llava-sessions teardown --name {name}` (it deletes the endpoint, "
+                f"its config {current['EndpointConfigName']} and its model), then deploy again"
             )
         if status in IN_PROGRESS:
-            self.note(f"endpoint {plan.endpoint} with this config is already {status}")
-            self._finish(plan, wait, "ready")
-            return
+            steps.found.append(f"endpoint {name} with this config is already {status}")
+            self._then(plan, wait, steps, "ready")
+            return steps
         if status != "InService":
-            raise DeployError(f"endpoint {plan.endpoint} is {status}; wait for it, or tear it down first")
-        if plan.autoscale and self.apply_autoscaling(plan.endpoint, plan.autoscale):
-            self.say(f"endpoint {plan.endpoint} already InService with this config; autoscaling updated")
-        else:
-            self.say(f"endpoint {plan.endpoint} already InService with this model and config: nothing to do")
-
-    def _finish(self, plan: Plan, wait: bool, verb: str) -> None:
-        if not wait:
-            self.say(f"endpoint {plan.endpoint}: {verb} without waiting (model {plan.model_name}, "
-                     f"config {plan.config_name}); run deploy again to wait for it"
-                     + (" and to apply autoscaling" if plan.autoscale else ""))
-            return
-        self.wait(plan.endpoint, "InService")
+            raise DeployError(f"endpoint {name} is {status}; wait for it, or tear it down first")
+        steps.found.append(f"endpoint {name} is InService with this config")
         if plan.autoscale:
-            self.apply_autoscaling(plan.endpoint, plan.autoscale)
-        self.say(f"endpoint {plan.endpoint} is InService (model {plan.model_name}, config {plan.config_name})")
-        self.say(f"try it: llava-sessions chat --endpoint {plan.endpoint} --image picture.png")
+            steps.steps += self._autoscaling_calls(name, plan.autoscale)
+        steps.done.append(f"endpoint {name} already InService with this config; autoscaling updated" if steps.steps
+                          else f"endpoint {name} already InService with this model and config: nothing to do")
+        return steps
 
-    def _create_model(self, plan: Plan) -> None:
+    def _then(self, plan: Plan, wait: bool, steps: Steps, verb: str) -> None:
+        if not wait:
+            steps.done.append(f"endpoint {plan.endpoint}: {verb} without waiting (model {plan.model_name}, "
+                              f"config {plan.config_name}); run deploy again to wait for it"
+                              + (" and to apply autoscaling" if plan.autoscale else ""))
+            return
+        steps.steps.append(Wait(plan.endpoint, "InService", f"wait until endpoint {plan.endpoint} is InService"))
+        if plan.autoscale:
+            steps.steps += self._autoscaling_calls(plan.endpoint, plan.autoscale)
+        steps.done += [f"endpoint {plan.endpoint} is InService (model {plan.model_name}, config {plan.config_name})",
+                       f"try it: llava-sessions chat --endpoint {plan.endpoint} --image picture.png"]
+
+    def _model_and_config(self, plan: Plan, steps: Steps) -> list[Call]:
+        calls = []
         if self.model(plan.model_name) is not None:
-            self.note(f"model {plan.model_name} exists")
-            return
-        self.sm.create_model(ModelName=plan.model_name, PrimaryContainer=plan.model.container(),
-                             ExecutionRoleArn=plan.model.role, Tags=_tags(plan.endpoint))
-        self.note(f"created model {plan.model_name}")
-
-    def _create_config(self, plan: Plan) -> None:
+            steps.found.append(f"model {plan.model_name} exists: reused")
+        else:
+            calls.append(_model_call(plan))
         if self.endpoint_config(plan.config_name) is not None:
-            self.note(f"endpoint config {plan.config_name} exists")
-            return
-        self.sm.create_endpoint_config(**plan.endpoint_config())
-        self.note(f"created endpoint config {plan.config_name}")
+            steps.found.append(f"endpoint config {plan.config_name} exists: reused")
+        else:
+            calls.append(_config_call(plan))
+        return calls
 
     # -- update --
 
-    def update(self, plan: Plan, *, wait: bool = True) -> None:
-        current = self.endpoint(plan.endpoint)
+    def plan_update(self, plan: Plan, *, wait: bool = True) -> Steps:
+        name = plan.endpoint
+        current = self.endpoint(name)
         if current is None:
-            raise ConfigError(f"no endpoint {plan.endpoint}: create it with `llava-sessions deploy`")
+            raise ConfigError(f"no endpoint {name}: create it with `llava-sessions deploy`")
         old_config_name = current["EndpointConfigName"]
+        steps = Steps("update", name, running=old_config_name)
+        steps.found.append(f"endpoint {name} runs config {old_config_name} ({current['EndpointStatus']})")
+        prune = self._prune_calls(name, keep_config=plan.config_name, keep_models={plan.model_name})
+        pruned = [c.removes for c in prune]
         if old_config_name == plan.config_name:
             if current["EndpointStatus"] in IN_PROGRESS and wait:
-                self.wait(plan.endpoint, "InService")
-            changed = bool(plan.autoscale) and self.apply_autoscaling(plan.endpoint, plan.autoscale)
-            pruned = self.prune(plan.endpoint, keep_config=plan.config_name, keep_models={plan.model_name})
-            self.say(f"endpoint {plan.endpoint} already runs config {plan.config_name}: "
-                     + ("autoscaling updated" if changed else "nothing to update")
-                     + (f"; removed {len(pruned)} unused old resource(s)" if pruned else ""))
-            return
+                steps.steps.append(Wait(name, "InService", f"wait until endpoint {name} is InService"))
+            changes = self._autoscaling_calls(name, plan.autoscale) if plan.autoscale else []
+            steps.steps += changes + prune
+            if pruned:
+                steps.ahead.append(f"this update deletes the unused {', '.join(pruned)}")
+            steps.done.append(f"endpoint {name} already runs config {plan.config_name}: "
+                              + ("autoscaling updated" if changes else "nothing to update")
+                              + (f"; removed {len(pruned)} unused old resource(s)" if pruned else ""))
+            return steps
         if current["EndpointStatus"] != "InService":
-            raise DeployError(f"endpoint {plan.endpoint} is {current['EndpointStatus']}; only an InService "
+            raise DeployError(f"endpoint {name} is {current['EndpointStatus']}; only an InService "
                               "endpoint can be updated")
         old_config = self.endpoint_config(old_config_name) or {"ProductionVariants": []}
         old_types = {v.get("InstanceType") for v in old_config["ProductionVariants"]}
         type_changes = bool(old_types - {plan.variant.instance_type})
 
-        self._create_model(plan)
-        self._create_config(plan)
+        steps.steps += self._model_and_config(plan, steps)
         # Autoscaling blocks an update that changes the instance type: lift it for the update.
-        target, policies = self.autoscaling_state(plan.endpoint)
+        target, policies = self.autoscaling_state(name)
         lifted = bool(target) and type_changes
         if lifted:
-            self.note("autoscaling is registered and the instance type changes: deregistering it for the update")
-            self.remove_autoscaling(plan.endpoint)
-        self.sm.update_endpoint(EndpointName=plan.endpoint, EndpointConfigName=plan.config_name,
-                                # keep the autoscaled instance count when the scalable target stays
-                                RetainAllVariantProperties=bool(target) and not lifted)
-        self.note(f"updating endpoint {plan.endpoint}: {old_config_name} -> {plan.config_name}")
+            steps.ahead.append("autoscaling is registered and the instance type changes: it is deregistered for "
+                               "the update" + ("" if plan.autoscale else " and registered again afterwards"))
+            steps.steps += self._unregister_calls(name, VARIANT, target, policies, "autoscaling")
+            steps.restore = _autoscaling_hint(name, target, policies)
+        retain = bool(target) and not lifted  # keep the autoscaled instance count when the scalable target stays
+        steps.steps.append(Call(
+            "sagemaker", "update_endpoint",
+            {"EndpointName": name, "EndpointConfigName": plan.config_name, "RetainAllVariantProperties": retain},
+            why=f"roll endpoint {name} from {old_config_name} to {plan.config_name}",
+            shown=(f"EndpointName={name} EndpointConfigName={plan.config_name} RetainAllVariantProperties={retain}",),
+            done=f"updating endpoint {name}: {old_config_name} -> {plan.config_name}"))
         if not wait:
-            self.say(f"endpoint {plan.endpoint}: update started; run update again with the same options "
-                     "to wait, re-apply autoscaling and delete the old config and model")
-            return
-        self.wait(plan.endpoint, "InService")
-        after = self.endpoint(plan.endpoint) or {}
-        if after.get("EndpointConfigName") != plan.config_name:
-            raise DeployError(
-                f"the update of {plan.endpoint} was rolled back to {after.get('EndpointConfigName')}: "
-                f"{after.get('FailureReason', 'no reason given')}"
-            )
+            steps.done.append(f"endpoint {name}: update started; run update again with the same options "
+                              "to wait, re-apply autoscaling and delete the old "
+                              + (", ".join(pruned) if pruned else "config and model"))
+            return steps
+        steps.steps.append(Wait(name, "InService", f"wait until endpoint {name} is InService on {plan.config_name}",
+                                config=plan.config_name))
         if plan.autoscale:
-            self.apply_autoscaling(plan.endpoint, plan.autoscale)
+            steps.steps += self._autoscaling_calls(name, plan.autoscale, (None, []) if lifted else (target, policies))
         elif lifted:
-            self._restore_autoscaling(plan.endpoint, target, policies)
-        pruned = self.prune(plan.endpoint, keep_config=plan.config_name, keep_models={plan.model_name})
-        self.say(f"endpoint {plan.endpoint} is InService on config {plan.config_name}"
-                 + (f"; deleted the old {', '.join(pruned)}" if pruned else ""))
+            steps.steps += self._restore_calls(name, target, policies)
+        steps.steps += prune
+        if pruned:
+            steps.ahead.append(f"once endpoint {name} runs {plan.config_name}, this update deletes the old "
+                               f"{', '.join(pruned)}")
+        steps.done.append(f"endpoint {name} is InService on config {plan.config_name}"
+                          + (f"; deleted the old {', '.join(pruned)}" if pruned else ""))
+        return steps
 
-    def prune(self, endpoint: str, *, keep_config: str | None, keep_models: set[str]) -> list[str]:
-        """Delete this endpoint's configs and models (by our naming) other than the kept ones."""
-        deleted = []
-        for name in self._ours(endpoint, "config"):
-            if name != keep_config:
-                self.sm.delete_endpoint_config(EndpointConfigName=name)
-                deleted.append(f"config {name}")
-        for name in self._ours(endpoint, "model"):
-            if name not in keep_models:
-                self.sm.delete_model(ModelName=name)
-                deleted.append(f"model {name}")
-        return deleted
+    def _prune_calls(self, endpoint: str, *, keep_config: str | None, keep_models: set[str]) -> list[Call]:
+        """Deletions of this endpoint's configs and models (by our naming) other than the kept ones."""
+        calls = [_delete_call("config", n, f"delete the old endpoint config {n}")
+                 for n in self._ours(endpoint, "config") if n != keep_config]
+        calls += [_delete_call("model", n, f"delete the old model {n}")
+                  for n in self._ours(endpoint, "model") if n not in keep_models]
+        return calls
 
     def _ours(self, endpoint: str, kind: str) -> list[str]:
         pattern = re.compile(rf"^{re.escape(endpoint)}-{kind}-[0-9a-f]{{{HASH_LEN}}}$")
@@ -415,38 +655,46 @@ class Lifecycle:
 
     # -- teardown --
 
-    def teardown(self, name: str, *, keep_model: bool = False, wait: bool = True) -> None:
+    def plan_teardown(self, name: str, *, keep_model: bool = False, wait: bool = True) -> Steps:
+        steps = Steps("teardown", name)
         current = self.endpoint(name)
-        removed: list[str] = []
+        labels: list[str] = []
         configs: list[str] = []
         models: set[str] = set()
-        if current is not None:
+        if current is None:
+            steps.found.append(f"no endpoint {name}")
+        else:
+            steps.found.append(f"endpoint {name} is {current['EndpointStatus']}")
             variants = [v["VariantName"] for v in current.get("ProductionVariants", [])] or [VARIANT]
             for variant in variants:
-                if self.remove_autoscaling(name, variant):
-                    removed.append(f"autoscaling of {variant}")
+                target, policies = self.autoscaling_state(name, variant)
+                calls = self._unregister_calls(name, variant, target, policies, f"autoscaling of {variant}")
+                steps.steps += calls
+                labels += [f"autoscaling of {variant}"] if calls else []
             configs.append(current["EndpointConfigName"])
             config = self.endpoint_config(current["EndpointConfigName"])
             if config:
                 models.update(v["ModelName"] for v in config["ProductionVariants"])
             if current["EndpointStatus"] != "Deleting":
-                self.sm.delete_endpoint(EndpointName=name)
-            removed.append(f"endpoint {name}")
+                steps.steps.append(_delete_call("endpoint", name, f"delete the endpoint {name}"))
+            labels.append(f"endpoint {name}")
             if wait:
-                self.wait(name, "gone")
+                steps.steps.append(Wait(name, "gone", f"wait until endpoint {name} is gone"))
         for config_name in dict.fromkeys(configs + self._ours(name, "config")):
             if self.endpoint_config(config_name) is not None:
-                self.sm.delete_endpoint_config(EndpointConfigName=config_name)
-                removed.append(f"config {config_name}")
+                steps.steps.append(_delete_call("config", config_name, f"delete the endpoint config {config_name}"))
+                labels.append(f"config {config_name}")
         if not keep_model:
             for model_name in sorted(models | set(self._ours(name, "model"))):
                 if self.model(model_name) is not None:
-                    self.sm.delete_model(ModelName=model_name)
-                    removed.append(f"model {model_name}")
-        if removed:
-            self.say(f"deleted {', '.join(removed)}")
+                    steps.steps.append(_delete_call("model", model_name, f"delete the model {model_name}"))
+                    labels.append(f"model {model_name}")
+        if labels:
+            steps.ahead.append(f"this teardown deletes: {', '.join(labels)}")
+            steps.done.append(f"deleted {', '.join(labels)}")
         else:
-            self.say(f"nothing to tear down: no endpoint {name}, and none of its configs or models")
+            steps.done.append(f"nothing to tear down: no endpoint {name}, and none of its configs or models")
+        return steps
 
     # -- autoscaling --
 
@@ -460,9 +708,10 @@ class Lifecycle:
         )["ScalingPolicies"]
         return (targets[0] if targets else None), policies
 
-    def apply_autoscaling(self, endpoint: str, spec: AutoscaleSpec) -> bool:
-        """Register the target and its policy unless both already match; True when something changed."""
-        target, policies = self.autoscaling_state(endpoint)
+    def _autoscaling_calls(self, endpoint: str, spec: AutoscaleSpec,
+                           state: tuple[dict | None, list[dict]] | None = None) -> list[Call]:
+        """Register the target and put its policy, unless both already match (``state``, else looked up)."""
+        target, policies = state if state is not None else self.autoscaling_state(endpoint)
         policy = next((p for p in policies if p["PolicyName"] == POLICY_NAME), None)
         want = spec.policy_configuration()
         if (
@@ -471,51 +720,70 @@ class Lifecycle:
             and policy is not None
             and _same_policy(policy.get("TargetTrackingScalingPolicyConfiguration", {}), want)
         ):
-            return False
+            return []
         resource = _resource_id(endpoint, VARIANT)
-        self.autoscaling.register_scalable_target(
-            ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
-            MinCapacity=spec.min_capacity, MaxCapacity=spec.max_capacity,
-        )
-        self.autoscaling.put_scaling_policy(
-            PolicyName=POLICY_NAME, ServiceNamespace="sagemaker", ResourceId=resource,
-            ScalableDimension=SCALABLE_DIMENSION, PolicyType="TargetTrackingScaling",
-            TargetTrackingScalingPolicyConfiguration=want,
-        )
-        self.note(f"autoscaling {endpoint}: {spec.min_capacity}-{spec.max_capacity} instances, target "
-                  f"{spec.target_invocations:g} invocations per instance per minute")
-        return True
+        return [
+            Call("application-autoscaling", "register_scalable_target",
+                 {"ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": SCALABLE_DIMENSION,
+                  "MinCapacity": spec.min_capacity, "MaxCapacity": spec.max_capacity},
+                 why=f"register {resource} for autoscaling, {spec.min_capacity}-{spec.max_capacity} instances",
+                 shown=(f"ResourceId={resource} MinCapacity={spec.min_capacity} MaxCapacity={spec.max_capacity}",),
+                 creates="" if target else f"scalable target {resource}"),
+            Call("application-autoscaling", "put_scaling_policy",
+                 {"PolicyName": POLICY_NAME, "ServiceNamespace": "sagemaker", "ResourceId": resource,
+                  "ScalableDimension": SCALABLE_DIMENSION, "PolicyType": "TargetTrackingScaling",
+                  "TargetTrackingScalingPolicyConfiguration": want},
+                 why=f"put the target-tracking scaling policy {POLICY_NAME}",
+                 shown=(f"PolicyName={POLICY_NAME} ResourceId={resource} PolicyType=TargetTrackingScaling",
+                        f"TargetValue={want['TargetValue']:g} (SageMakerVariantInvocationsPerInstance) "
+                        f"ScaleInCooldown={want['ScaleInCooldown']} ScaleOutCooldown={want['ScaleOutCooldown']}"),
+                 creates="" if policy else f"scaling policy {POLICY_NAME}",
+                 done=f"autoscaling {endpoint}: {spec.min_capacity}-{spec.max_capacity} instances, target "
+                      f"{spec.target_invocations:g} invocations per instance per minute"),
+        ]
 
-    def remove_autoscaling(self, endpoint: str, variant: str = VARIANT) -> bool:
-        """Delete the variant's scaling policies and deregister it; False when none was registered."""
-        target, policies = self.autoscaling_state(endpoint, variant)
+    def _unregister_calls(self, endpoint: str, variant: str, target: dict | None, policies: list[dict],
+                          label: str) -> list[Call]:
+        """Delete the variant's scaling policies and deregister it; none when nothing is registered."""
         resource = _resource_id(endpoint, variant)
-        for policy in policies:
-            self.autoscaling.delete_scaling_policy(
-                PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker", ResourceId=resource,
-                ScalableDimension=SCALABLE_DIMENSION,
-            )
-        if target is None:
-            return bool(policies)
-        self.autoscaling.deregister_scalable_target(
-            ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION
-        )
-        return True
+        calls = [
+            Call("application-autoscaling", "delete_scaling_policy",
+                 {"PolicyName": p["PolicyName"], "ServiceNamespace": "sagemaker", "ResourceId": resource,
+                  "ScalableDimension": SCALABLE_DIMENSION},
+                 why=f"delete the scaling policy {p['PolicyName']} of {resource}",
+                 shown=(f"PolicyName={p['PolicyName']} ResourceId={resource}",), removes=label)
+            for p in policies
+        ]
+        if target is not None:
+            calls.append(Call("application-autoscaling", "deregister_scalable_target",
+                              {"ServiceNamespace": "sagemaker", "ResourceId": resource,
+                               "ScalableDimension": SCALABLE_DIMENSION},
+                              why=f"deregister {resource} from autoscaling", shown=(f"ResourceId={resource}",),
+                              removes=label))
+        return calls
 
-    def _restore_autoscaling(self, endpoint: str, target: dict, policies: list[dict]) -> None:
+    def _restore_calls(self, endpoint: str, target: dict, policies: list[dict]) -> list[Call]:
+        """Register ``target`` and put ``policies`` again, as they were before the update lifted them."""
         resource = _resource_id(endpoint, VARIANT)
-        self.autoscaling.register_scalable_target(
-            ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=SCALABLE_DIMENSION,
-            MinCapacity=target["MinCapacity"], MaxCapacity=target["MaxCapacity"],
-        )
+        calls = [Call("application-autoscaling", "register_scalable_target",
+                      {"ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": SCALABLE_DIMENSION,
+                       "MinCapacity": target["MinCapacity"], "MaxCapacity": target["MaxCapacity"]},
+                      why=f"register {resource} for autoscaling again, as before the update",
+                      shown=(f"ResourceId={resource} MinCapacity={target['MinCapacity']} "
+                             f"MaxCapacity={target['MaxCapacity']}",),
+                      done=f"autoscaling of {endpoint} registered again "
+                           f"({target['MinCapacity']}-{target['MaxCapacity']})")]
         for policy in policies:
             kwargs = {k: policy[k] for k in ("TargetTrackingScalingPolicyConfiguration",
                                              "StepScalingPolicyConfiguration") if k in policy}
-            self.autoscaling.put_scaling_policy(
-                PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker", ResourceId=resource,
-                ScalableDimension=SCALABLE_DIMENSION, PolicyType=policy["PolicyType"], **kwargs,
-            )
-        self.note(f"autoscaling of {endpoint} registered again ({target['MinCapacity']}-{target['MaxCapacity']})")
+            calls.append(Call("application-autoscaling", "put_scaling_policy",
+                              {"PolicyName": policy["PolicyName"], "ServiceNamespace": "sagemaker",
+                               "ResourceId": resource, "ScalableDimension": SCALABLE_DIMENSION,
+                               "PolicyType": policy["PolicyType"], **kwargs},
+                              why=f"put the scaling policy {policy['PolicyName']} again",
+                              shown=(f"PolicyName={policy['PolicyName']} ResourceId={resource} "
+                                     f"PolicyType={policy['PolicyType']}",)))
+        return calls
 
     # -- waiting --
 
@@ -579,6 +847,8 @@ def plan_from_args(args, current: dict | None = None, environ=os.environ) -> Pla
     image = args.image or container_now.get("Image")
     if not image:
         raise ConfigError("--image is required: the ECR image URI `llava-sessions image push` printed")
+    if args.image:
+        parse_ecr_image(args.image)
     model_data = args.model_data or _model_data_of(container_now)
     if not model_data:
         raise ConfigError("--model-data is required: the s3:// URI `llava-sessions upload` printed")
@@ -648,95 +918,10 @@ def _autoscale_from_args(args, instance_count: int) -> AutoscaleSpec | None:
 # --- the commands ----------------------------------------------------------------------------
 
 
-def register(commands) -> None:
-    from llava_sessions.deploy.artifacts import _aws_arguments
+def check_model_data_exists(s3, uri: str, err=None) -> str:
+    """Refuse a --model-data with nothing behind it before SageMaker spends minutes finding out.
 
-    deploy = commands.add_parser(
-        "deploy", help="create the SageMaker model, endpoint config and endpoint, and wait for it",
-        description="Create (or find already there) a SageMaker real-time endpoint serving the model "
-        "archive that `upload` put on S3 with the image `image push` built. Idempotent.",
-    )
-    _spec_arguments(deploy, update=False)
-    _aws_arguments(deploy)
-    deploy.set_defaults(run=cmd_deploy)
-
-    update = commands.add_parser(
-        "update", help="roll an endpoint to a new model or settings, then delete the old config and model",
-        description="Options not given keep the endpoint's current values.",
-    )
-    _spec_arguments(update, update=True)
-    _aws_arguments(update)
-    update.set_defaults(run=cmd_update)
-
-    teardown = commands.add_parser(
-        "teardown", help="delete an endpoint, its endpoint config and model, and its autoscaling")
-    teardown.add_argument("--name", required=True, help="endpoint name")
-    teardown.add_argument("--keep-model", action="store_true", help="keep the SageMaker model(s)")
-    _wait_arguments(teardown)
-    _aws_arguments(teardown)
-    teardown.set_defaults(run=cmd_teardown)
-
-
-def _spec_arguments(parser, *, update: bool) -> None:
-    keep = " (default: the current value)" if update else ""
-    parser.add_argument("--name", required=True, help="endpoint name")
-    parser.add_argument("--image", required=not update, help="container image URI in ECR" + keep)
-    parser.add_argument("--model-data", required=not update, metavar="S3_URI",
-                        help="s3://bucket/prefix/ from `upload`, or an s3://.../model.tar.gz" + keep)
-    parser.add_argument("--instance-type", help=f"default {DEFAULTS['instance_type']}" + keep)
-    parser.add_argument("--instance-count", type=int, help="initial instances (default 1)" + keep)
-    parser.add_argument("--role", help=f"execution role ARN (default: ${ENV_ROLE}, or the sagemaker SDK's "
-                                       "execution role when installed)" + keep)
-    parser.add_argument("--memory-budget-gb", type=float,
-                        help="GiB of device memory a worker's sessions may hold (default: automatic)")
-    parser.add_argument("--session-ttl", type=int, help="session life in seconds (default: the archive's)")
-    parser.add_argument("--download-timeout", type=int,
-                        help=f"seconds to copy the model in (default {DEFAULTS['download_timeout_s']}, max 3600)" + keep)
-    parser.add_argument("--startup-timeout", type=int,
-                        help=f"seconds for the container to pass /ping (default {DEFAULTS['startup_timeout_s']}, "
-                             "max 3600)" + keep)
-    parser.add_argument("--routing", choices=["LEAST_OUTSTANDING_REQUESTS", "RANDOM"],
-                        help="how new sessions are spread (default LEAST_OUTSTANDING_REQUESTS)" + keep)
-    parser.add_argument("--env", action="append", metavar="KEY=VALUE",
-                        help="extra container environment, e.g. LLAVA_SESSIONS_S3_ALLOWED_BUCKETS=my-images")
-    parser.add_argument("--autoscale-min", type=int, help="minimum instances (default: --instance-count)")
-    parser.add_argument("--autoscale-max", type=int, help="maximum instances; turns on target-tracking autoscaling")
-    parser.add_argument("--autoscale-target", type=float,
-                        help="invocations per instance per minute to aim for (default 30)")
-    _wait_arguments(parser)
-
-
-def _wait_arguments(parser) -> None:
-    parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
-                        help="wait for the endpoint, with progress (default: --wait)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait at most (default 3600)")
-    parser.add_argument("--poll", type=float, default=30, help=argparse.SUPPRESS)
-
-
-def lifecycle(args) -> Lifecycle:
-    return Lifecycle(
-        sm=aws.client("sagemaker", args.region, args.profile),
-        autoscaling=aws.client("application-autoscaling", args.region, args.profile),
-        poll_s=args.poll, timeout_s=args.timeout,
-    )
-
-
-def _run(action: Callable[[], None]) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        action()
-    except DeployError as exc:
-        print(f"llava-sessions: {exc}", file=sys.stderr)
-        return 1
-    except (ClientError, BotoCoreError) as exc:
-        print(f"llava-sessions: AWS refused: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def check_model_data_exists(s3, uri: str, err=None) -> None:
-    """Refuse a --model-data with nothing behind it before SageMaker spends minutes finding out."""
+    Returns what it found, for a dry run to show."""
     from botocore.exceptions import ClientError
     from llava_sessions.deploy.artifacts import parse_s3_uri
 
@@ -744,59 +929,106 @@ def check_model_data_exists(s3, uri: str, err=None) -> None:
     try:
         if uri.endswith(".tar.gz"):
             s3.head_object(Bucket=bucket, Key=key)
-            return
+            return f"model data {uri} exists"
         found = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("KeyCount", 0)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code not in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
             print(f"could not check {uri} ({code or exc}); going on", file=err or sys.stderr)
-            return
+            return f"model data {uri} not checked ({code or exc})"
         found = 0
     if not found:
         raise ConfigError(f"nothing at {uri}: run `llava-sessions upload` first and pass the URI it prints")
+    return f"model data {uri} exists"
 
 
-def cmd_deploy(args) -> int:
-    plan = plan_from_args(args)
-    check_model_data_exists(aws.client("s3", args.region, args.profile), plan.model.model_data)
-    life = lifecycle(args)
-    return _run(lambda: life.deploy(plan, wait=args.wait))
+# <account>.dkr.ecr.<region>.amazonaws.com[.cn]/<repository>[:tag][@sha256:<digest>], ECR's and Docker's grammar.
+ECR_IMAGE = re.compile(
+    r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+    r"(?P<repository>(?:[a-z0-9]+(?:[._-][a-z0-9]+)*/)*[a-z0-9]+(?:[._-][a-z0-9]+)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
 
 
-def cmd_update(args) -> int:
-    life = lifecycle(args)
+@dataclass(frozen=True)
+class EcrImage:
+    account: str
+    region: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None  # wins over the tag, as with docker pull
 
-    def action() -> None:
-        current = life.endpoint(check_endpoint_name(args.name))
-        if current is None:
-            raise ConfigError(f"no endpoint {args.name}: create it with `llava-sessions deploy`")
-        config = life.endpoint_config(current["EndpointConfigName"]) or {"ProductionVariants": [{}]}
-        variant = next((v for v in config["ProductionVariants"] if v.get("VariantName") == VARIANT),
-                       config["ProductionVariants"][0] if config["ProductionVariants"] else {})
-        model = life.model(variant["ModelName"]) if variant.get("ModelName") else None
-        plan = plan_from_args(args, {"model": model, "variant": variant})
-        if args.model_data:
-            check_model_data_exists(aws.client("s3", args.region, args.profile), plan.model.model_data)
-        life.update(plan, wait=args.wait)
+    @property
+    def image_id(self) -> dict[str, str]:
+        return {"imageDigest": self.digest} if self.digest else {"imageTag": self.tag or "latest"}
 
-    return _run(action)
+    @property
+    def reference(self) -> str:
+        return f"digest {self.digest}" if self.digest else f"tag {self.tag or 'latest'}"
 
 
-def cmd_teardown(args) -> int:
-    name = check_endpoint_name(args.name)
-    life = lifecycle(args)
-    return _run(lambda: life.teardown(name, keep_model=args.keep_model, wait=args.wait))
+def parse_ecr_image(uri: str) -> EcrImage:
+    match = ECR_IMAGE.match(uri)
+    if not match:
+        raise ConfigError(
+            f"--image {uri!r} is not an ECR image URI "
+            "(<account>.dkr.ecr.<region>.amazonaws.com/<repository>[:tag|@sha256:<digest>]): run "
+            "`llava-sessions image push --region <region>` and pass the URI it prints"
+        )
+    return EcrImage(**match.groupdict())
+
+
+def check_image_exists(ecr, uri: str, region: str, err=None) -> str:
+    """Refuse an --image that is not in ECR, in the endpoint's region, before anything is created.
+
+    ``ecr`` is an ECR client in ``region``; only describe_images is called. An answer other than
+    "not found" (AccessDenied: the image may be in another account) is a warning. Returns what
+    it found, for a dry run to show."""
+    from botocore.exceptions import ClientError
+
+    image = parse_ecr_image(uri)
+    push = f"`llava-sessions image push --region {region}`"
+    if image.region != region:
+        raise ConfigError(
+            f"--image {uri} is in {image.region}, the endpoint would be in {region}, and SageMaker pulls "
+            f"images from the endpoint's region only: run {push} and pass the URI it prints"
+        )
+    try:
+        ecr.describe_images(registryId=image.account, repositoryName=image.repository,
+                            imageIds=[image.image_id])
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "RepositoryNotFoundException":
+            raise ConfigError(
+                f"--image {uri} not found in ECR: account {image.account} has no repository "
+                f"{image.repository} in {region}. Run {push} and pass the URI it prints"
+            ) from None
+        if code == "ImageNotFoundException":
+            raise ConfigError(
+                f"--image {uri} not found in ECR: repository {image.repository} has no image with "
+                f"{image.reference}. Run {push} and pass the URI it prints"
+            ) from None
+        print(f"could not check {uri} in ECR ({code or exc}); going on", file=err or sys.stderr)
+        return f"image {uri} not checked ({code or exc})"
+    return f"image {uri} is in ECR"
 
 
 __all__ = [
     "AutoscaleSpec",
+    "Call",
     "DeployError",
+    "EcrImage",
     "Lifecycle",
     "ModelSpec",
     "Plan",
+    "Steps",
     "VariantSpec",
+    "Wait",
+    "check_image_exists",
+    "check_model_data_exists",
     "container_environment",
+    "parse_ecr_image",
     "plan_from_args",
-    "register",
     "resolve_role",
 ]

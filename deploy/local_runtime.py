@@ -24,8 +24,8 @@ What it reproduces, and where that comes from:
   ``X-Amzn-SageMaker-Closed-Session-Id`` unbinds it and reaches the client (``ClosedSessionId``).
   ``NEW_SESSION`` is forwarded to the container literally, as the header value.
 - No SessionId: stateless, the instance with the fewest outstanding requests.
-- The streaming API's ``SessionId`` shape only admits existing ids (pattern
-  ``^[a-zA-Z0-9](-*[a-zA-Z0-9])*$``), so ``NEW_SESSION`` fails that validation with a 400
+- The streaming API's ``SessionId`` shape only admits existing ids (``wire.SESSION_ID_PATTERN``),
+  so ``NEW_SESSION`` fails that validation with a 400
   ``ValidationError``, as the service's validation layer words it. Its response carries no session
   fields. Chunks are relayed as ``PayloadPart`` events as they arrive; a container error before the
   stream starts is the same 424 ``ModelError``; a stream that breaks off ends with a
@@ -60,7 +60,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -74,9 +73,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from llava_sessions.connection_guard import ConnectionLimits
 from llava_sessions.deploy import eventstream
-from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, NEW_SESSION, SESSION_HEADER
 from llava_sessions.http_proxy_server import HttpProxyServer
-from llava_sessions.session_routes import SessionRoutes, parse_session_header
+from llava_sessions.session_routes import SessionRoutes
+from llava_sessions.wire import (
+    CLOSED_SESSION_HEADER,
+    NEW_SESSION,
+    NEW_SESSION_HEADER,
+    SESSION_HEADER,
+    SESSION_ID_MAX_LEN,
+    SESSION_ID_PATTERN,
+    format_session_header,
+    is_valid_session_id,
+    parse_session_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +110,6 @@ HEALTH_INTERVAL_S = 5.0
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_FAILURES = 3  # consecutive failed pings before an instance goes out of service
 
-NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 VARIANT_HEADER = "x-Amzn-Invoked-Production-Variant"
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 STREAM_ACCEPT_HEADER = "X-Amzn-SageMaker-Accept"
@@ -117,14 +125,13 @@ _FORWARDED = (
     "X-Amzn-SageMaker-Target-Model",
     "X-Amzn-SageMaker-Inference-Id",
 )
-_NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
-_ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
-_SESSION_ID = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
-_SESSION_ID_OR_NEW = r"^(NEW_SESSION)$|^[a-zA-Z0-9](-*[a-zA-Z0-9])*$"
+# SageMaker's endpoint-name rule (the API's pattern; deploy/endpoint.py applies its own, shorter limit).
+_ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+# The SessionId shapes of botocore's model, as AWS words them in a ValidationError.
+_SESSION_ID_SHAPE = SESSION_ID_PATTERN.pattern
+_SESSION_ID_OR_NEW_SHAPE = f"^({NEW_SESSION})$|{SESSION_ID_PATTERN.pattern}"
 _MAX_ENDPOINT_NAME = 63
-_MAX_SESSION_ID = 256
 _CREDENTIAL_REGION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
-_EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class ApiError(Exception):
@@ -204,8 +211,8 @@ class SageMakerRuntimeServer(HttpProxyServer):
     ):
         if not instance_urls:
             raise ValueError("instance_urls must name at least one instance")
-        if endpoint_name is not None and not _valid_endpoint_name(endpoint_name):
-            raise ValueError(f"{endpoint_name!r} is not a valid endpoint name ({_NAME_PATTERN}, at most 63)")
+        if endpoint_name is not None and not is_valid_endpoint_name(endpoint_name):
+            raise ValueError(f"{endpoint_name!r} is not a valid endpoint name ({_ENDPOINT_NAME.pattern}, at most 63)")
         log_dirs = list(log_dirs) if log_dirs is not None else [None] * len(instance_urls)
         if len(log_dirs) != len(instance_urls):
             raise ValueError("log_dirs must have one entry per instance")
@@ -335,7 +342,7 @@ class SageMakerRuntimeServer(HttpProxyServer):
                     prune = len(self._known) > 2 * len(self.routes) + 256
                 if prune:  # forget expired ids now and then
                     self.bindings()
-                new_session = f"{session_id}; Expires={time.strftime(_EXPIRES_FORMAT, time.gmtime(expires_at))}"
+                new_session = format_session_header(session_id, expires_at)
                 log.debug("session %s bound to instance %d", session_id[:12], instance.index)
         closed = upstream.headers.get(CLOSED_SESSION_HEADER)
         if closed is not None:
@@ -485,10 +492,10 @@ class SageMakerRuntimeServer(HttpProxyServer):
 
     def _endpoint(self, request: web.Request) -> str:
         name = request.match_info["name"]
-        if not _valid_endpoint_name(name):
+        if not is_valid_endpoint_name(name):
             raise _constraint_error(
                 name, "endpointName",
-                f"Member must satisfy regular expression pattern: {_NAME_PATTERN}"
+                f"Member must satisfy regular expression pattern: {_ENDPOINT_NAME.pattern}"
                 if len(name) <= _MAX_ENDPOINT_NAME else
                 f"Member must have length less than or equal to {_MAX_ENDPOINT_NAME}",
             )
@@ -566,6 +573,13 @@ class SageMakerRuntimeServer(HttpProxyServer):
             f"The container primary on instance {instance.index} closed the connection without a complete "
             f"response ({type(exc).__name__}).",
         )
+
+
+def boto3_snippet(url: str) -> str:
+    """Python that makes a sagemaker-runtime client for this stand-in. It checks no signature, but
+    botocore signs every call and fails without credentials, so the snippet brings its own dummy ones."""
+    return (f'boto3.client("sagemaker-runtime", endpoint_url="{url}", region_name="us-east-1", '
+            f'aws_access_key_id="local", aws_secret_access_key="local")')
 
 
 class LocalRuntime:
@@ -695,7 +709,7 @@ def _stop_quietly(stack) -> None:
 # --- request/response helpers ------------------------------------------------------
 
 
-def _valid_endpoint_name(name: str) -> bool:
+def is_valid_endpoint_name(name: str) -> bool:
     return len(name) <= _MAX_ENDPOINT_NAME and _ENDPOINT_NAME.fullmatch(name) is not None
 
 
@@ -704,15 +718,15 @@ def _session(headers: CIMultiDictProxy, *, streaming: bool) -> _Session:
     if not values or values[0] == "":
         return _Session(None)
     value = values[0]
-    if len(value) > _MAX_SESSION_ID:
-        raise _constraint_error(value, "sessionId", f"Member must have length less than or equal to {_MAX_SESSION_ID}")
-    if streaming and _SESSION_ID.fullmatch(value) is None:
+    if len(value) > SESSION_ID_MAX_LEN:
+        raise _constraint_error(value, "sessionId", f"Member must have length less than or equal to {SESSION_ID_MAX_LEN}")
+    if streaming and not is_valid_session_id(value):
         # The streaming API's SessionId shape (SessionIdHeader) has no NEW_SESSION: a session
         # can only be opened through InvokeEndpoint.
-        raise _constraint_error(value, "sessionId", f"Member must satisfy regular expression pattern: {_NAME_PATTERN}")
-    if not streaming and value != NEW_SESSION and _SESSION_ID.fullmatch(value) is None:
+        raise _constraint_error(value, "sessionId", f"Member must satisfy regular expression pattern: {_SESSION_ID_SHAPE}")
+    if not streaming and value != NEW_SESSION and not is_valid_session_id(value):
         raise _constraint_error(value, "sessionId",
-                                f"Member must satisfy regular expression pattern: {_SESSION_ID_OR_NEW}")
+                                f"Member must satisfy regular expression pattern: {_SESSION_ID_OR_NEW_SHAPE}")
     return _Session(value)
 
 
@@ -767,81 +781,3 @@ async def _api_errors(request: web.Request, handler) -> web.StreamResponse:
 # --- the command ---------------------------------------------------------------------
 
 
-def register(commands) -> None:
-    from llava_sessions.cli import _model_arguments
-
-    local = commands.add_parser(
-        "local",
-        help="a local stand-in for a SageMaker endpoint: N instances behind the sagemaker-runtime API",
-        description="Start N independent instances of the serving stack (each its own TorchServe) and, in front "
-        "of them, a development stand-in for the Amazon SageMaker runtime API with sticky session routing, so "
-        "unmodified boto3 works against it with endpoint_url=. It is not AWS: no authentication, no CloudWatch.",
-    )
-    _model_arguments(local)
-    local.add_argument("--archive", type=Path, metavar="DIR",
-                       help="serve a prebuilt archive folder instead of building one from --model")
-    local.add_argument("--instances", type=int, default=DEFAULT_INSTANCES,
-                       help=f"instances, each a full serving stack with its own model copy (default {DEFAULT_INSTANCES})")
-    local.add_argument("--workers", type=int, default=1, help="model copies (workers) per instance (default 1)")
-    local.add_argument("--host", default=LOOPBACK, help="bind address of the runtime API (default 127.0.0.1)")
-    local.add_argument("--port", type=int, default=DEFAULT_PORT)
-    local.add_argument("--endpoint-name", help="answer only this endpoint name (default: any name)")
-    local.add_argument("--invocation-timeout", type=float, default=INVOCATION_TIMEOUT_S,
-                       help="seconds a non-streamed invocation may take, SageMaker's 60 by default")
-    local.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
-    local.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
-    local.set_defaults(run=cmd_local)
-
-
-def cmd_local(args) -> int:
-    from llava_sessions import models
-    from llava_sessions.cli import _build_archive, _prebuilt_archive, _stop_on_sigterm
-    from llava_sessions.errors import ConfigError
-    from llava_sessions.torchserve_process import TorchServeError
-
-    if args.instances < 1 or args.workers < 1:
-        raise ConfigError("--instances and --workers must be positive")
-    if args.endpoint_name is not None and not _valid_endpoint_name(args.endpoint_name):
-        raise ConfigError(f"--endpoint-name {args.endpoint_name!r} is not a valid SageMaker endpoint name")
-    if args.archive is not None:
-        archive = _prebuilt_archive(args)
-    else:
-        model_dir = models.resolve_model(args.model)
-        archive = _build_archive(args, model_dir, models.archive_dir_for(model_dir), "no-archive")
-    run_dir = args.run_dir or models.home() / "run" / f"local-{args.port}"
-    served = args.archive or args.model or "the offline tiny model (random weights)"
-    print(f"llava-sessions local: a development stand-in for the Amazon SageMaker runtime, not AWS "
-          f"(no authentication). Starting {args.instances} instance(s) of {served}; logs in {run_dir}",
-          flush=True)
-    if args.host not in (LOOPBACK, "localhost", "::1"):
-        print(f"llava-sessions local: warning: listening on {args.host} without any authentication", flush=True)
-    runtime = LocalRuntime(archive, run_dir, instances=args.instances, workers=args.workers, host=args.host,
-                           port=args.port, endpoint_name=args.endpoint_name,
-                           invocation_timeout_s=args.invocation_timeout)
-    _stop_on_sigterm()
-    try:
-        runtime.start(ready_timeout=args.ready_timeout)
-        name = args.endpoint_name or "any name"
-        print(f"llava-sessions local: endpoint URL {runtime.url} (endpoint: {name}; {args.instances} instance(s) "
-              f"READY). Use boto3.client(\"sagemaker-runtime\", endpoint_url=\"{runtime.url}\", "
-              f"region_name=\"us-east-1\"); Ctrl-C stops", flush=True)
-        reported: set[int] = set()
-        while True:
-            alive = runtime.alive()
-            for index, up in enumerate(alive):
-                if not up and index not in reported:
-                    reported.add(index)
-                    print(f"llava-sessions local: instance {index} exited; its sessions are lost "
-                          f"(logs in {runtime.stacks[index].log_dir})", file=sys.stderr, flush=True)
-            if not any(alive):
-                print("llava-sessions local: every instance exited", file=sys.stderr)
-                return 1
-            time.sleep(1.0)
-    except TorchServeError as exc:
-        print(f"llava-sessions local: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("llava-sessions local: stopping", flush=True)
-        return 0
-    finally:
-        runtime.stop()

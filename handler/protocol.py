@@ -28,9 +28,10 @@ Rules for the ambiguous cases:
   body both carry one they must be equal. ``"session_id": null`` counts as absent.
 - An open (``NEW_SESSION`` / ``start_session``) whose header or body already names a session is
   refused: the server mints ids.
-- Session ids must match ``^[a-zA-Z0-9](-*[a-zA-Z0-9])*$`` and be at most 256 characters; the
-  header value is stripped of surrounding blanks first. Header names match in any case; two
-  spellings of the session header with different values are refused.
+- Session ids must follow SageMaker's SessionId rule (``wire.is_valid_session_id``: letters,
+  digits and inner hyphens, at most 256 characters); the header value is stripped of surrounding
+  blanks first. Header names match in any case; two spellings of the session header with
+  different values are refused.
 - Unknown fields, a ``requestType`` other than NEW_SESSION/CLOSE and a ``type`` other than the
   three above are refused, listing what is allowed. A body with both ``type`` and
   ``requestType`` is a sample-dialect body with an unknown field.
@@ -44,17 +45,10 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from llava_sessions.config import ENV_PREFIX, ServingConfig
-# Session ids are minted and checked in one place, the (torch-free) session store.
-from llava_sessions.handler.engine.session_store import (  # noqa: F401  (re-exported)
-    SESSION_ID_MAX_LEN,
-    is_valid_session_id,
-    new_session_id,
-)
 from llava_sessions.errors import (
     InvalidJson,
     InvalidRequest,
@@ -62,17 +56,19 @@ from llava_sessions.errors import (
     SessionsError,
     TooManyImages,
 )
-
-SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
-CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
-NEW_SESSION = "NEW_SESSION"
-CLOSE = "CLOSE"
+# The SageMaker session contract (headers, markers, the id rule, Expires) is the wire's.
+from llava_sessions.wire import (
+    CLOSE,
+    NEW_SESSION,
+    SESSION_HEADER,
+    SESSION_ID_MAX_LEN,
+    format_expires,
+    is_valid_session_id,
+)
 
 NATIVE = "native"
 AWS_SAMPLE = "aws_sample"
 STYLES = (NATIVE, AWS_SAMPLE)
-
-MAX_SESSION_ID_CHARS = SESSION_ID_MAX_LEN
 
 MAX_TEMPERATURE = 2.0
 
@@ -162,7 +158,7 @@ def _check_session_id(value: Any, where: str) -> str:
     if not is_valid_session_id(value):
         raise InvalidRequest(
             f"{where} is not a valid session id: use the id returned when the session was opened "
-            f"(letters, digits and inner hyphens, at most {MAX_SESSION_ID_CHARS} characters)"
+            f"(letters, digits and inner hyphens, at most {SESSION_ID_MAX_LEN} characters)"
         )
     return value
 
@@ -254,7 +250,7 @@ def _native_open(payload: dict, header_id: str | None, config: ServingConfig) ->
             "a NEW_SESSION answers its first question in one piece (SageMaker cannot stream an open); "
             "leave 'stream' out, or open first and stream the question as a turn"
         )
-    _check_fields(payload, _NATIVE_OPEN_FIELDS, "NEW_SESSION")
+    _check_fields(payload, _NATIVE_OPEN_FIELDS, NEW_SESSION)
     first_turn = None
     if "prompt" in payload:
         first_turn = _turn(payload, "prompt", "", (), NATIVE, config)
@@ -271,7 +267,7 @@ def _native_turn(payload: dict, header_id: str | None, config: ServingConfig) ->
 
 
 def _native_close(payload: dict, header_id: str | None) -> CloseSession:
-    _check_fields(payload, _NATIVE_CLOSE_FIELDS, "CLOSE")
+    _check_fields(payload, _NATIVE_CLOSE_FIELDS, CLOSE)
     if header_id is None:
         raise InvalidRequest(
             f"requestType CLOSE needs the session's id in the {SESSION_HEADER} header (boto3: SessionId=<id>)"
@@ -447,25 +443,6 @@ def _short(value: Any) -> str:
         return _type_name(value)
     text = repr(value)
     return text if len(text) <= 64 else text[:61] + "..."
-
-
-# --- session ids and expiry ----------------------------------------------------
-
-
-def format_expires(epoch_seconds: float) -> str:
-    """UTC time as SageMaker's Expires attribute wants it.
-
-    Fractions are dropped: the router then forgets the session no later than we do.
-    """
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.floor(epoch_seconds)))
-
-
-def open_session_header_value(session_id: str, expires_epoch: float) -> str:
-    """Value of the session header on an open's response: ``<id>; Expires=<UTC time>``."""
-    # Guards the response header against a malformed id (e.g. CR/LF); ids are ours, so a bug.
-    if not is_valid_session_id(session_id):
-        raise ValueError("session_id does not match SageMaker's SessionId pattern")
-    return f"{session_id}; Expires={format_expires(expires_epoch)}"
 
 
 # --- response bodies ---------------------------------------------------------------

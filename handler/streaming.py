@@ -1,7 +1,7 @@
 """Token streaming for one turn: TGI's event framing and the per-request TorchServe sink.
 
-Events are framed as Text Generation Inference frames them on SageMaker, one per
-generated token, each followed by a blank line::
+Events are framed (``llava_sessions.wire.event``) as Text Generation Inference frames them on
+SageMaker, one per generated token, each followed by a blank line::
 
     data:{"token": {"id": 7, "text": " cat", "special": false}, "generated_text": null}
 
@@ -22,27 +22,22 @@ Torch-free; TorchServe is imported only when a chunk is sent.
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from typing import Callable, Iterable, Mapping
 
+from llava_sessions import wire
 from llava_sessions.errors import SessionsError
 from llava_sessions.handler import bundle
 from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
 from llava_sessions.handler.replies import Reply, http_status
 
-CONTENT_TYPE = "text/event-stream"
+CONTENT_TYPE = wire.EVENT_CONTENT_TYPE
 
 # The engine's finish reasons in TGI's words.
 TGI_FINISH_REASON = {"stop": "eos_token", "length": "length"}
 
 
-# --- framing ---------------------------------------------------------------------
-
-
-def frame(payload: dict) -> str:
-    """One server-sent event: ``data:<json>`` and a blank line."""
-    return "data:" + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")) + "\n\n"
+# --- events (framed by wire.event) --------------------------------------------------
 
 
 def token_event(token_id: int, text: str, special: bool) -> dict:
@@ -67,7 +62,7 @@ def final_event(token: dict | None, result) -> dict:
 
 
 def error_event(error: SessionsError) -> dict:
-    return {"error": error.message, "error_type": error.code}
+    return wire.error_event(error.message, error.code)
 
 
 # --- one streamed turn ------------------------------------------------------------
@@ -92,7 +87,7 @@ class TokenStream:
         if last:  # it goes with the answer, from final_reply
             self._pending = event
             return
-        self._send(frame(event))
+        self._send(wire.event(event))
         self.started = True
 
     def final_reply(self, result) -> Reply:
@@ -100,12 +95,12 @@ class TokenStream:
         if token is not None:
             token["token"]["text"] += self._detokenizer.flush()
             token = token["token"]
-        return Reply(200, frame(final_event(token, result)), content_type=CONTENT_TYPE)
+        return Reply(200, wire.event(final_event(token, result)), content_type=CONTENT_TYPE)
 
     def error_reply(self, error: SessionsError) -> Reply:
         """The stream's last event. Its status never reaches the client (the headers went out
         with the first chunk) but is kept for logs and metrics."""
-        return Reply(http_status(error), frame(error_event(error)), content_type=CONTENT_TYPE)
+        return Reply(http_status(error), wire.event(error_event(error)), content_type=CONTENT_TYPE)
 
 
 class TorchServeSink:

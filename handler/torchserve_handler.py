@@ -26,12 +26,9 @@ from llava_sessions.errors import InternalError, InvalidRequest, SessionsError, 
 from llava_sessions.handler import bundle, image_sources, protocol, router_hop, streaming
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
+from llava_sessions.wire import CLOSED_SESSION_HEADER, SESSION_HEADER, format_session_header
 
 log = logging.getLogger(__name__)
-
-
-# Where build_archive puts the checkpoint inside the model archive.
-ARCHIVE_MODEL_SUBDIR = "model"
 
 
 class LlavaSessionHandler:
@@ -57,7 +54,9 @@ class LlavaSessionHandler:
         properties = context.system_properties
         yaml_section = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
         self.config = ServingConfig.from_sources(yaml_section)
-        source = self.config.model or os.path.join(properties["model_dir"], ARCHIVE_MODEL_SUBDIR)
+        from llava_sessions.archive import CHECKPOINT_SUBDIR  # where build_archive puts the checkpoint
+
+        source = self.config.model or os.path.join(properties["model_dir"], CHECKPOINT_SUBDIR)
         device = resolve_device(self.config.device, properties.get("gpu_id"))
         if device.type == "cpu" and self.config.cpu_threads:
             import torch
@@ -311,12 +310,12 @@ class LlavaSessionHandler:
     def encode_response(self, request, result, stream: streaming.TokenStream | None = None) -> Reply:
         if isinstance(request, protocol.OpenSession):
             opened, first = result
-            header = protocol.open_session_header_value(opened.session_id, opened.expires_at)
+            header = format_session_header(opened.session_id, opened.expires_at)
             answer = None if first is None else self._turn_body(first, request.style)
             return Reply(
                 200,
                 protocol.open_response(opened.session_id, opened.expires_at, request.style, answer),
-                {protocol.SESSION_HEADER: header},
+                {SESSION_HEADER: header},
             )
         if isinstance(request, protocol.Turn):
             if stream is not None:
@@ -325,7 +324,7 @@ class LlavaSessionHandler:
         return Reply(
             200,
             protocol.close_response(request.session_id, request.style),
-            {protocol.CLOSED_SESSION_HEADER: request.session_id},
+            {CLOSED_SESSION_HEADER: request.session_id},
         )
 
     @staticmethod

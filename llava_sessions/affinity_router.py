@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from llava_sessions import wire
 from llava_sessions.config import RouterConfig
 from llava_sessions.errors import (
     InternalError,
@@ -43,15 +44,16 @@ from llava_sessions.errors import (
     WorkerUnavailable,
 )
 from llava_sessions.handler import bundle, router_hop
-from llava_sessions.handler.protocol import (
+from llava_sessions.handler.replies import error_reply
+from llava_sessions.http_proxy_server import HttpProxyServer
+from llava_sessions.session_routes import SessionRoutes
+from llava_sessions.wire import (
     CLOSED_SESSION_HEADER,
     NEW_SESSION,
     SESSION_HEADER,
     is_valid_session_id,
+    parse_session_header,
 )
-from llava_sessions.handler.replies import error_reply
-from llava_sessions.http_proxy_server import HttpProxyServer
-from llava_sessions.session_routes import SessionRoutes, parse_session_header
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", SESSION_HEADE
 # TorchServe leaks its internal streaming marker to clients; no server software is named.
 _NOT_RETURNED = HOP_BY_HOP | {"ts_stream_next", "server"}
 _SHUTTING_DOWN = "this instance is shutting down"
-EVENT_STREAM = "text/event-stream"
+EVENT_STREAM = wire.EVENT_CONTENT_TYPE
+_EVENT_END = wire.EVENT_END.encode()
 # What TorchServe's front end answers when the worker process went away during the request
 # (killed, crashed, or killed by TorchServe itself past the model's responseTimeout).
 _WORKER_DIED = "Worker died"
@@ -687,14 +690,14 @@ class _Downstream:
         self.request = request
         self.reply = web.StreamResponse(status=status, reason=reason, headers=_downstream_headers(headers))
         self.events = headers.get("Content-Type", "").startswith(EVENT_STREAM)
-        self.tail = b"\n\n"  # the end of what was sent: an event boundary when it ends with a blank line
+        self.tail = _EVENT_END  # the end of what was sent: an event boundary when it ends with a blank line
 
     async def start(self) -> None:
         await self.reply.prepare(self.request)
 
     async def write(self, data: bytes) -> None:
         if data:  # before the write's await: the bytes are in the transport once it starts
-            self.tail = (self.tail + data)[-2:]
+            self.tail = (self.tail + data)[-len(_EVENT_END):]
         await self.reply.write(data)
 
     async def finish(self) -> None:
@@ -703,7 +706,7 @@ class _Downstream:
     async def broken_off(self, error: SessionsError | None = None) -> None:
         """End an answer whose rest will not come: an event stream between two events gets the
         error event and a clean end; anything else is cut (no terminating chunk)."""
-        if not (self.events and self.tail == b"\n\n"):
+        if not (self.events and self.tail == _EVENT_END):
             if self.request.transport is not None:
                 self.request.transport.close()
             return
@@ -780,9 +783,8 @@ def _settle_error(waiting: _Exchange, error: BaseException) -> None:
 
 
 def _error_event(error: SessionsError) -> bytes:
-    """TGI's error event, framed as handler/streaming.py frames it."""
-    payload = {"error": error.message, "error_type": error.code}
-    return ("data:" + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")) + "\n\n").encode()
+    """TGI's error event, as the handler's streams end with one."""
+    return wire.event(wire.error_event(error.message, error.code)).encode()
 
 
 async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:

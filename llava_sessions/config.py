@@ -35,7 +35,7 @@ class ServingConfig:
 
     # Session life, counted from the open; the Expires header says when.
     session_ttl_s: int = 1200
-    max_sessions_per_worker: int = 64
+    max_sessions_per_worker: int = 32  # more opens get 429 TOO_MANY_SESSIONS
     max_images_per_session: int = 4
 
     # Input limits. max_image_bytes is the encoded size; max_image_pixels

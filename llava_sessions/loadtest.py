@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -39,6 +38,7 @@ from pathlib import Path
 import requests
 
 from llava_sessions.bench.served import Client
+from llava_sessions.wire import CLOSE, NEW_SESSION
 
 MIB = 1024 * 1024
 KINDS = ("open", "turn", "close")
@@ -175,6 +175,32 @@ def rss_checks(before: Mapping[str, int], after: Mapping[str, int], fraction: fl
     if not before:
         checks.append(Check("soak: RSS", None, "no worker pids (give --management-url with --url, same host)"))
     return checks
+
+
+def leak_checks(checks: Sequence[Check] | None, not_run_reason: str = "") -> dict:
+    """Whether the soak's leak checks (engine accounting, RSS) were made.
+
+    ``checks``: those checks, None when the soak did not run (``not_run_reason`` says why).
+    Returns {"leak_checks": "checked" | "partly skipped" | "skipped" | "not run",
+    "leak_checks_skipped": [{"check", "reason"}, ...]}: a run can pass without having looked
+    for a leak at all (--url without --metrics-url / --management-url), and must say so.
+    """
+    if checks is None:
+        return {"leak_checks": "not run", "leak_checks_skipped": [{"check": "soak", "reason": not_run_reason}]}
+    skipped = [{"check": c.name, "reason": c.detail} for c in checks if c.passed is None]
+    status = "checked" if not skipped else "skipped" if len(skipped) == len(checks) else "partly skipped"
+    return {"leak_checks": status, "leak_checks_skipped": skipped}
+
+
+def verdict_line(result: Mapping) -> str:
+    """The last line of the report: PASS or FAIL, and which leak checks were not made, and why."""
+    status = result.get("leak_checks", "checked")
+    qualifier = {"checked": "", "partly skipped": " (some leak checks skipped)", "skipped": " (leak checks skipped)",
+                 "not run": " (leak checks not run)"}[status]
+    line = (f"{'PASS' if result['passed'] else 'FAIL'}{qualifier}  overall ({result['wall_s']:.1f} s"
+            + (", stopped by the time guard)" if result["aborted"] else ")"))
+    reasons = list(dict.fromkeys(s["reason"] for s in result.get("leak_checks_skipped") or []))
+    return line + (": " + "; ".join(reasons) if status != "checked" and reasons else "")
 
 
 def growth_per_cycle(trend: Sequence[tuple[int, int]]) -> float | None:
@@ -385,7 +411,6 @@ class LoadClient(Client):
         return status, reply
 
 
-
 def png_b64(width: int, height: int, seed: int = 0) -> str:
     """A deterministic RGB PNG, written with the standard library only."""
     rows = bytearray()
@@ -539,9 +564,14 @@ def _run_against(target: Target, options: Options, log, served: str, client_fact
         for status, n in soak["warmup_status_counts"].items():
             with_warmup[status] = with_warmup.get(status, 0) + n
         checks += error_checks("soak (with warm-up)", with_warmup)
-        checks += engine_checks(soak["engine"]["before"], soak["engine"]["after"])
-        checks += rss_checks(soak["rss"]["before"], soak["rss"]["after"],
-                             options.rss_margin_fraction, options.rss_margin_mib)
+        leaks = engine_checks(soak["engine"]["before"], soak["engine"]["after"])
+        leaks += rss_checks(soak["rss"]["before"], soak["rss"]["after"],
+                            options.rss_margin_fraction, options.rss_margin_mib)
+        checks += leaks
+        result.update(leak_checks(leaks))
+    else:
+        result.update(leak_checks(None, "--cycles 0" if not options.cycles
+                                  else "the time guard fired before the soak"))
     if deadline.expired():
         checks.append(Check("time guard", False, f"--max-seconds {options.max_seconds:g} passed; the run "
                             "stopped early and its figures cover only what was done"))
@@ -560,7 +590,7 @@ def load_phase(client: LoadClient, options: Options, deadline: Deadline) -> dict
         if deadline.expired():
             return
         image = png_b64(48, 40, seed=index)
-        _, reply = client.call(recorder, "open", {"requestType": "NEW_SESSION", "images": [image]})
+        _, reply = client.call(recorder, "open", {"requestType": NEW_SESSION, "images": [image]})
         if not reply:
             return
         sid = reply["session_id"]
@@ -578,7 +608,7 @@ def load_phase(client: LoadClient, options: Options, deadline: Deadline) -> dict
                 ok = False
                 break
         # Closed even after the guard fired, so the server is left as it was.
-        ok = client.call(recorder, "close", {"requestType": "CLOSE"}, sid)[1] is not None and ok
+        ok = client.call(recorder, "close", {"requestType": CLOSE}, sid)[1] is not None and ok
         if ok:
             completed.append(index)
 
@@ -616,9 +646,9 @@ def soak_phase(client: LoadClient, target: Target, options: Options, deadline: D
             with lock:
                 if next(source, None) is None:
                     return
-            _, reply = client.call(rec, "open", {"requestType": "NEW_SESSION", "images": [image]})
+            _, reply = client.call(rec, "open", {"requestType": NEW_SESSION, "images": [image]})
             if reply:
-                client.call(rec, "close", {"requestType": "CLOSE"}, reply["session_id"])
+                client.call(rec, "close", {"requestType": CLOSE}, reply["session_id"])
             with lock:
                 done[0] += 1
 
@@ -700,7 +730,7 @@ def _settled_engine(client: LoadClient, target: Target, options: Options, record
     if not target.metrics_url:
         return None
     for _ in range(max(1, len(target.worker_pids()))):
-        client.call(recorder, "probe", {"requestType": "NEW_SESSION", "images": ["!!"]}, timeout=30)
+        client.call(recorder, "probe", {"requestType": NEW_SESSION, "images": ["!!"]}, timeout=30)
     stop = time.monotonic() + options.settle_seconds
     previous = None
     while True:
@@ -762,66 +792,10 @@ def report(result: dict) -> str:
         lines.append("")
     for check in result["checks"]:
         lines.append(f"{check['label']}  {check['name']}: {check['detail']}")
-    lines.append(f"{'PASS' if result['passed'] else 'FAIL'}  overall ({result['wall_s']:.1f} s"
-                 + (", stopped by the time guard)" if result["aborted"] else ")"))
+    lines.append(verdict_line(result))
     return "\n".join(lines)
 
 
 # --- the command ---------------------------------------------------------------------
 
 
-def register(commands) -> None:
-    parser = commands.add_parser(
-        "loadtest",
-        help="load (concurrent conversations) and soak (open/close churn, leak check) over loopback",
-        description="Phase 1: --sessions conversations at once, each an open, --turns turns and a close; "
-        "latency percentiles per request kind, statuses, tokens/s. Phase 2: --cycles open/close cycles, "
-        "then the engine's sessions and bytes held (Prometheus) must be back to the baseline and the "
-        "workers' RSS within the margin. Starts the stack itself (the offline tiny model, one worker, "
-        "a free loopback port) unless --url is given. Exits 1 on any 5xx, leak or time-guard stop.",
-    )
-    parser.add_argument("--url", help="a running server's base URL instead of starting one")
-    parser.add_argument("--metrics-url", help="with --url: TorchServe's Prometheus URL (http://127.0.0.1:8082/metrics)")
-    parser.add_argument("--management-url", help="with --url: TorchServe's management API, for worker pids (same host)")
-    parser.add_argument("--model", help="checkpoint directory or hub id (default: the --preset offline model)")
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="offline random-weight model")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N (when starting the stack)")
-    parser.add_argument("--sessions", type=int, default=32, help="concurrent conversations (default 32; 0 skips)")
-    parser.add_argument("--turns", type=int, default=10,
-                        help="turns per conversation (default 10; the tiny model's 512-token context holds ~15)")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer length per turn (default 8)")
-    parser.add_argument("--cycles", type=int, default=10_000, help="soak open/close cycles (default 10000; 0 skips)")
-    parser.add_argument("--soak-threads", type=int, default=4, help="soak client threads (default 4)")
-    parser.add_argument("--max-seconds", type=float, default=1800,
-                        help="time guard for both phases, counted once the server is ready (default 1800)")
-    parser.add_argument("--request-timeout", type=float, default=120, help="seconds per request (default 120)")
-    parser.add_argument("--rss-margin", type=float, default=DEFAULT_RSS_MARGIN_FRACTION, metavar="FRACTION",
-                        help="allowed RSS growth as a fraction of the baseline (default 0.10)")
-    parser.add_argument("--rss-margin-mib", type=float, default=DEFAULT_RSS_MARGIN_MIB, metavar="MIB",
-                        help="allowed RSS growth in MiB; the larger of the two applies (default 64)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    parser.set_defaults(run=cmd_loadtest)
-
-
-def cmd_loadtest(args) -> int:
-    options = Options(
-        url=args.url, metrics_url=args.metrics_url, management_url=args.management_url, model=args.model,
-        preset=args.preset, device=args.device, sessions=args.sessions, turns=args.turns,
-        max_new_tokens=args.max_new_tokens, cycles=args.cycles, soak_threads=args.soak_threads,
-        max_seconds=args.max_seconds, request_timeout=args.request_timeout,
-        rss_margin_fraction=args.rss_margin, rss_margin_mib=args.rss_margin_mib,
-    )
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        result = run(options, log=log)
-    except (LoadTestError, requests.RequestException, OSError, http.client.HTTPException) as error:
-        print(f"llava-sessions loadtest: {error}", file=sys.stderr)
-        return 2
-    if result["aborted"]:
-        log(f"llava-sessions loadtest: stopped by the time guard (--max-seconds {options.max_seconds:g}); "
-            "the figures cover only the work done before it")
-    print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0 if result["passed"] else 1

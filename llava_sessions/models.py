@@ -41,7 +41,7 @@ def resolve_model(model: str | None) -> Path:
 
 
 def ensure_tiny_model(preset: str = "tiny", seed: int = 0) -> Path:
-    from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+    from llava_sessions.tiny_model import write_tiny_llava
 
     return write_tiny_llava(home() / "models" / f"{preset}-llava-seed{seed}", preset=preset, seed=seed)
 

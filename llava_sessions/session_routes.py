@@ -3,23 +3,16 @@
 A session lives in exactly one worker's memory, so every request of a session must reach
 the backend that opened it. This table remembers that, forgets sessions when they expire,
 and picks the least-loaded backend for a new session. Thread-safe and torch-free; the
-clock is injectable so expiry can be tested without waiting.
+clock is injectable so expiry can be tested without waiting. The session headers the bindings
+come from are read with ``llava_sessions.wire.parse_session_header``.
 """
 
 from __future__ import annotations
 
-import calendar
 import heapq
-import re
 import threading
 import time
 from typing import Callable, Collection
-
-from llava_sessions.handler.engine.session_store import is_valid_session_id
-
-# What protocol.format_expires writes: UTC, whole seconds.
-_EXPIRES_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-_EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class SessionRoutes:
@@ -110,27 +103,3 @@ class SessionRoutes:
                 dropped += 1
         return dropped
 
-
-def parse_session_header(value: str) -> tuple[str, float] | None:
-    """``<id>; Expires=YYYY-MM-DDTHH:MM:SSZ`` (UTC) as (id, epoch seconds); None when malformed.
-
-    Blanks around parts and the attribute name's case are tolerated; other attributes are
-    ignored. Inverse of ``protocol.open_session_header_value``.
-    """
-    if not isinstance(value, str):
-        return None
-    session_id, *attributes = (part.strip() for part in value.split(";"))
-    if not is_valid_session_id(session_id):
-        return None
-    expires = [text for name, text in map(_attribute, attributes) if name == "expires"]
-    if len(expires) != 1 or not _EXPIRES_PATTERN.fullmatch(expires[0]):
-        return None
-    try:
-        return session_id, float(calendar.timegm(time.strptime(expires[0], _EXPIRES_FORMAT)))
-    except ValueError:  # well-formed but no such date, e.g. February 30th
-        return None
-
-
-def _attribute(part: str) -> tuple[str, str]:
-    name, _, text = part.partition("=")
-    return name.strip().lower(), text.strip()

@@ -357,7 +357,7 @@ def build_random_model(
 def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
     return (
         f"# Random-weight LLaVA ({preset}, seed {seed})\n\n"
-        "Written by `llava_sessions.handler.engine.tiny_model`. The weights are RANDOM: every answer\n"
+        "Written by `llava_sessions.tiny_model`. The weights are RANDOM: every answer\n"
         "is noise. Only the shapes are meaningful: the checkpoint loads through the same code as\n"
         "llava-hf/llava-1.5-7b-hf, so it exercises the serving path and gives honest timings.\n\n"
         f"- image {geometry.image_size} px, patch {geometry.patch_size} px, "

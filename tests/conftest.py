@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+    from llava_sessions.tiny_model import write_tiny_llava
 
     return write_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), preset="tiny")
 

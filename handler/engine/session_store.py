@@ -7,23 +7,16 @@ Torch-free, so the protocol layer can mint ids without importing torch.
 from __future__ import annotations
 
 import hmac
-import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
-# SageMaker's SessionId pattern (InvokeEndpoint), at most 256 characters.
-SESSION_ID_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")  # NEW_SESSION has a "_"
-SESSION_ID_MAX_LEN = 256
+# The id rule itself is the wire's (llava_sessions/wire.py); the ids minted here satisfy it.
 
 
 def new_session_id() -> str:
-    """128 random bits (more than a uuid4's 122), in SageMaker's id alphabet."""
+    """128 random bits (more than a uuid4's 122), in SageMaker's id alphabet (wire.is_valid_session_id)."""
     return "sess-" + secrets.token_hex(16)
-
-
-def is_valid_session_id(value: str) -> bool:
-    return len(value) <= SESSION_ID_MAX_LEN and SESSION_ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass

@@ -15,6 +15,16 @@ import sys
 def main(args) -> int:
     """Entry point of ``cmd_bench``; ``args`` comes from the CLI parser."""
     from llava_sessions.bench import report
+
+    # --plot's needs are checked before the run (minutes), not after it.
+    if args.plot:
+        reason = report.plot_unavailable()
+        if reason is None and not args.plot.parent.is_dir():
+            reason = f"--plot {args.plot}: the folder {args.plot.parent} does not exist"
+        if reason:
+            print(f"llava-sessions bench: {reason}", file=sys.stderr)
+            return 2
+
     from llava_sessions.bench.runner import BenchError, Options, run
 
     options = Options(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from llava_sessions.bench import stats
 
 STRATEGIES = (
@@ -42,15 +44,7 @@ def table(result: dict) -> str:
         + ", ".join(f"{v * 1e3:.1f}" for v in result["ours_streamed_first_event_s"])
         + f"; follow-ups {result['followup_streamed_first_event_vs_ours']:.2f}x the one-token turn"
     )
-    lines += ["", f"ratios (follow-up = turns >= {stats.FIRST_FOLLOWUP_TURN})"
-              f"{'target':>26} {'median':>8}          {'best-of-R':>9}"]
-    best = result.get("ratios_best_of_repeats", {})
-    for key, target in result["targets"].items():
-        verdict = "met" if target["met"] else "NOT MET"
-        other = best.get(key)
-        other_text = f"{other:>9.2f}" if other is not None else ""
-        lines.append(f"  {target['label']:<52} {target['op']}{target['value']:<5g} {result[key]:>8.2f}"
-                     f"  {verdict:<7}  {other_text}")
+    lines += ["", *_ratios(result)]
     cold = result["cold_open_s"]
     dec = result["decode_tps"]
     conc = result["concurrency"]
@@ -87,6 +81,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratios(result: dict) -> list[str]:
+    """The six ratios; with the target and its verdict beside each only where the run has targets
+    (stats.TARGETS_BY_RUN: a tiny run is not held to the small preset's targets)."""
+    targets = result.get("targets")
+    note = result.get("targets_note") or (
+        f"targets of {result['preset']} on {result['machine']['device']}" if targets else "no targets for this run")
+    best = result.get("ratios_best_of_repeats") or {}
+    lines = [f"ratios (follow-up = turns >= {stats.FIRST_FOLLOWUP_TURN}; {note})"]
+    if targets:
+        lines.append(f"  {'':<56} {'target':<7} {'median':>8}  {'verdict':<7}  {'best-of-R':>9}")
+    else:
+        lines.append(f"  {'':<56} {'median':>8}  {'best-of-R':>9}")
+    for key in (targets or stats.RATIO_KEYS):
+        other = best.get(key)
+        other_text = f"{other:>9.2f}" if other is not None else f"{'-':>9}"
+        if targets:
+            target = targets[key]
+            label = target.get("label") or stats.RATIO_LABELS.get(key, key)
+            verdict = "met" if target["met"] else "NOT MET"
+            lines.append(f"  {label:<56} {target['op'] + format(target['value'], 'g'):<7} {result[key]:>8.2f}"
+                         f"  {verdict:<7}  {other_text}")
+        else:
+            lines.append(f"  {stats.RATIO_LABELS[key]:<56} {result[key]:>8.2f}  {other_text}")
+    return lines
+
+
 def _agreement(result: dict) -> str:
     if result["answers_match_reference"]:
         return "yes"
@@ -101,17 +121,33 @@ def _fmt_list(values) -> str:
     return "[" + ", ".join("-" if v is None else f"{v:.0f}" for v in values) + "]"
 
 
-def plot(result: dict, path: str) -> str | None:
-    """Draw TTFT per turn for (a)-(d); returns a reason when it could not."""
+PLOT_INSTALL_HINT = ("install it with `pip install matplotlib` (or the bench extra: `pip install '.[bench]'` in a "
+                     "checkout, `pip install 'llava-sessions[bench]'` otherwise), or leave out --plot")
+
+
+def plot_unavailable() -> str | None:
+    """Why --plot cannot draw here (matplotlib not importable), else None. Cheap enough to ask
+    before a run, so that a missing matplotlib is said at once, not after the bench's minutes."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install 'llava-sessions[bench]'); no plot drawn"
+        importlib.import_module("matplotlib.pyplot")
+    except ImportError as exc:
+        return f"--plot needs matplotlib, which cannot be imported ({exc}); {PLOT_INSTALL_HINT}"
+    return None
+
+
+def figure(result: dict):
+    """The TTFT-per-turn figure of (a)-(d). The legend sits below the axes, outside them, so no
+    line (the floor's, lowest, included) can be hidden under it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     turns = list(range(1, result["conversation"]["turns"] + 1))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.2), layout="constrained")
     for name, label in STRATEGIES:
         ax.plot(turns, [v * 1e3 for v in result["ttft_s"][name]], marker="o", label=label)
     ax.plot(turns, [v * 1e3 for v in result["ours_streamed_first_event_s"]], marker="x", linestyle="--",
@@ -122,8 +158,23 @@ def plot(result: dict, path: str) -> str | None:
     ax.set_xticks(turns)
     ax.set_title(f"TTFT per turn - preset {result['preset']} on {result['machine']['device']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # "outside lower center": constrained layout shrinks the axes to make room under the x label.
+    fig.legend(loc="outside lower center", ncols=3, frameon=False)
+    return fig
+
+
+def plot(result: dict, path: str) -> str | None:
+    """Draw TTFT per turn for (a)-(d) into ``path``; returns a reason when it could not."""
+    reason = plot_unavailable()
+    if reason:
+        return reason
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        return f"could not write the plot to {path}: {exc}"
+    finally:
+        plt.close(fig)
     return None

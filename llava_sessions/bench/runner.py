@@ -101,7 +101,7 @@ def checkpoint_for(options: Options) -> Path:
     if options.preset == "llava-1.5-7b":
         import torch
 
-        from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+        from llava_sessions.tiny_model import write_tiny_llava
 
         # Drawn on the GPU when there is one: on a CPU the 7B draw takes minutes.
         init_device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,6 +171,23 @@ def accounting_for(geometry, dtype_bytes: int, context_tokens: int) -> dict:
             "session_bytes": features + per_token * context_tokens}
 
 
+def preset_of(config) -> str | None:
+    """The preset whose shape a checkpoint's LlavaConfig has (weights aside), else None."""
+    from llava_sessions.tiny_model import PRESETS
+
+    vision, text = config.vision_config, config.text_config
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    shape = (vision.image_size, vision.patch_size, vision.hidden_size, vision.intermediate_size,
+             vision.num_hidden_layers, vision.num_attention_heads, text.hidden_size, text.intermediate_size,
+             text.num_hidden_layers, text.num_attention_heads, kv_heads, text.vocab_size)
+    for name, g in PRESETS.items():
+        if shape == (g.image_size, g.patch_size, g.vision_hidden_size, g.vision_intermediate_size,
+                     g.vision_num_layers, g.vision_num_heads, g.text_hidden_size, g.text_intermediate_size,
+                     g.text_num_layers, g.text_num_heads, g.text_num_kv_heads, g.vocab_size):
+            return name
+    return None
+
+
 def run(options: Options, log=print) -> dict:
     import torch
 
@@ -178,7 +195,7 @@ def run(options: Options, log=print) -> dict:
     from llava_sessions.bench.inprocess import InProcess, reference_run
     from llava_sessions.handler.engine import host_allocator
     from llava_sessions.handler.engine.model_loader import load_model
-    from llava_sessions.handler.engine.tiny_model import PRESETS
+    from llava_sessions.tiny_model import PRESETS
 
     if options.turns < 2 or options.repeats < 1 or options.max_new_tokens < 2 or options.concurrency < 1:
         raise BenchError("--repeats and --concurrency must be >= 1, --turns and --max-new-tokens >= 2 "
@@ -303,6 +320,9 @@ def run(options: Options, log=print) -> dict:
     measured_session = reference.bytes_after_open + measured_per_token * SESSION_CONTEXT_TOKENS
     budget, budget_source = memory_budget(device, options.budget_gb)
     geometry = PRESETS.get(options.preset) if not options.model else None
+    # The targets are set per model shape and device: --model is held to a preset's targets
+    # only when its config has that preset's shape.
+    shape = preset_of(loaded.model.config) if options.model else options.preset
     own_accounting = accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS) if geometry else None
     seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
     seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9
@@ -310,8 +330,9 @@ def run(options: Options, log=print) -> dict:
     result = {
         **ratios,
         "ratios_best_of_repeats": figures["min"]["ratios"],
-        "targets": {t.key: {"label": t.label, "op": t.op, "value": t.value, "met": t.met(ratios[t.key])}
-                    for t in stats.targets_for(device.type)},
+        "targets": stats.verdicts(stats.targets_for(shape, device.type), ratios),  # None: no targets set
+        "targets_note": stats.targets_note(shape, device.type),
+        "model_shape": shape,
         "answers_match_reference": not mismatches,
         "answers_match_up_to_near_ties": all(m["near_tie"] for m in analysis),
         "mismatches": mismatches[:20],

@@ -22,9 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_sessions.deploy.client import iter_events
-
-SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+from llava_sessions import wire
+from llava_sessions.wire import CLOSE, NEW_SESSION, SESSION_HEADER
 
 
 class ServerError(RuntimeError):
@@ -102,9 +101,10 @@ class Client:
                 payload = response.read()
             else:
                 received = bytearray()
+                events = wire.EventParser()
                 while chunk := response.read1(1 << 16):  # each chunk as it arrives
                     received += chunk
-                    if first is None and b"\n\n" in received:  # an event ends with a blank line
+                    if first is None and response.status == 200 and events.feed(chunk):
                         first = time.perf_counter() - start
                 payload = bytes(received)
         except BaseException:
@@ -132,12 +132,12 @@ class Client:
         return elapsed, json.loads(payload)
 
     def open(self, image_b64: str) -> tuple[float, str]:
-        elapsed, reply = self._post({"requestType": "NEW_SESSION", "images": [image_b64]})
+        elapsed, reply = self._post({"requestType": NEW_SESSION, "images": [image_b64]})
         return elapsed, reply["session_id"]
 
     def open_with_question(self, image_b64: str, prompt: str, max_new_tokens: int) -> tuple[TurnSample, str]:
         """One request: open with the image and answer the first question (a cold first turn)."""
-        body = {"requestType": "NEW_SESSION", "images": [image_b64], "prompt": prompt,
+        body = {"requestType": NEW_SESSION, "images": [image_b64], "prompt": prompt,
                 "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
         elapsed, reply = self._post(body)
         return _turn_sample(elapsed, reply), reply["session_id"]
@@ -153,8 +153,8 @@ class Client:
         elapsed, first, status, payload = self._exchange(body, session_id, None, first_event=True)
         if status != 200:
             raise ServerError(f"HTTP {status}: {payload[:500].decode('utf-8', errors='replace')}")
-        events = list(iter_events([payload]))
-        if not events or "generated_text" not in events[-1] or "error" in events[-1]:
+        events = list(wire.iter_events([payload]))
+        if not events or "generated_text" not in events[-1] or wire.event_error(events[-1]) is not None:
             raise ServerError(f"the stream did not end with an answer: {payload[-500:].decode('utf-8', errors='replace')}")
         sample = _turn_sample(elapsed, events[-1])
         sample.token_ids = [event["token"]["id"] for event in events if event.get("token")]
@@ -162,7 +162,7 @@ class Client:
         return sample
 
     def close(self, session_id: str) -> None:
-        self._post({"requestType": "CLOSE"}, session_id)
+        self._post({"requestType": CLOSE}, session_id)
 
 
 def _turn_sample(elapsed: float, reply: dict) -> TurnSample:
@@ -345,7 +345,7 @@ def _serve_until_told(model_dir: str, work_dir: str, device: str, workers: int, 
         stack.stop()
 
 
-def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worker: int = 32, workers: int = 1):
+def start_stack(model_dir: Path, work_dir: Path, device: str, max_sessions_per_worker: int = 32, workers: int = 1):
     """Build the archive and start a ServingStack with ``workers`` workers on a free loopback port."""
     from llava_sessions.archive import build_archive
     from llava_sessions.serving_stack import ServingStack
@@ -354,7 +354,7 @@ def start_stack(model_dir: Path, work_dir: Path, device: str, sessions_per_worke
     archive = build_archive(
         model_dir,
         work_dir / "archive",
-        sessions_per_worker=sessions_per_worker,
+        max_sessions_per_worker=max_sessions_per_worker,
         session_ttl_s=3600,
         handler_overrides=overrides,
     )

@@ -79,12 +79,36 @@ _TARGET_TABLE = (
 TARGETS = tuple(Target(key, label, op, cpu) for key, label, op, cpu, _gpu in _TARGET_TABLE)
 GPU_TARGETS = tuple(Target(key, label, op, gpu) for key, label, op, _cpu, gpu in _TARGET_TABLE)
 RATIO_KEYS = tuple(t.key for t in TARGETS)
+RATIO_LABELS = {t.key: t.label for t in TARGETS}
+
+# The targets hold for these runs only: (model shape, device type). A ratio of another run (the
+# tiny preset, `small` on a GPU, a checkpoint of no preset's shape) is a figure, not a verdict.
+TARGETS_BY_RUN = {("small", "cpu"): TARGETS, ("llava-1.5-7b", "cuda"): GPU_TARGETS}
 
 GPU_7B_HOT_SESSIONS_TARGET = 150  # 620-token sessions with KV on the GPU, 7B fp16 in 80 GB
 
 
-def targets_for(device_type: str) -> tuple[Target, ...]:
-    return GPU_TARGETS if device_type == "cuda" else TARGETS
+def targets_for(shape: str | None, device_type: str) -> tuple[Target, ...] | None:
+    """The targets of a run of a model of preset ``shape`` (None: no preset's shape) on
+    ``device_type`` ("cpu", "cuda"); None when no targets are set for that run."""
+    return TARGETS_BY_RUN.get((shape, device_type))
+
+
+def targets_note(shape: str | None, device_type: str) -> str:
+    """One line saying which targets a run is held to, or why none."""
+    if targets_for(shape, device_type) is not None:
+        return f"targets of {shape} on {device_type}"
+    model = f"preset {shape}" if shape else "a model of no preset's shape"
+    runs = " and ".join(f"{s} on {d}" for s, d in TARGETS_BY_RUN)
+    return f"no targets for {model} on {device_type}: targets are set for {runs} only"
+
+
+def verdicts(targets: Sequence[Target] | None, ratios: dict) -> dict | None:
+    """{key: label, op, value, met} of each target against ``ratios``; None without targets."""
+    if targets is None:
+        return None
+    return {t.key: {"label": t.label, "op": t.op, "value": t.value, "met": t.met(ratios[t.key])}
+            for t in targets}
 
 
 # Two greedy runs of one model that differ only in kernel shapes (a batched step, a longer KV

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_sessions.bench.served import Client, ServerError, StackProcess
+from llava_sessions.wire import CLOSE, NEW_SESSION
 
 QUESTIONS = [
     "What is in the picture?",
@@ -119,12 +120,12 @@ def _opens_round(client: Client, image: str, options: Options, sessions: int) ->
     """``sessions`` clients at once, each opening with the image and its first question, then closing."""
 
     def cold_open(index: int) -> None:
-        body = {"requestType": "NEW_SESSION", "images": [image], "prompt": QUESTIONS[0],
+        body = {"requestType": NEW_SESSION, "images": [image], "prompt": QUESTIONS[0],
                 "max_new_tokens": options.max_new_tokens}
         _, status, payload = client.send(body)
         if status != 200:
             raise ServerError(f"HTTP {status}: {payload[:300].decode('utf-8', errors='replace')}")
-        client.send({"requestType": "CLOSE"}, json.loads(payload)["session_id"])
+        client.send({"requestType": CLOSE}, json.loads(payload)["session_id"])
 
     with ThreadPoolExecutor(sessions) as pool:
         started = time.perf_counter()
@@ -140,7 +141,7 @@ def _turns_round(client: Client, image: str, options: Options, sessions: int) ->
         started = time.perf_counter()
         per_session = list(pool.map(lambda sid: _conversation(client, sid, options), ids))
         seconds = time.perf_counter() - started
-        list(pool.map(lambda sid: client.send({"requestType": "CLOSE"}, sid), ids))
+        list(pool.map(lambda sid: client.send({"requestType": CLOSE}, sid), ids))
     tokens = sum(tokens for tokens, _ in per_session)
     turn_seconds = [s for _, times in per_session for s in times]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,

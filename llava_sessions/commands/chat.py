@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 import warnings
 
 HELP = """commands:
@@ -111,7 +112,7 @@ def _loop(session, stream: bool) -> None:
             continue
         if text == "/history":
             for message in session.messages():
-                print(f"[{message['role']}] {message['content']}", flush=True)
+                print(f"[{message['role']}] {printable(message['content'])}", flush=True)
             continue
         if text.startswith("/image"):
             path = text[len("/image"):].strip()
@@ -139,13 +140,13 @@ def _loop(session, stream: bool) -> None:
 
 def _answer(session, line: str, images: list[str], stream: bool) -> None:
     if not stream:
-        print(session.ask(line, images=images), flush=True)
+        print(printable(session.ask(line, images=images)), flush=True)
         return
     turn = None
     try:
         turn = session.stream(line, images=images)
         for piece in turn:
-            sys.stdout.write(piece)
+            sys.stdout.write(printable(piece))
             sys.stdout.flush()
     except KeyboardInterrupt:
         if turn is not None:
@@ -154,6 +155,13 @@ def _answer(session, line: str, images: list[str], stream: bool) -> None:
         _note("stopped: that answer is not part of the conversation; the next question follows the last whole one")
         return
     print(flush=True)
+
+
+def printable(text: str) -> str:
+    """Model output as the terminal should show it: control characters (an ESC that would start a
+    terminal escape sequence, a bell, a carriage return that overwrites the line) are dropped;
+    newlines and tabs stay."""
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
 
 
 def _note(text: str) -> None:

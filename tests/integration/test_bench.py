@@ -84,13 +84,15 @@ def test_cold_opens_are_timed_in_pairs_with_the_stateless_first_turn(bench_resul
     assert result["decode_tps"]["ours"][0] is None and result["decode_tps"]["ours"][1] > 0
 
 
-def test_the_table_holds_the_run_to_its_devices_targets_and_says_how_answers_agree(bench_result):
+def test_the_table_holds_only_runs_with_targets_to_them_and_says_how_answers_agree(bench_result):
     from llava_sessions.bench import report
 
     result = json.loads(bench_result[1])
-    assert set(result["targets"]) == set(RATIO_KEYS)
+    # Targets are set for the small preset on a CPU and the 7B on a GPU: a tiny run has none.
+    assert result["targets"] is None and result["model_shape"] == "tiny"
     text = report.table(result)
-    assert "follow-up TTFT ours / floor" in text and "<=1.5" in text  # a CPU run: the CPU column
+    assert "follow-up TTFT ours / floor" in text and "NOT MET" not in text and "<=1.5" not in text
+    assert set(RATIO_KEYS) <= set(result)
     assert "answers of (a) equal the reference: yes" in text
     parted = {**result, "answers_match_reference": False, "answers_match_up_to_near_ties": True,
               "mismatch_analysis": [{"where": "repeat 1 turn 2", "kind": "answer", "near_tie": True}]}

@@ -34,7 +34,7 @@ WAIT_S = 60
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hangups")
-    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=16, session_ttl_s=600)
+    archive = build_archive(tiny_model_dir, tmp / "archive", max_sessions_per_worker=16, session_ttl_s=600)
     server = ServingStack(archive, tmp / "run", workers=1, port=0).start(ready_timeout=300)
     yield server
     server.stop()
@@ -130,7 +130,7 @@ def test_a_client_that_leaves_while_its_turn_waits_leaves_its_session_as_before(
 
 
 def test_sigterm_ends_every_answer_whole_then_exits_0(tmp_path):
-    from llava_sessions.handler.engine.tiny_model import write_tiny_llava
+    from llava_sessions.tiny_model import write_tiny_llava
 
     # The small preset streams a long answer (about 1,450 tokens, seconds on a CPU): still in flight
     # when the signal comes, however slow the machine.

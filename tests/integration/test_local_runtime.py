@@ -6,6 +6,7 @@ One LocalRuntime for the whole module; the last test kills an instance.
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +31,7 @@ MAX_NEW = 8
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-runtime")
-    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=8, session_ttl_s=600)
+    archive = build_archive(tiny_model_dir, tmp / "archive", max_sessions_per_worker=8, session_ttl_s=600)
     runtime = LocalRuntime(archive, tmp / "run", instances=2, port=0, endpoint_name=ENDPOINT)
     runtime.start(ready_timeout=300)
     yield runtime
@@ -149,3 +150,21 @@ def test_killed_instance_loses_its_sessions_and_the_other_serves(smr, runtime):
     assert ask(smr, survivor, "Still there?")["generated_text"] is not None
     reopened = open_session(smr, image(5))
     assert bound(runtime)[reopened] == 0
+
+
+def test_the_snippet_local_prints_works_without_aws_credentials(runtime, monkeypatch, tmp_path):
+    """What `llava-sessions local` prints, run as printed on a machine with no AWS set-up."""
+    from llava_sessions.deploy.local_runtime import boto3_snippet
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    client = eval(boto3_snippet(runtime.url), {"boto3": boto3})  # noqa: S307 (our own printed line)
+    response = client.invoke_endpoint(EndpointName=ENDPOINT, SessionId="NEW_SESSION", ContentType="application/json",
+                                      Body=json.dumps({"requestType": "NEW_SESSION"}))
+    session = response["NewSessionId"].split(";")[0]
+    closed = client.invoke_endpoint(EndpointName=ENDPOINT, SessionId=session, ContentType="application/json",
+                                    Body=json.dumps({"requestType": "CLOSE"}))
+    assert closed["ClosedSessionId"] == session

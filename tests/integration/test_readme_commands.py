@@ -63,6 +63,8 @@ def test_make_serve_answers_the_protocol_and_stops_cleanly_on_ctrl_c(tmp_path):
         assert match, "".join(lines)[-3000:]
         url = match.group(1)
         assert "random weights" in match.string
+        metrics = re.search(r"Prometheus metrics: (http://127\.0\.0\.1:\d+/metrics)", match.string)
+        assert metrics and "llava_" in requests.get(metrics.group(1), timeout=30).text  # findable from outside
 
         buffer = io.BytesIO()
         Image.new("RGB", (50, 40), (0, 90, 200)).save(buffer, format="PNG")
@@ -110,3 +112,12 @@ def _torchserve_under(root: Path) -> list[int]:
         if state not in ("Z", "X"):
             pids.append(int(proc_dir.name))
     return pids
+
+
+def test_the_readmes_sample_image_ships_with_the_repo():
+    readme = (REPO / "README.md").read_text()
+    paths = set(re.findall(r"examples/[\w.-]+\.(?:png|jpg|jpeg)", readme))
+    assert paths == {"examples/picture.png"}
+    with Image.open(REPO / "examples" / "picture.png") as image:
+        image.load()
+        assert image.mode == "RGB" and min(image.size) >= 64

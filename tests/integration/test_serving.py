@@ -41,7 +41,7 @@ def invoke(url: str, body: dict, session: str | None = None) -> requests.Respons
 
 
 def start_server(model_dir, tmp, *, workers: int, ttl: int) -> ServingStack:
-    archive = build_archive(model_dir, tmp / "archive", sessions_per_worker=16, session_ttl_s=ttl)
+    archive = build_archive(model_dir, tmp / "archive", max_sessions_per_worker=16, session_ttl_s=ttl)
     return ServingStack(archive, tmp / "run", workers=workers, port=0).start(ready_timeout=300)
 
 

@@ -62,7 +62,7 @@ def invoke(url: str, body: dict, session: str | None = None, **kwargs) -> reques
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("streaming")
-    archive = build_archive(tiny_model_dir, tmp / "archive", sessions_per_worker=12, session_ttl_s=600)
+    archive = build_archive(tiny_model_dir, tmp / "archive", max_sessions_per_worker=12, session_ttl_s=600)
     server = ServingStack(archive, tmp / "run", workers=1, port=0).start(ready_timeout=300)
     yield server
     server.stop()

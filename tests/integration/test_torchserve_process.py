@@ -36,7 +36,7 @@ def checkpoint(workdir) -> Path:
 @pytest.fixture(scope="module")
 def archive(workdir, checkpoint) -> Path:
     handler = write_echo_handler(workdir / "echo_handler.py")
-    return build_archive(checkpoint, workdir / "store", sessions_per_worker=4, session_ttl_s=120,
+    return build_archive(checkpoint, workdir / "store", max_sessions_per_worker=4, session_ttl_s=120,
                          handler_file=handler)
 
 
@@ -174,7 +174,7 @@ def test_wait_ready_reports_the_log_when_workers_fail(tmp_path, checkpoint):
         "    def handle(self, data, context):\n"
         "        return data\n"
     )
-    archive = build_archive(checkpoint, tmp_path / "store", sessions_per_worker=1, session_ttl_s=60,
+    archive = build_archive(checkpoint, tmp_path / "store", max_sessions_per_worker=1, session_ttl_s=60,
                             handler_file=broken)
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         with pytest.raises(TorchServeError, match="(?s)not READY.*checkpoint unreadable"):

@@ -30,8 +30,8 @@ from llava_sessions.affinity_router import AffinityRouter, _body_session_id
 from llava_sessions.config import RouterConfig
 from llava_sessions.handler import bundle
 from llava_sessions.http_proxy_server import STOP_TIMEOUT_S
-from llava_sessions.handler.protocol import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
 from llava_sessions.session_routes import SessionRoutes
+from llava_sessions.wire import CLOSED_SESSION_HEADER, SESSION_HEADER, format_expires
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -24,7 +24,7 @@ def handler_file(tmp_path):
 
 
 def build(checkpoint, out, handler_file, **kwargs):
-    kwargs.setdefault("sessions_per_worker", 4)
+    kwargs.setdefault("max_sessions_per_worker", 4)
     kwargs.setdefault("session_ttl_s", 120)
     return build_archive(checkpoint, out, handler_file=handler_file, **kwargs)
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 
 import pytest
@@ -149,6 +150,29 @@ def test_missing_bucket_is_a_config_error(s3, archive):
         artifacts.upload_directory(s3, archive, "no-such-bucket", "p")
 
 
+def test_a_missing_bucket_is_refused_before_any_file_is_hashed(s3, archive, tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "sha256_file", lambda *a, **k: pytest.fail("hashed for a missing bucket"))
+    how = "create it with `aws s3 mb s3://no-such-bucket --region us-east-1`, or leave out --s3"
+    with pytest.raises(ConfigError, match=re.escape(how)) as refused:
+        artifacts.upload_directory(s3, archive, "no-such-bucket", "p")
+    assert "sagemaker-us-east-1-<account>, which `upload` creates" in str(refused.value)
+    (tmp_path / "model.tar.gz").write_bytes(b"gz")
+    with pytest.raises(ConfigError, match="aws s3 mb s3://no-such-bucket"):
+        artifacts.upload_file(s3, tmp_path / "model.tar.gz", "no-such-bucket", "model.tar.gz")
+
+
+def test_a_bucket_that_cannot_be_checked_is_a_warning():
+    from botocore.exceptions import ClientError
+
+    class Forbidden:
+        def head_bucket(self, **kwargs):
+            raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadBucket")
+
+    err = io.StringIO()
+    artifacts.check_bucket(Forbidden(), "theirs", err)
+    assert "could not check the bucket theirs (403); going on" in err.getvalue()
+
+
 # --- the command --------------------------------------------------------------------------
 
 
@@ -192,9 +216,23 @@ def test_cli_builds_the_archive_and_defaults_the_bucket(s3, tmp_path, monkeypatc
     assert "session_ttl_s: 300" in config["Body"].read().decode()
 
 
+def test_cli_upload_to_a_missing_bucket_fails_first_and_says_how_to_fix_it(s3, archive, monkeypatch, capsys):
+    from llava_sessions.commands import upload as upload_command
+
+    monkeypatch.setattr(artifacts, "sha256_file", lambda *a, **k: pytest.fail("hashed for a missing bucket"))
+    assert main(["upload", "--archive", str(archive), "--s3", "s3://no-such-bucket/models/x/"]) == 2
+    err = capsys.readouterr().err
+    assert "bucket 'no-such-bucket' does not exist" in err
+    assert "`aws s3 mb s3://no-such-bucket --region us-east-1`" in err and "leave out --s3" in err
+    # Checked before the archive is built too (a real checkpoint takes minutes to package).
+    monkeypatch.setattr(upload_command, "_archive", lambda args: pytest.fail("built the archive first"))
+    assert main(["upload", "--model", "any", "--s3", "s3://no-such-bucket/models/x/"]) == 2
+    assert "aws s3 mb s3://no-such-bucket" in capsys.readouterr().err
+
+
 def test_cli_refusals(s3, archive, capsys):
     assert main(["upload", "--archive", str(archive.parent), "--s3", f"s3://{BUCKET}/p/"]) == 2
-    assert "not a model archive folder" in capsys.readouterr().err
+    assert "not a TorchServe model archive folder" in capsys.readouterr().err
     assert main(["upload", "--archive", str(archive), "--s3", f"s3://{BUCKET}/p/model.tar.gz"]) == 2
     assert "--format tar.gz" in capsys.readouterr().err
 

@@ -53,7 +53,7 @@ def test_sessions_fit_and_targets():
 
 def test_seven_b_accounting_from_the_config():
     from llava_sessions.bench.runner import accounting_for
-    from llava_sessions.handler.engine.tiny_model import PRESETS
+    from llava_sessions.tiny_model import PRESETS
 
     acc = accounting_for(PRESETS["llava-1.5-7b"], 2, 620)
     assert acc["kv_bytes_per_token"] == 2 * 32 * 32 * 128 * 2  # K and V, 32 layers, 4096 wide, fp16
@@ -62,11 +62,56 @@ def test_seven_b_accounting_from_the_config():
 
 
 def test_a_gpu_run_is_held_to_the_gpu_column():
-    cpu = {t.key: t.value for t in stats.targets_for("cpu")}
-    gpu = {t.key: t.value for t in stats.targets_for("cuda")}
-    assert set(cpu) == set(gpu) == set(stats.RATIO_KEYS)
+    cpu = {t.key: t.value for t in stats.targets_for("small", "cpu")}
+    gpu = {t.key: t.value for t in stats.targets_for("llava-1.5-7b", "cuda")}
+    assert set(cpu) == set(gpu) == set(stats.RATIO_KEYS) == set(stats.RATIO_LABELS)
     assert gpu["followup_ttft_speedup_vs_stateless"] == 10 and cpu["followup_ttft_speedup_vs_stateless"] == 8
     assert gpu["followup_ttft_vs_floor"] == 1.25 and gpu["concurrent8_tps_vs_single"] == 3
+
+
+@pytest.mark.parametrize(("shape", "device"), [("tiny", "cpu"), ("tiny", "cuda"), ("small", "cuda"),
+                                               ("llava-1.5-7b", "cpu"), (None, "cpu"), (None, "cuda")])
+def test_only_small_on_a_cpu_and_7b_on_a_gpu_have_targets(shape, device):
+    assert stats.targets_for(shape, device) is None
+    assert stats.verdicts(None, {}) is None
+    note = stats.targets_note(shape, device)
+    assert note.startswith("no targets for") and "small on cpu and llava-1.5-7b on cuda" in note
+    assert ("no preset's shape" in note) is (shape is None)
+
+
+def test_verdicts_say_which_targets_a_ratio_meets():
+    ratios = dict.fromkeys(stats.RATIO_KEYS, 1.2)
+    verdicts = stats.verdicts(stats.targets_for("small", "cpu"), ratios)
+    assert set(verdicts) == set(stats.RATIO_KEYS)
+    assert verdicts["followup_ttft_vs_floor"] == {"label": "follow-up TTFT ours / floor", "op": "<=",
+                                                  "value": 1.5, "met": True}
+    assert verdicts["followup_ttft_speedup_vs_stateless"]["met"] is False
+    assert stats.targets_note("small", "cpu") == "targets of small on cpu"
+
+
+def _config(geometry, **changes):
+    from types import SimpleNamespace
+
+    vision = SimpleNamespace(image_size=geometry.image_size, patch_size=geometry.patch_size,
+                             hidden_size=geometry.vision_hidden_size,
+                             intermediate_size=geometry.vision_intermediate_size,
+                             num_hidden_layers=geometry.vision_num_layers, num_attention_heads=geometry.vision_num_heads)
+    text = SimpleNamespace(hidden_size=geometry.text_hidden_size, intermediate_size=geometry.text_intermediate_size,
+                           num_hidden_layers=geometry.text_num_layers, num_attention_heads=geometry.text_num_heads,
+                           num_key_value_heads=geometry.text_num_kv_heads, vocab_size=geometry.vocab_size)
+    for key, value in changes.items():
+        setattr(text, key, value)
+    return SimpleNamespace(vision_config=vision, text_config=text)
+
+
+def test_a_checkpoint_is_held_to_the_targets_of_the_preset_whose_shape_it_has():
+    from llava_sessions.bench.runner import preset_of
+    from llava_sessions.tiny_model import PRESETS
+
+    for name, geometry in PRESETS.items():
+        assert preset_of(_config(geometry)) == name
+    assert preset_of(_config(PRESETS["small"], num_hidden_layers=5)) is None
+    assert preset_of(_config(PRESETS["llava-1.5-7b"], num_key_value_heads=None)) == "llava-1.5-7b"  # = heads
 
 
 def test_divergence_index_counts_the_reference_tokens_the_other_answer_agrees_with():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from llava_sessions.cli import main
@@ -47,3 +48,19 @@ def test_torchserve_gets_the_same_request_size_limit_as_the_router(tmp_path):
     process._write_config()
     lines = (process.run_dir / "config.properties").read_text().splitlines()
     assert f"max_request_size={3 << 20}" in lines
+
+
+def test_version_and_help_with_defaults(capsys):
+    from llava_sessions import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"llava-sessions {__version__}"
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 8080)" in text and "(default: 32)" in text  # --port, --max-sessions-per-worker
+    assert "formerly" not in text or "--sessions-per-worker" in text
+    with pytest.raises(SystemExit):
+        main(["archive", "--help"])
+    assert "no-archive: a folder TorchServe loads in place" in " ".join(capsys.readouterr().out.split())

@@ -19,6 +19,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
+from llava_sessions import wire
 from llava_sessions.deploy import client as client_module
 from llava_sessions.deploy.client import (
     ReplayDivergenceWarning,
@@ -210,35 +211,49 @@ def test_parse_new_session_id():
     assert session_id == "sess-5b0c"
     assert (expires.year, expires.hour, expires.minute, expires.utcoffset().total_seconds()) == (2026, 10, 20, 0)
     assert parse_new_session_id("abc") == ("abc", None)
+    assert parse_new_session_id(" abc ") == ("abc", None)
     assert parse_new_session_id("abc;expires=2026-11-22T10:20:00Z")[0] == "abc"
+    assert parse_new_session_id("abc; Path=/; Expires=2026-11-22T10:20:00Z")[0] == "abc"  # other attributes ignored
+
+
+def test_parse_new_session_id_reads_what_the_wire_formats():
+    session_id, expires = parse_new_session_id(wire.format_session_header("sess-1", 1_767_225_600.5))
+    assert (session_id, expires.timestamp(), expires.utcoffset().total_seconds()) == ("sess-1", 1_767_225_600, 0)
 
 
 @pytest.mark.parametrize("value", [None, "", "  ", "bad_id; Expires=2026-11-22T10:20:00Z", "abc; Expires=tomorrow",
-                                   "abc; Expires=2026-13-40T10:20:00Z", "abc; garbage"])
+                                   "abc; Expires=2026-13-40T10:20:00Z", "abc; garbage", "a" * 257,
+                                   "abc; Expires=2026-11-22T10:20:00Z; Expires=2026-11-23T10:20:00Z"])
 def test_parse_new_session_id_refuses_ill_formed(value):
     with pytest.raises(SessionError) as caught:
         parse_new_session_id(value)
     assert caught.value.code == "BAD_RESPONSE"
 
 
-# --- splitting TGI events --------------------------------------------------------------------------
+# --- TGI events (wire.iter_events; split at every byte in test_wire.py) -------------------------------
 
 EVENTS = [
     {"token": {"id": 1, "text": " The", "special": False}, "generated_text": None},
-    {"token": {"id": 2, "text": " café 日本 🐱", "special": False}, "generated_text": None},
-    {"token": {"id": 3, "text": "", "special": True}, "generated_text": "The café 日本 🐱"},
+    {"token": {"id": 3, "text": "", "special": True}, "generated_text": "The"},
 ]
 
 
-@pytest.mark.parametrize("newline", ["\n\n", "\r\n\r\n"])
-def test_events_split_at_every_byte_position(newline):
-    text = "".join("data:" + json.dumps(e, ensure_ascii=False) + newline for e in EVENTS).encode()
-    text = b": a comment\n" + text
+def test_events_are_the_wires_split_anywhere():
+    text = ("".join(wire.event(e) for e in EVENTS)).encode()
     for cut in range(len(text) + 1):
         assert list(iter_events([text[:cut], text[cut:]])) == EVENTS
-    assert list(iter_events([bytes([b]) for b in text])) == EVENTS
-    for cut in range(0, len(text), 5):  # three pieces
-        assert list(iter_events([text[:cut], text[cut:cut + 11], text[cut + 11:]])) == EVENTS
+
+
+def test_an_error_from_the_chunks_passes_through_unchanged():
+    def chunks():
+        yield wire.event(EVENTS[0]).encode()
+        raise SessionError("STREAM_BROKEN", None, "the stream broke off")
+
+    events = iter_events(chunks())
+    assert next(events) == EVENTS[0]
+    with pytest.raises(SessionError) as caught:
+        next(events)
+    assert caught.value.code == "STREAM_BROKEN"
 
 
 def test_events_last_line_without_newline_and_bad_json():
@@ -843,3 +858,24 @@ def test_a_turn_the_user_stopped_waiting_for_is_not_part_of_the_conversation(cli
                 chat.ask("q2") if send == "_invoke" else chat.stream("q2")
     # The server drops a turn whose client hung up; so does the transcript.
     assert [t.prompt for t in chat.history] == ["q1"] and hung_up == [True, True]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_chat_prints_no_control_characters(cli_endpoint, monkeypatch, capsys, stream):
+    # The fake endpoint echoes the prompt in its answer: a model could answer with these too.
+    evil = "look \x1b[2J\x1b]0;pwned\x07 here\r\x08"
+    code, out, _ = run_chat(monkeypatch, capsys, f"{evil}\n/history\n", *([] if stream else ["--no-stream"]))
+    assert code == 0
+    assert not any(ch in out for ch in "\x1b\x07\r\x08")
+    assert "look [2J]0;pwned here" in out  # the text around them stays, newlines too
+
+
+def test_a_reopen_and_replay_is_logged_at_info(client, endpoint, caplog):
+    caplog.set_level("INFO", logger="llava_sessions.deploy.client")
+    chat = client.open()
+    chat.ask("q1")
+    endpoint.lose_all()
+    chat.ask("q2")
+    [record] = [r for r in caplog.records if "reopened" in r.getMessage()]
+    assert record.levelname == "INFO" and "replayed 1 turn(s)" in record.getMessage()
+    assert "reopened as s2" in record.getMessage()

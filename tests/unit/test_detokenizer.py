@@ -7,7 +7,7 @@ import random
 import pytest
 
 from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
-from llava_sessions.handler.engine.tiny_model import build_tokenizer
+from llava_sessions.tiny_model import build_tokenizer
 
 MIXED_TEXT = "Café ☕ costs 3€; 世界你好！ The 🐈‍⬛ sat 🙂👍🏽 on ñandú — naïve 日本語テキスト 🇯🇵 done."
 

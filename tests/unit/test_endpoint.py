@@ -4,17 +4,20 @@ moto 5 checks instance types against an old list that lacks ml.g5.* (the default
 deploy ml.g4dn.xlarge. moto has no update_endpoint: the update test sends that one call through
 botocore's Stubber (which validates it against the real service model) and applies its effect to
 moto's endpoint record, so everything around it (new model and config, waiting, pruning) is real.
+The images the tests deploy are pushed to moto's ECR (deploy checks that they exist).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
 from llava_sessions.deploy import endpoint as ep
 
 from llava_sessions.cli import _parser, main
+from llava_sessions.commands import endpoint as endpoint_command
 from llava_sessions.errors import ConfigError
 from tests.fakes import isolate_from_aws
 
@@ -25,6 +28,27 @@ IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/llava-sessions:abc123"
 DATA = "s3://model-bucket/models/llava/"
 TYPE = "ml.g4dn.xlarge"  # moto rejects ml.g5.*
 RESOURCE = "endpoint/chat/variant/AllTraffic"
+PUSHED_TAGS = ("abc123", "def456", "v2")  # the tags of IMAGE's repository in moto's ECR
+
+
+def push_image(tag, region=REGION):
+    """An image manifest in moto's ECR under ``llava-sessions:<tag>``; returns its digest."""
+    import boto3
+
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": 1,
+                   "digest": "sha256:" + "0" * 64},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": 1,
+                    "digest": "sha256:" + tag.encode().hex().ljust(64, "0")[:64]}],
+    })
+    ecr = boto3.client("ecr", region_name=region)
+    try:
+        ecr.create_repository(repositoryName="llava-sessions")
+    except ecr.exceptions.RepositoryAlreadyExistsException:
+        pass
+    return ecr.put_image(repositoryName="llava-sessions", imageManifest=manifest, imageTag=tag)["image"][
+        "imageId"]["imageDigest"]
 
 
 @pytest.fixture
@@ -39,6 +63,8 @@ def aws(monkeypatch):
         s3.create_bucket(Bucket="model-bucket")
         s3.put_object(Bucket="model-bucket", Key="models/llava/MAR-INF/MANIFEST.json", Body=b"{}")
         s3.put_object(Bucket="model-bucket", Key="tgz/model.tar.gz", Body=b"gz")
+        for tag in PUSHED_TAGS:
+            push_image(tag)
         yield boto3.client("sagemaker", region_name=REGION), boto3.client("application-autoscaling",
                                                                            region_name=REGION)
 
@@ -295,8 +321,7 @@ def test_teardown_keep_model_and_leftovers_of_a_failed_deploy(aws, capsys):
     # A deploy that died after creating its model and config, before the endpoint.
     p = plan("--instance-count", "2")
     lc = life(aws)
-    lc._create_model(p)
-    lc._create_config(p)
+    lc.run(ep.Steps("deploy", "chat", steps=lc.plan_deploy(p).steps[:2]))  # CreateModel, CreateEndpointConfig
     sm.create_model(ModelName="chat-model-notours", PrimaryContainer={"Image": IMAGE}, ExecutionRoleArn=ROLE)
     capsys.readouterr()
     assert main(["teardown", "--name", "chat", "--poll", "0"]) == 0
@@ -444,7 +469,7 @@ def test_update_from_the_command_line(aws, monkeypatch, capsys):
     def sleep(seconds):
         moto_endpoint().endpoint_status = "InService"
 
-    monkeypatch.setattr(ep, "lifecycle", lambda args: ep.Lifecycle(stub, autoscaling, sleep=sleep))
+    monkeypatch.setattr(endpoint_command, "lifecycle", lambda args: ep.Lifecycle(stub, autoscaling, sleep=sleep))
     # Only the image is given: data, type, role and environment come from the running endpoint.
     assert main(["update", "--name", "chat", "--image", IMAGE.replace("abc123", "v2")]) == 0
     stub.done()
@@ -481,3 +506,371 @@ def test_upload_deploy_teardown_from_the_command_line(aws, tmp_path, capsys):
     assert main(["teardown", "--name", "chat", "--poll", "0"]) == 0
     assert sm.list_endpoints()["Endpoints"] == [] and names(sm) == ([], [])
     assert autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_the_test_extra_brings_a_working_moto_server():
+    """`pip install .[test]` gives moto_server its web framework (moto[server]), for trying the
+    control plane against a local AWS stand-in."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    assert server, "moto_server is not installed beside this Python"
+    run = subprocess.run([server, "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "usage: moto_server" in run.stdout, run.stderr[-2000:]
+
+
+# --- --dry-run ----------------------------------------------------------------------------------
+
+READ_ONLY = re.compile(r"^(Describe|List|Head|Get)[A-Z]")
+PLANNED = re.compile(r"^\s+aws (sagemaker|application-autoscaling) ([A-Za-z]+)( |$)", re.M)
+
+
+@pytest.fixture
+def api_calls(monkeypatch):
+    """The name of every AWS operation any boto3 client makes, in order."""
+    from botocore.client import BaseClient
+
+    calls = []
+    real = BaseClient._make_api_call
+
+    def record(self, operation_name, api_params):
+        calls.append(operation_name)
+        return real(self, operation_name, api_params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", record)
+    return calls
+
+
+def changes(calls):
+    return [c for c in calls if not READ_ONLY.match(c)]
+
+
+def planned(out):
+    """The changing calls a dry run lists, in order (the waits poll DescribeEndpoint, read-only)."""
+    return [op for _, op, _ in PLANNED.findall(out) if not READ_ONLY.match(op)]
+
+
+def test_deploy_dry_run_prints_every_call_and_changes_nothing(aws, api_calls, capsys):
+    sm, autoscaling = aws
+    assert main(deploy_argv("--autoscale-max", "3", "--session-ttl", "600", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    p = plan("--autoscale-max", "3", "--session-ttl", "600")
+    assert out.startswith("llava-sessions deploy --dry-run: nothing changes. The plan:\n")
+    assert f"image {IMAGE} is in ECR" in out and f"model data {DATA} exists" in out and "no endpoint chat yet" in out
+    assert f"1. create the model {p.model_name}\n   aws sagemaker CreateModel ModelName={p.model_name}\n" in out
+    assert f"Image={IMAGE}" in out and f"ModelDataSource={DATA} (S3Prefix" in out and f"ExecutionRoleArn={ROLE}" in out
+    assert '"LLAVA_SESSIONS_SESSION_TTL_S": "600"' in out
+    assert f"aws sagemaker CreateEndpointConfig EndpointConfigName={p.config_name}" in out
+    assert f"InstanceType={TYPE} InitialInstanceCount=1" in out
+    assert f"aws sagemaker CreateEndpoint EndpointName=chat EndpointConfigName={p.config_name}" in out
+    assert "wait until endpoint chat is InService" in out
+    assert f"aws application-autoscaling RegisterScalableTarget ResourceId={RESOURCE} MinCapacity=1 MaxCapacity=3" in out
+    assert "aws application-autoscaling PutScalingPolicy PolicyName=llava-sessions-invocations-per-instance" in out
+    assert "`llava-sessions teardown --name chat` removes them all" in out
+    assert planned(out) == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint", "RegisterScalableTarget",
+                            "PutScalingPolicy"]
+    assert changes(api_calls) == [], api_calls
+    assert sm.list_endpoints()["Endpoints"] == [] and names(sm) == ([], [])
+    assert autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_dry_run_shows_exactly_the_calls_the_run_makes(aws, api_calls, capsys):
+    for argv in (deploy_argv("--autoscale-max", "3"), ["teardown", "--name", "chat", "--poll", "0"]):
+        assert main([*argv, "--dry-run"]) == 0
+        shown = planned(capsys.readouterr().out)
+        assert shown, argv
+        del api_calls[:]
+        assert main(argv) == 0
+        assert changes(api_calls) == shown, argv
+        capsys.readouterr()
+    assert main(["teardown", "--name", "chat", "--dry-run"]) == 0  # nothing left: a plan without calls
+    assert capsys.readouterr().out.splitlines()[-1].startswith("nothing to tear down: no endpoint chat")
+
+
+def test_update_dry_run_names_the_old_model_and_config_it_deletes(aws, api_calls, capsys):
+    sm, _ = aws
+    old = plan()
+    assert main(deploy_argv()) == 0
+    before = names(sm)
+    new_image = IMAGE.replace("abc123", "v2")
+    new = plan("--image", new_image)
+    capsys.readouterr()
+    del api_calls[:]
+    assert main(["update", "--name", "chat", "--image", new_image, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llava-sessions update --dry-run: nothing changes. The plan:\n")
+    assert f"endpoint chat runs config {old.config_name} (InService)" in out
+    assert f"aws sagemaker CreateModel ModelName={new.model_name}" in out and f"Image={new_image}" in out
+    assert (f"aws sagemaker UpdateEndpoint EndpointName=chat EndpointConfigName={new.config_name} "
+            "RetainAllVariantProperties=False") in out
+    assert f"aws sagemaker DeleteEndpointConfig EndpointConfigName={old.config_name}" in out
+    assert f"aws sagemaker DeleteModel ModelName={old.model_name}" in out
+    assert (f"once endpoint chat runs {new.config_name}, this update deletes the old config {old.config_name}, "
+            f"model {old.model_name}") in out
+    assert planned(out) == ["CreateModel", "CreateEndpointConfig", "UpdateEndpoint", "DeleteEndpointConfig",
+                            "DeleteModel"]
+    assert changes(api_calls) == [] and names(sm) == before
+    assert sm.describe_endpoint(EndpointName="chat")["EndpointConfigName"] == old.config_name
+
+
+def test_teardown_names_what_it_deletes_and_its_dry_run_deletes_nothing(aws, api_calls, capsys):
+    sm, autoscaling = aws
+    p = plan("--autoscale-max", "3")
+    assert main(deploy_argv("--autoscale-max", "3")) == 0
+    capsys.readouterr()
+    del api_calls[:]
+    assert main(["teardown", "--name", "chat", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    deletes = (f"this teardown deletes: autoscaling of AllTraffic, endpoint chat, config {p.config_name}, "
+               f"model {p.model_name}")
+    assert out.startswith("llava-sessions teardown --dry-run: nothing changes. The plan:\n") and deletes in out
+    assert planned(out) == ["DeleteScalingPolicy", "DeregisterScalableTarget", "DeleteEndpoint",
+                            "DeleteEndpointConfig", "DeleteModel"]
+    assert "aws sagemaker DeleteEndpoint EndpointName=chat" in out and "wait until endpoint chat is gone" in out
+    assert changes(api_calls) == []
+    assert len(sm.list_endpoints()["Endpoints"]) == 1 and names(sm) == ([p.model_name], [p.config_name])
+    assert len(autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]) == 1
+
+    assert main(["teardown", "--name", "chat", "--poll", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.index(deletes) < err.index("endpoint chat: gone")  # named before anything is deleted
+
+
+# --- after a failure: what is left behind --------------------------------------------------------
+
+
+def client_error(code, message="refused"):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": message}}, "Operation")
+
+
+def test_a_failed_create_endpoint_names_the_model_and_config_left_behind(aws, capsys):
+    sm, autoscaling = aws
+    p = plan()
+
+    def refuse(**kwargs):
+        raise client_error("ResourceLimitExceeded", "account-level service limit for ml.g4dn.xlarge is 0")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sm, "create_endpoint", refuse, raising=False)
+        patch.setattr(endpoint_command, "lifecycle", lambda args: ep.Lifecycle(sm, autoscaling))
+        assert main(deploy_argv()) == 1
+    err = capsys.readouterr().err
+    assert "llava-sessions: AWS refused" in err and "service limit" in err
+    assert f"left behind by this run: model {p.model_name}, config {p.config_name}\n" in err
+    assert "remove them with `llava-sessions teardown --name chat`" in err
+    assert names(sm) == ([p.model_name], [p.config_name])
+
+    assert main(["teardown", "--name", "chat", "--poll", "0"]) == 0  # what the message says removes them
+    assert names(sm) == ([], [])
+
+
+def test_an_endpoint_that_fails_names_everything_left_behind(aws):
+    p = plan("--autoscale-max", "2")
+    lc = life(aws)
+    real_create = lc.sm.create_endpoint
+
+    def create_then_fail(**kwargs):
+        real_create(**kwargs)
+        record = moto_endpoint()
+        record.endpoint_status, record.failure_reason = "Failed", "CannotStartContainerError: ping failed"
+
+    lc.sm.create_endpoint = create_then_fail
+    with pytest.raises(ep.DeployError) as failure:
+        lc.deploy(p)
+    message = str(failure.value)
+    assert "endpoint chat failed: CannotStartContainerError: ping failed" in message
+    assert f"left behind by this run: model {p.model_name}, config {p.config_name}, endpoint chat\n" in message
+    assert "`llava-sessions teardown --name chat`" in message
+    assert "scal" not in message.split("left behind", 1)[1].splitlines()[0]  # autoscaling never got applied
+
+
+def test_a_rolled_back_update_names_what_it_left_and_how_to_restore_autoscaling(aws):
+    sm, autoscaling = aws
+    old = plan("--autoscale-max", "3", "--autoscale-target", "15")
+    life(aws).deploy(old)
+    new = plan("--instance-type", "ml.g4dn.2xlarge", "--image", IMAGE.replace("abc123", "v2"), command="update")
+    stub = StubbedUpdate(sm, [{"EndpointName": "chat", "EndpointConfigName": new.config_name,
+                               "RetainAllVariantProperties": False}])
+
+    def roll_back(seconds):
+        record = moto_endpoint()
+        record.endpoint_config_name, record.endpoint_status = old.config_name, "InService"
+        record.failure_reason = "health check failed"
+
+    lc = ep.Lifecycle(stub, autoscaling, out=io.StringIO(), err=io.StringIO(), sleep=roll_back)
+    with pytest.raises(ep.DeployError) as failure:
+        lc.update(new)
+    message = str(failure.value)
+    assert f"rolled back to {old.config_name}: health check failed" in message
+    assert (f"left behind by this run: model {new.model_name}, config {new.config_name} "
+            f"(endpoint chat still runs {old.config_name})") in message
+    assert "the next `llava-sessions update --name chat` that succeeds deletes them" in message
+    assert "`llava-sessions teardown --name chat` deletes them with the endpoint" in message
+    assert ("autoscaling of chat was deregistered for the instance type change and is not registered again: "
+            "`llava-sessions update --name chat --autoscale-min 1 --autoscale-max 3 --autoscale-target 15` "
+            "registers it again") in message
+    assert autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert names(sm) == (sorted([old.model_name, new.model_name]), sorted([old.config_name, new.config_name]))
+
+
+def test_update_names_the_old_model_and_config_before_it_starts(aws, monkeypatch, capsys):
+    sm, autoscaling = aws
+    old = plan()
+    assert main(deploy_argv()) == 0
+    new_image = IMAGE.replace("abc123", "def456")
+    new = plan("--image", new_image)
+    stub = StubbedUpdate(sm, [{"EndpointName": "chat", "EndpointConfigName": new.config_name,
+                               "RetainAllVariantProperties": False}])
+
+    def sleep(seconds):
+        moto_endpoint().endpoint_status = "InService"
+
+    monkeypatch.setattr(endpoint_command, "lifecycle", lambda args: ep.Lifecycle(stub, autoscaling, sleep=sleep))
+    capsys.readouterr()
+    assert main(["update", "--name", "chat", "--image", new_image]) == 0
+    err = capsys.readouterr().err
+    ahead = (f"once endpoint chat runs {new.config_name}, this update deletes the old config {old.config_name}, "
+             f"model {old.model_name}")
+    assert ahead in err and err.index(ahead) < err.index(f"created model {new.model_name}")
+
+
+def test_an_update_that_fails_after_the_roll_says_what_is_left_to_do(aws):
+    sm, autoscaling = aws
+    old = plan()
+    life(aws).deploy(old)
+    new = plan("--instance-count", "2", command="update")
+    stub = StubbedUpdate(sm, [{"EndpointName": "chat", "EndpointConfigName": new.config_name,
+                               "RetainAllVariantProperties": False}])
+
+    def sleep(seconds):
+        moto_endpoint().endpoint_status = "InService"
+
+    def refuse(**kwargs):
+        raise client_error("ThrottlingException", "Rate exceeded")
+
+    stub.delete_endpoint_config = refuse
+    lc = ep.Lifecycle(stub, autoscaling, out=io.StringIO(), err=io.StringIO(), sleep=sleep)
+    with pytest.raises(ep.DeployError) as failure:
+        lc.update(new)
+    message = str(failure.value)
+    assert (f"endpoint chat runs {new.config_name} now; not done: delete the old endpoint config "
+            f"{old.config_name}") in message
+    assert "run the same `llava-sessions update --name chat` again to finish" in message
+
+    del stub.delete_endpoint_config
+    lc.update(new)  # as the message says: the same update again deletes the old config
+    assert names(sm) == ([new.model_name], [new.config_name])  # one model: only the instance count changed
+
+
+def test_a_teardown_that_fails_partway_says_what_is_not_deleted_yet(aws, capsys):
+    sm, autoscaling = aws
+    p = plan()
+    assert main(deploy_argv()) == 0
+
+    def refuse(**kwargs):
+        raise client_error("ThrottlingException", "Rate exceeded")
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sm, "delete_endpoint_config", refuse, raising=False)
+        patch.setattr(endpoint_command, "lifecycle", lambda args: ep.Lifecycle(sm, autoscaling))
+        assert main(["teardown", "--name", "chat", "--poll", "0"]) == 1
+    err = capsys.readouterr().err
+    assert (f"not deleted yet: config {p.config_name}, model {p.model_name}; run "
+            "`llava-sessions teardown --name chat` again to finish") in err
+    assert main(["teardown", "--name", "chat", "--poll", "0"]) == 0
+    assert names(sm) == ([], [])
+
+
+# --- the image must be in ECR ----------------------------------------------------------------------
+
+
+def test_image_must_be_a_pushed_ecr_image_in_the_endpoint_region(aws, api_calls, capsys):
+    sm, _ = aws
+    other_region = IMAGE.replace(REGION, "eu-west-1")
+    push_image("abc123", region="eu-west-1")
+    for image, message in [
+        ("docker.io/library/nginx:latest", "is not an ECR image URI"),
+        (f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com", "is not an ECR image URI"),
+        (IMAGE.replace("abc123", "missing"), "not found in ECR: repository llava-sessions has no image with tag missing"),
+        (IMAGE.replace("llava-sessions:", "other:"), "not found in ECR: account 123456789012 has no repository other"),
+        (IMAGE.split(":abc123")[0] + "@sha256:" + "f" * 64, "not found in ECR"),
+        (other_region, "is in eu-west-1, the endpoint would be in us-east-1"),
+    ]:
+        argv = deploy_argv()
+        argv[argv.index(IMAGE)] = image
+        assert main(argv) == 2, image
+        err = capsys.readouterr().err
+        assert message in err and "llava-sessions image push" in err, (image, err)
+    assert main(["update", "--name", "chat", "--image", IMAGE.replace("abc123", "missing")]) == 2
+    assert changes([c for c in api_calls if c not in ("CreateRepository", "PutImage")]) == []
+    assert names(sm) == ([], [])
+
+    # By digest, and the tag left out (docker's "latest").
+    digest = push_image("latest")
+    by_digest = IMAGE.split(":abc123")[0] + "@" + digest
+    for image in (by_digest, IMAGE.split(":abc123")[0]):
+        argv = deploy_argv("--dry-run")
+        argv[argv.index(IMAGE)] = image
+        assert main(argv) == 0, capsys.readouterr().err
+        assert f"image {image} is in ECR" in capsys.readouterr().out
+
+
+def test_image_check_warns_and_goes_on_when_ecr_will_not_say():
+    class Refusing:
+        def describe_images(self, **kwargs):
+            raise client_error("AccessDeniedException", "not authorized to perform: ecr:DescribeImages")
+
+    err = io.StringIO()
+    assert ep.check_image_exists(Refusing(), IMAGE, REGION, err) == f"image {IMAGE} not checked (AccessDeniedException)"
+    assert f"could not check {IMAGE} in ECR (AccessDeniedException); going on" in err.getvalue()
+    assert ep.parse_ecr_image(f"{ACCOUNT}.dkr.ecr.cn-north-1.amazonaws.com.cn/team/llava:v1") == ep.EcrImage(
+        ACCOUNT, "cn-north-1", "team/llava", "v1", None)
+
+
+# --- --help ---------------------------------------------------------------------------------------
+
+SPEC_OPTIONS = ("--image", "--model-data", "--instance-type", "--instance-count", "--role", "--memory-budget-gb",
+                "--session-ttl", "--download-timeout", "--startup-timeout", "--routing")
+
+
+def help_lines(monkeypatch, capsys, command):
+    """``command --help``, one line per option (argparse's wrapped lines joined again)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    blocks = re.split(r"\n(?=  -)", capsys.readouterr().out)
+    options = {" ".join(block.split()).split(" ", 1)[0]: " ".join(block.split()) for block in blocks}
+    return {option: options[option] for option in SPEC_OPTIONS}
+
+
+def test_update_help_says_the_current_value_is_the_default_and_deploy_help_the_built_in(monkeypatch, capsys):
+    for option, line in help_lines(monkeypatch, capsys, "update").items():
+        assert re.findall(r"\(default:? ([^)]*)\)", line) == ["the endpoint's current value"], line
+    deploy = help_lines(monkeypatch, capsys, "deploy")
+    assert all("current value" not in line for line in deploy.values())
+    for option, default in [("--instance-type", "ml.g5.2xlarge"), ("--instance-count", "1"),
+                            ("--download-timeout", "1800"), ("--startup-timeout", "1800"),
+                            ("--routing", "LEAST_OUTSTANDING_REQUESTS"), ("--memory-budget-gb", "automatic"),
+                            ("--role", "$SAGEMAKER_ROLE_ARN")]:
+        assert f"(default: {default}" in deploy[option], deploy[option]
+
+
+def test_a_failure_on_an_endpoint_that_was_already_there_does_not_suggest_teardown(aws):
+    sm, autoscaling = aws
+    life(aws).deploy(plan())
+    lc = life(aws)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autoscaling, "put_scaling_policy",
+                      lambda **kwargs: (_ for _ in ()).throw(client_error("LimitExceededException")), raising=False)
+        with pytest.raises(ep.DeployError) as failure:
+            lc.deploy(plan("--autoscale-max", "3"))
+    message = str(failure.value)
+    assert "endpoint chat was there before this run and stays; not done: put the target-tracking scaling policy" in message
+    assert "Run the same deploy again to finish" in message and "teardown" not in message

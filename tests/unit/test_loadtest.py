@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import random
+import re
 import threading
 import time
 
@@ -227,7 +229,56 @@ def test_the_report_has_a_line_per_check_and_an_overall_verdict():
     text = loadtest.report(fake_run(Options(sessions=2, turns=2, cycles=10, soak_threads=2), FakeServer()))
     assert "load: 2 sessions x 2 turns" in text and "soak: 10 of 10 open/close cycles" in text
     assert "PASS  load: no 5xx" in text and "SKIP  soak: sessions back to 0" in text
-    assert text.splitlines()[-1].startswith("PASS  overall")
+    assert text.splitlines()[-1].startswith("PASS (leak checks skipped)  overall")
+
+
+def test_a_run_that_could_not_look_for_leaks_says_so_in_its_verdict_and_json():
+    # --url with neither --metrics-url nor --management-url: no gauges, no worker pids.
+    result = fake_run(Options(sessions=1, turns=1, cycles=10, soak_threads=2), FakeServer())
+    assert result["passed"] is True
+    assert result["leak_checks"] == "skipped"
+    reasons = {s["check"]: s["reason"] for s in result["leak_checks_skipped"]}
+    assert set(reasons) == {"soak: sessions back to 0", "soak: bytes held back to baseline", "soak: RSS"}
+    assert "--metrics-url" in reasons["soak: sessions back to 0"] and "--management-url" in reasons["soak: RSS"]
+    last = loadtest.report(result).splitlines()[-1]
+    assert last.startswith("PASS (leak checks skipped)  overall (")
+    assert "give --metrics-url with --url" in last and "give --management-url with --url" in last
+    assert last.count("no metrics URL") == 1  # one reason per cause, not per check
+    assert json.loads(json.dumps(result))["leak_checks"] == "skipped"
+
+
+def test_a_run_without_a_soak_says_the_leak_checks_were_not_run():
+    result = fake_run(Options(sessions=1, turns=1, cycles=0), FakeServer())
+    assert result["passed"] is True and result["leak_checks"] == "not run"
+    assert result["leak_checks_skipped"] == [{"check": "soak", "reason": "--cycles 0"}]
+    assert loadtest.report(result).splitlines()[-1].startswith("PASS (leak checks not run)  overall")
+
+
+def test_leak_checks_summary():
+    made = [Check("soak: sessions back to 0", True, ""), Check("soak: RSS of worker", False, "+1 GiB")]
+    assert loadtest.leak_checks(made) == {"leak_checks": "checked", "leak_checks_skipped": []}
+    partly = [made[0], Check("soak: RSS", None, "no worker pids")]
+    assert loadtest.leak_checks(partly) == {"leak_checks": "partly skipped",
+                                            "leak_checks_skipped": [{"check": "soak: RSS", "reason": "no worker pids"}]}
+    result = {"passed": True, "aborted": False, "wall_s": 1.0, **loadtest.leak_checks(made)}
+    assert loadtest.verdict_line(result) == "PASS  overall (1.0 s)"
+    result = {"passed": False, "aborted": True, "wall_s": 2.0, **loadtest.leak_checks(partly)}
+    assert loadtest.verdict_line(result) == (
+        "FAIL (some leak checks skipped)  overall (2.0 s, stopped by the time guard): no worker pids")
+
+
+def test_loadtest_help_gives_each_default_once_in_one_style(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["loadtest", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in re.split(r"\n  (?=-)", text.split("options:", 1)[1]):
+        flat = " ".join(option.split())
+        assert flat.count("default") <= 1, flat
+        assert not re.search(r"\(default \d", flat), flat  # "(default: 32)", as the formatter writes it
+    flat = " ".join(text.split())
+    assert "0 skips the soak (default: 10000)" in flat and "(default: 0.10)" in flat and "(default: 64)" in flat
+    assert "without it the RSS checks are skipped" in flat
 
 
 # --- the command -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from llava_sessions.errors import InvalidRequest
 from llava_sessions.handler.engine.prompt import LLAVA_15_TEMPLATE, Conversation, TurnFormatter
 from llava_sessions.handler.engine.special_text import SpecialText
-from llava_sessions.handler.engine.tiny_model import CORPUS
+from llava_sessions.tiny_model import CORPUS
 
 # Numbers every message: a follow-up's text depends on the whole history's length.
 COUNTING_TEMPLATE = (

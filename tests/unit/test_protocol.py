@@ -1,20 +1,22 @@
-"""Unit tests for llava_sessions.handler.protocol: parsing, ids, expiry and response shapes."""
+"""Unit tests for llava_sessions.handler.protocol: parsing, ids and response shapes.
+
+The id rule, the header names and the Expires format are llava_sessions.wire's (test_wire.py).
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import secrets
-import time
 
 import pytest
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InvalidRequest, SessionNotFound, SessionsError
-from llava_sessions.handler import protocol
+from llava_sessions import wire
+from llava_sessions.handler.engine.session_store import new_session_id
 from llava_sessions.handler.protocol import (
     AWS_SAMPLE,
-    CLOSED_SESSION_HEADER,
     NATIVE,
     NEW_SESSION,
     SESSION_HEADER,
@@ -23,10 +25,7 @@ from llava_sessions.handler.protocol import (
     Turn,
     close_response,
     error_response,
-    format_expires,
-    new_session_id,
     open_response,
-    open_session_header_value,
     parse_request,
     turn_response,
 )
@@ -54,10 +53,9 @@ def error_code(body, session_header=None, config=CONFIG, headers=None):
 # --- constants ---------------------------------------------------------------------
 
 
-def test_header_names_and_new_session_literal():
-    assert SESSION_HEADER == "X-Amzn-SageMaker-Session-Id"
-    assert CLOSED_SESSION_HEADER == "X-Amzn-SageMaker-Closed-Session-Id"
-    assert NEW_SESSION == "NEW_SESSION"
+def test_header_names_and_new_session_literal_are_the_wires():
+    assert SESSION_HEADER == wire.SESSION_HEADER == "X-Amzn-SageMaker-Session-Id"
+    assert NEW_SESSION == wire.NEW_SESSION == "NEW_SESSION"
 
 
 # --- native dialect: open ------------------------------------------------------------
@@ -391,18 +389,13 @@ def test_invalid_session_ids(session_id):
     assert error_code(body_id_sample, None) == "INVALID_REQUEST"
 
 
-def test_is_valid_session_id():
-    assert protocol.is_valid_session_id(SID)
-    assert not protocol.is_valid_session_id(NEW_SESSION)
-    assert not protocol.is_valid_session_id("")
-
-
 def test_new_session_ids_are_unique_random_and_match_the_pattern():
     ids = [new_session_id() for _ in range(10_000)]
     assert len(set(ids)) == len(ids)
     for session_id in ids:
         assert re.fullmatch(r"sess-[0-9a-f]{32}", session_id)  # 32 hex digits = 128 random bits
         assert SAGEMAKER_PATTERN.match(session_id) and len(session_id) <= 256
+        assert wire.is_valid_session_id(session_id)
     # Every hex position varies: no fixed or counter-like digits.
     for position in range(5, 37):
         assert len({session_id[position] for session_id in ids}) == 16
@@ -411,38 +404,6 @@ def test_new_session_ids_are_unique_random_and_match_the_pattern():
 def test_new_session_id_uses_secrets(monkeypatch):
     monkeypatch.setattr(secrets, "token_hex", lambda n: "ab" * n)
     assert new_session_id() == "sess-" + "ab" * 16
-
-
-# --- expiry ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "epoch, expected",
-    [
-        (0, "1970-01-01T00:00:00Z"),
-        (1_700_000_000, "2023-11-14T22:13:20Z"),
-        (1_700_000_000.999, "2023-11-14T22:13:20Z"),
-        (951_782_400, "2000-02-29T00:00:00Z"),
-    ],
-)
-def test_format_expires_is_utc(epoch, expected):
-    assert format_expires(epoch) == expected
-
-
-def test_format_expires_ignores_the_local_time_zone(monkeypatch):
-    monkeypatch.setenv("TZ", "America/Los_Angeles")
-    time.tzset()
-    try:
-        assert format_expires(1_700_000_000) == "2023-11-14T22:13:20Z"
-    finally:
-        monkeypatch.undo()
-        time.tzset()
-
-
-def test_open_session_header_value():
-    assert open_session_header_value(SID, 1_700_000_000) == f"{SID}; Expires=2023-11-14T22:13:20Z"
-    with pytest.raises(ValueError):
-        open_session_header_value("bad\r\nX-Injected: 1", 0)
 
 
 # --- AWS sample dialect --------------------------------------------------------------------

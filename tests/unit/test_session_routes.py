@@ -1,4 +1,4 @@
-"""Session routing bookkeeping: balance, expiry, the open response's header."""
+"""Session routing bookkeeping: balance and expiry (the open response's header: test_wire.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from llava_sessions.handler.protocol import format_expires, open_session_header_value
-from llava_sessions.session_routes import SessionRoutes, parse_session_header
+from llava_sessions.session_routes import SessionRoutes
 
 
 class FakeClock:
@@ -126,53 +125,6 @@ def test_concurrent_binds_keep_counts_consistent(clock):
         thread.join(timeout=10)
     assert sum(routes.counts()) == len(routes) == 4 * 250
     assert max(routes.counts()) - min(routes.counts()) <= 4
-
-
-# --- the open response's header ---------------------------------------------------
-
-
-def test_parse_round_trips_the_handlers_header():
-    expires = 1_767_225_600  # 2026-01-01T00:00:00Z
-    value = open_session_header_value("sess-0123abcd", expires + 0.75)
-    assert parse_session_header(value) == ("sess-0123abcd", float(expires))
-    assert format_expires(parse_session_header(value)[1]) == format_expires(expires)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "sess-1; Expires=2026-01-01T00:00:00Z",
-        "  sess-1 ;expires = 2026-01-01T00:00:00Z  ",
-        "sess-1;EXPIRES=2026-01-01T00:00:00Z",
-        "sess-1; Path=/; Expires=2026-01-01T00:00:00Z",
-    ],
-)
-def test_parse_tolerates_blanks_case_and_other_attributes(value):
-    assert parse_session_header(value) == ("sess-1", 1_767_225_600.0)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "sess-1",
-        "sess-1;",
-        "; Expires=2026-01-01T00:00:00Z",
-        "sess_1; Expires=2026-01-01T00:00:00Z",
-        "NEW_SESSION; Expires=2026-01-01T00:00:00Z",
-        "sess-1; Expires=2026-01-01 00:00:00",
-        "sess-1; Expires=2026-02-30T00:00:00Z",
-        "sess-1; Expires=2026-01-01T00:00:00+01:00",
-        "sess-1; Expires=Thu, 01 Jan 2026 00:00:00 GMT",
-        "sess-1; Expires=2026-01-01T00:00:00Z; Expires=2026-01-02T00:00:00Z",
-        "sess-1; Max-Age=60",
-        "a" * 257 + "; Expires=2026-01-01T00:00:00Z",
-        None,
-        12,
-    ],
-)
-def test_parse_returns_none_when_malformed(value):
-    assert parse_session_header(value) is None
 
 
 def test_closed_sessions_do_not_pile_up_until_their_expiry():

@@ -13,10 +13,11 @@ from types import SimpleNamespace
 from ts.context import Context, RequestProcessor
 from ts.protocol.otf_message_handler import create_predict_response
 
+from llava_sessions import wire
 from llava_sessions.errors import InternalError, SessionNotFound
 from llava_sessions.handler import streaming
 from llava_sessions.handler.engine import generation
-from llava_sessions.handler.engine.tiny_model import build_tokenizer
+from llava_sessions.tiny_model import build_tokenizer
 from tests.fakes import png_b64
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
@@ -34,7 +35,7 @@ def parse_events(text: str) -> list[dict]:
 
 
 def test_frames_are_tgi_events():
-    text = streaming.frame(streaming.token_event(7, "猫 \"x\"\n", False))
+    text = wire.event(streaming.token_event(7, "猫 \"x\"\n", False))
     assert text.startswith('data:{"token": {"id": 7') and text.endswith("}\n\n") and text.count("\n") == 2
     assert parse_events(text) == [{"token": {"id": 7, "text": "猫 \"x\"\n", "special": False}, "generated_text": None}]
     result = SimpleNamespace(text="hi", finish_reason="stop", prompt_tokens=9, cached_tokens=4, completion_tokens=2)
@@ -46,7 +47,7 @@ def test_frames_are_tgi_events():
     }
     assert streaming.final_event(None, SimpleNamespace(**{**vars(result), "finish_reason": "length"}))[
         "details"]["finish_reason"] == "length"
-    assert parse_events(streaming.frame(streaming.error_event(InternalError("boom")))) == [
+    assert parse_events(wire.event(streaming.error_event(InternalError("boom")))) == [
         {"error": "boom", "error_type": "INTERNAL_ERROR"}
     ]
 

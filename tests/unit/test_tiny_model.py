@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_sessions.handler.engine.tiny_model import (
+from llava_sessions.tiny_model import (
     MARKER_FILE,
     _identity,
     _is_complete,

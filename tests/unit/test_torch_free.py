@@ -9,6 +9,7 @@ import pytest
 
 TORCH_FREE = [
     "llava_sessions.cli",
+    "llava_sessions.wire",
     "llava_sessions.serving_stack",
     "llava_sessions.session_routes",
     "llava_sessions.affinity_router",
@@ -25,10 +26,11 @@ TORCH_FREE = [
     "llava_sessions.deploy.progress",
     "llava_sessions.deploy.image",
     "llava_sessions.deploy.client",
-    "llava_sessions.deploy.chat",
+    "llava_sessions.commands.chat",
     "llava_sessions.deploy.eventstream",
     "llava_sessions.deploy.local_runtime",
     "llava_sessions.loadtest",
+    "llava_sessions.bench.served",
 ]
 
 
@@ -38,5 +40,20 @@ def test_module_imports_no_torch(module):
         f"import sys, {module}\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_wire_imports_only_the_standard_library():
+    """The session contract (llava_sessions/wire.py) is importable anywhere: no package of ours or
+    anyone else's comes with it."""
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "import llava_sessions.wire\n"
+        "ours = {'llava_sessions', 'llava_sessions.wire'}\n"
+        "extra = sorted(m for m in set(sys.modules) - before\n"
+        "               if m not in ours and m.split('.')[0] not in sys.stdlib_module_names)\n"
+        "assert not extra, extra\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -31,6 +31,7 @@ PREFILL_TOKENS = "llava_prefill_tokens"
 DECODE_TOKENS = "llava_decode_tokens"
 SESSIONS_ENDED = "llava_sessions_ended"
 MEMORY_STEPS = "llava_memory_budget_steps"
+STEP_COMPILES = "llava_step_compiles"
 TTFT = "llava_time_to_first_token_seconds"
 TPOT = "llava_time_per_output_token_seconds"
 
@@ -46,6 +47,7 @@ _COUNTER_SOURCES = {
     "kv_dropped": (MEMORY_STEPS, ["kv_dropped"]),
     "features_offloaded": (MEMORY_STEPS, ["features_offloaded"]),
     "features_restored": (MEMORY_STEPS, ["features_restored"]),
+    "step_compiles": (STEP_COMPILES, []),
 }
 
 _DECLARATIONS = [
@@ -57,6 +59,7 @@ _DECLARATIONS = [
     (DECODE_TOKENS, "count", [], MetricTypes.COUNTER),
     (SESSIONS_ENDED, "count", ["reason"], MetricTypes.COUNTER),
     (MEMORY_STEPS, "count", ["step"], MetricTypes.COUNTER),
+    (STEP_COMPILES, "count", [], MetricTypes.COUNTER),
     (TTFT, "s", [], MetricTypes.HISTOGRAM),
     (TPOT, "s", [], MetricTypes.HISTOGRAM),
 ]

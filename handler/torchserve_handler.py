@@ -63,6 +63,7 @@ class LlavaSessionHandler:
 
             torch.set_num_threads(self.config.cpu_threads)  # this worker's share of the host's cores
         self.engine = SessionEngine(load_model(source, device, self.config.dtype), self.config)
+        self.engine.warm_up()  # a compiled step's shapes compile before the worker is READY
         if getattr(context, "metrics", None) is not None:
             from llava_sessions.handler.metrics import SessionMetrics
 

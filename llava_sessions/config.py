@@ -75,6 +75,11 @@ class ServingConfig:
     # received it, and answers what it has (finish_reason "deadline"): SageMaker drops a
     # non-streamed invocation that takes 60 s. 0: no deadline. Streamed turns have none.
     turn_deadline_s: float = 55.0
+    # The decode step: "on" compiles it (torch.compile, CUDA graphs on a GPU), "off" runs it
+    # eagerly, "auto" is on for CUDA and off for a CPU. A step that fails to compile runs eagerly.
+    compile: str = "auto"
+    # With the step compiled: seconds the worker spends compiling its shapes before it is ready.
+    compile_warmup_s: float = 120.0
     # Torch threads of a worker on the CPU. 0: torch's default (every core); `serve` and `local`
     # set it to the cores divided by the workers on the host, so workers do not fight over cores.
     cpu_threads: int = 0
@@ -112,11 +117,14 @@ class ServingConfig:
             raise ConfigError("image_fetch_timeout_s must be > 0")
         _check_at_least(self, "turn_deadline_s", 0, "0 turns the deadline off")
         _check_at_least(self, "cpu_threads", 0, "0 keeps torch's default")
+        _check_at_least(self, "compile_warmup_s", 0, "0 compiles each shape on first use")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ConfigError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                 f"max_new_tokens_limit ({self.max_new_tokens_limit}); raise the limit or lower the default"
             )
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}; set {ENV_PREFIX}COMPILE")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(
                 f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}"

@@ -31,6 +31,7 @@ class ServingStack:
         port: int = 8080,
         config: RouterConfig | None = None,
         host_workers: int | None = None,
+        worker_env: dict[str, str] | None = None,
     ):
         """``config``: the router's limits (None: defaults and LLAVA_SESSIONS_* variables).
         ``host_workers``: model workers on this host in all (default ``workers``; ``local`` runs
@@ -38,7 +39,7 @@ class ServingStack:
         self.config = config or RouterConfig.from_sources()
         # Made per start: the workers honour the router's internal headers and bundles only with it.
         self.secret = router_hop.new_secret()
-        env = {router_hop.SECRET_ENV: self.secret}
+        env = {**(worker_env or {}), router_hop.SECRET_ENV: self.secret}  # worker_env: LLAVA_SESSIONS_* settings
         if CPU_THREADS_ENV not in os.environ:
             env[CPU_THREADS_ENV] = str(cpu_threads_per_worker(host_workers or workers))
         # TorchServe itself stays on loopback; only the router faces clients. Both refuse bodies

@@ -24,9 +24,32 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from llava_sessions.handler.engine import generation
-from llava_sessions.handler.engine.batch_decode import move_into_view
+from llava_sessions.handler.engine import generation, kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
+
+
+def move_into_view(view: DynamicCache, caches: list[DynamicCache], pads: list[int], capacity: int) -> None:
+    """Move each session's KV into the empty ``view``: row i left-padded with pads[i] zeros, in
+    buffers of ``capacity`` token slots [B, kv_heads, capacity, head_dim]. Each token is copied
+    once, layer by layer, and each session's layer is emptied as soon as the view holds it.
+    Padding is zeroed: the mask hides it, but stale memory could hold NaN (and 0 x NaN is NaN)."""
+    longest = caches[0].get_seq_length() + pads[0]
+    for layer_idx, layer in enumerate(view.layers):
+        buffers = []
+        for part in ("keys", "values"):
+            like = getattr(caches[0].layers[layer_idx], part)
+            buffer = like.new_empty(len(caches), like.shape[1], capacity, like.shape[3])
+            for row, (cache, pad) in enumerate(zip(caches, pads)):
+                buffer[row, :, :pad].zero_()
+                buffer[row, :, pad:longest].copy_(getattr(cache.layers[layer_idx], part)[0])
+            buffers.append(buffer)
+        if isinstance(layer, kv_cache.AppendLayer):
+            layer.adopt(*buffers, longest)
+        else:  # a layer kind that does not append in place: it takes a copy
+            layer.update(buffers[0][:, :, :longest], buffers[1][:, :, :longest])
+        del buffers
+        for cache in caches:
+            cache.layers[layer_idx].reset()  # the session's KV now lives in the view
 
 
 def extra_tokens(cached: list[int], feeds: list[int]) -> int:

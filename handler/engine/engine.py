@@ -40,8 +40,8 @@ from llava_sessions.errors import (
     TooManySessions,
     TurnCancelled,
 )
-from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, memory_budget
-from llava_sessions.handler.engine.batch_decode import BatchedDecode, padding_tokens
+from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, memory_budget, sampling
+from llava_sessions.handler.engine.runner import DecodeArena, StepRunner, arena_bytes
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
@@ -120,6 +120,8 @@ class EngineCounters:
     # Turns that waited for a later wave of their ``turns`` call (no room beside the earlier
     # ones), once per wave waited.
     turns_deferred: int = 0
+    # Graphs of the compiled decode step: one per shape bucket, and any recompile.
+    step_compiles: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ class SessionEngine:
         self.kv_bytes_per_token, self.feature_bytes_per_image, activation_reserve = _sizes(loaded)
         self.memory_budget_bytes = self._resolve_budget(activation_reserve)
         self.host_budget_bytes = self._resolve_host_budget(host_budget_bytes)
+        compiled = config.compile == "on" or (config.compile == "auto" and loaded.device.type == "cuda")
+        self._runner = StepRunner(loaded, "on" if compiled else "off")
         self._reserved = 0  # device bytes promised to the operation in progress
         self._batch_view_bytes = 0  # KV held by the batched decode view (sessions' KV + padding)
         log.info(
@@ -300,7 +304,7 @@ class SessionEngine:
         Each request is checked, has its images encoded and its memory reserved on its own, in
         order; a failing request gets its error in its slot and does not disturb the others.
         Then each turn prefills on its own cache, and all of them decode together, one token
-        per turn per forward (batch_decode.py). Greedy answers are those of ``turn`` alone.
+        per turn per fixed-shape step (runner.py). Greedy answers are those of ``turn`` alone.
         A second request for a session already in the call gets SessionBusy. A request that
         does not fit the memory budget beside the earlier ones runs after them, in a later
         wave; only one that does not fit even alone is refused (OutOfMemoryBudget).
@@ -320,6 +324,17 @@ class SessionEngine:
             while pending:
                 pending = self._run_wave(requests, pending, results, started)
         return results
+
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Compile the decode step's shapes now (config.compile_warmup_s at most), before serving."""
+        done = self._runner.warm_up(max_rows=8, seconds=self.config.compile_warmup_s)
+        self.counters.step_compiles = self._runner.compiles
+        return done
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run compiled (False after a compile failure fell back to eager)."""
+        return self._runner.compiled
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
@@ -539,29 +554,26 @@ class SessionEngine:
         an Exception propagates, and _run_wave rolls back every turn without an outcome).
         """
         joint = self._prefill_together([running for running in wave if self._joins_prefill(running)])
-        decoding = []
+        prefilled, first_logits = [], []
         for running in wave:
             try:
-                logits = joint[running.slot] if running.slot in joint else self._prefill_or_give_back(running)
-                if self._pick(running, logits):
-                    decoding.append(running)
+                first_logits.append(joint[running.slot] if running.slot in joint else self._prefill_or_give_back(running))
+                prefilled.append(running)
             except Exception as error:
                 self._fail(running, error)
+        decoding, _ = self._pick_all(prefilled, torch.cat(first_logits)) if prefilled else ([], [])
         if decoding:
-            # The batched view holds the rows' padding beside their own KV: reserve it, or
-            # decode one turn at a time (no padding) when the budget has no room for it.
+            # The arena is reserved whole: a row that finishes gets its KV back (which its turn
+            # reserved) while the others still decode in the arena. No room: each turn decodes
+            # alone on its own cache.
             lengths = [running.state.cache.get_seq_length() for running in decoding]
-            # The view also has room for the longest remaining turn in every row (beyond what
-            # each row reserved for itself).
             remaining = [running.max_new - len(running.answer) for running in decoding]
-            spare_room = sum(max(remaining) - left for left in remaining)
-            pad_bytes = (padding_tokens(lengths) + spare_room) * self.kv_bytes_per_token
-            if self._make_room(pad_bytes, None, refuse=False):
-                groups = [decoding]
+            arena = arena_bytes(self.loaded, lengths, remaining, bucketed=self._runner.compiled)
+            if self._make_room(arena, None, refuse=False):
+                self._decode_together(decoding)
             else:
-                groups = [[running] for running in decoding]
-            for group in groups:
-                self._decode_together(group)
+                for running in decoding:
+                    self._decode_alone(running)
         for running in wave:
             if running.outcome is None:
                 running.outcome = self._undo(running) if running.stopped_by == "cancelled" else self._finish(running)
@@ -661,14 +673,28 @@ class SessionEngine:
         self.counters.prefill_tokens += len(feed)
         return logits
 
-    def _pick(self, running: _Running, logits: torch.Tensor) -> bool:
-        """Pick the turn's next token from its logits [1, V] and send it; True while it goes on.
+    def _pick_all(self, rows: list[_Running], logits: torch.Tensor) -> tuple[list[_Running], list[_Running]]:
+        """Pick each row's next token from logits [B, V] (one copy of B ids to the host) and send
+        it; (the rows that go on, the rows that failed and were rolled back)."""
+        tokens = sampling.pick(logits, [running.request.params for running in rows], self.loaded.image_token_id)
+        going, failed = [], []
+        # In the turns' own order (an arena's rows move as others leave): callbacks stay in order.
+        for running, token in sorted(zip(rows, tokens), key=lambda pair: pair[0].slot):
+            try:
+                if self._accept(running, token):
+                    going.append(running)
+            except Exception as error:
+                self._fail(running, error)
+                failed.append(running)
+        return going, failed
+
+    def _accept(self, running: _Running, token: int) -> bool:
+        """The turn's next token: record it and send it; True while the turn goes on.
 
         A turn whose client is gone stops here, its token unsent (``_undo`` follows); one past its
         deadline stops with this token as its last.
         """
         request = running.request
-        token = generation.select_next_token(logits, request.params, None, suppressed=self.loaded.image_token_id)
         running.answer.append(token)
         running.last_token_at = time.perf_counter()
         if len(running.answer) == 1:
@@ -684,31 +710,43 @@ class SessionEngine:
         return goes_on
 
     def _decode_together(self, group: list[_Running]) -> None:
-        """Decode the group's turns in one batch, a token per turn per forward, until all are done."""
+        """Decode the group's turns in one arena (runner.py), a token per turn per fixed-shape
+        step, until all are done."""
         rows = {running.slot: running for running in group}
-        view = BatchedDecode(
+        arena = DecodeArena(
             self.loaded,
             {slot: running.state.cache for slot, running in rows.items()},
             {slot: running.max_new - len(running.answer) for slot, running in rows.items()},
+            self._runner,
+            {slot: kv_cache.most_spare(running.headroom) for slot, running in rows.items()},
         )
-        while len(view):
-            self._batch_view_bytes = view.bytes_held()
+        self._batch_view_bytes = arena.bytes_held()
+        while len(arena):
+            live = [rows[slot] for slot in arena.keys]
             try:
-                logits = view.step({slot: rows[slot].answer[-1] for slot in view.keys})
-            except Exception as error:  # the forward failed: every turn still in the batch fails
-                for slot in view.keys:
-                    self._fail(rows[slot], error)
+                logits = arena.step({running.slot: running.answer[-1] for running in live})
+            except Exception as error:  # the forward failed: every turn still in the arena fails
+                for running in live:
+                    self._fail(running, error)
                 return
-            self.counters.decode_tokens += len(view)
-            finished, failed = [], []
-            for slot in view.keys:
-                try:
-                    if not self._pick(rows[slot], logits[slot]):
-                        finished.append(slot)
-                except Exception as error:
-                    self._fail(rows[slot], error)
-                    failed.append(slot)
-            view.leave(finished, failed)
+            self.counters.decode_tokens += len(live)
+            self.counters.step_compiles = self._runner.compiles
+            going, failed = self._pick_all(live, logits)
+            finished = [running.slot for running in live if running not in going and running not in failed]
+            arena.leave(finished, [running.slot for running in failed])
+
+    def _decode_alone(self, running: _Running) -> None:
+        """Decode one turn on its session's own cache (no arena): when the budget has no room for one."""
+        while True:
+            try:
+                logits = generation.decode_one_token(self.loaded, running.answer[-1], running.state.cache)
+            except Exception as error:
+                self._fail(running, error)
+                return
+            self.counters.decode_tokens += 1
+            going, _ = self._pick_all([running], logits)
+            if not going:
+                return
 
     def _finish(self, running: _Running) -> TurnResult:
         """Commit a finished turn to its session's history."""

@@ -5,6 +5,7 @@ Shapes: B = batch (1 per session here), T = new tokens, H = hidden size, V = voc
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,19 @@ from llava_sessions.handler.engine.model_loader import LoadedModel
 # Temperatures below this pick greedily: dividing logits by a smaller one overflows float32
 # (1e-45 is 0 there) and sampling would fail; at this temperature sampling is greedy anyway.
 MIN_TEMPERATURE = 1e-5
+
+
+def cache_argument(module: torch.nn.Module, cache) -> dict:
+    """The cache as the installed transformers wants it: ``cache=`` (5.25 on; ``past_key_values=``
+    is deprecated there, for removal in 5.40) or ``past_key_values=`` (earlier 5.x)."""
+    keyword = _CACHE_KEYWORD.get(type(module))
+    if keyword is None:
+        parameters = inspect.signature(module.forward).parameters
+        keyword = _CACHE_KEYWORD[type(module)] = "cache" if "cache" in parameters else "past_key_values"
+    return {keyword: cache}
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ def prefill(
         mm = {"image": BaseModelOutputWithPooling(pooler_output=[image_rows])}
     out = loaded.model(
         input_ids=input_ids,
-        past_key_values=cache,
+        **cache_argument(loaded.model, cache),
         use_cache=True,
         mm_encoder_outputs=mm,
         logits_to_keep=1,
@@ -71,21 +85,12 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_one_token(
-    loaded: LoadedModel,
-    token: int | list[int],
-    cache: DynamicCache,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Feed one token per row on top of ``cache``; return next-token logits [B, V].
+def decode_one_token(loaded: LoadedModel, token: int, cache: DynamicCache) -> torch.Tensor:
+    """Feed one token on top of one session's own ``cache``; return its next-token logits [1, V].
 
-    One session: ``token`` an int, B = 1. Several (batch_decode.py): a list of B tokens, with
-    the batched cache's attention_mask [B, past + 1] and each row's position_ids [B, 1].
-    """
-    tokens = [token] if isinstance(token, int) else list(token)
-    input_ids = torch.tensor([[t] for t in tokens], device=loaded.device)  # [B, 1]
-    return forward_rows(loaded, input_ids, cache, attention_mask, position_ids)
+    A turn decodes this way only when the budget has no room for a decode arena (runner.py)."""
+    input_ids = torch.tensor([[token]], device=loaded.device)  # [1, 1]
+    return forward_rows(loaded, input_ids, cache, None, None)
 
 
 @torch.inference_mode()
@@ -104,7 +109,7 @@ def forward_rows(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **cache_argument(loaded.model, cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -144,6 +149,25 @@ def select_next_token(
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode_step(loaded: LoadedModel, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    """One token per row over a decode arena's fixed slots (runner.py): ids [B, 1] at positions
+    [B] -> logits [B, V]. Fixed shapes, no host sync: what a compiled step traces."""
+    slots = cache.layers[0].keys.shape[-2]
+    cache.rows = torch.arange(ids.shape[0], device=ids.device)
+    cache.slots = positions
+    # mask [B, 1, 1, Lb]: a row sees its own slots up to the one it writes now
+    mask = torch.arange(slots, device=ids.device)[None, None, None, :] <= positions[:, None, None, None]
+    language_model = loaded.model.model.language_model
+    hidden = language_model(
+        inputs_embeds=language_model.embed_tokens(ids),
+        attention_mask=mask,
+        position_ids=positions[:, None],
+        **cache_argument(language_model, cache),
+        use_cache=True,
+    ).last_hidden_state
+    return loaded.model.lm_head(hidden[:, -1, :])  # [B, V]
 
 
 cache_bytes = kv_cache.cache_bytes

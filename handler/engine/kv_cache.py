@@ -6,7 +6,7 @@ O(B x history) per step (it was half the time of an 8-session decode on CPU). Ap
 keeps ``keys``/``values`` [B, kv_heads, L, head_dim] as views of a buffer with ``room``
 spare token slots behind them, so a step writes one token. Everything that reads or replaces
 ``keys``/``values`` keeps working: a layer whose tensors were replaced from outside (crop,
-offload, batch_decode writing rows back) moves into a fresh buffer at its next update.
+offload, a decode arena writing rows back) moves into a fresh buffer at its next update.
 
 The room is what the engine has already reserved for the turn (its remaining tokens). With a
 ``headroom`` of h, a lone turn leaves its session between h and 2h spare slots (``reserve``,
@@ -137,7 +137,7 @@ def reserve(cache: DynamicCache, feed: int, then: int, headroom: int) -> None:
         if isinstance(layer, AppendLayer):
             length, spare = layer.get_seq_length(), layer.spare()
             layer.reserved_end = length + feed + then
-            layer.room = _most_spare(headroom)
+            layer.room = most_spare(headroom)
             early = _falls_short(spare, feed, then, headroom) and then and feed <= spare
             layer.grow_from = length + feed if early else None
 
@@ -145,7 +145,7 @@ def reserve(cache: DynamicCache, feed: int, then: int, headroom: int) -> None:
 def growth_tokens(cache: DynamicCache | None, feed: int, then: int, headroom: int) -> int:
     """The most token slots ``reserve(cache, feed, then, headroom)`` and the turn add to the cache."""
     spare = spare_tokens(cache)
-    return feed + then + _most_spare(headroom) - spare if _falls_short(spare, feed, then, headroom) else 0
+    return feed + then + most_spare(headroom) - spare if _falls_short(spare, feed, then, headroom) else 0
 
 
 def _falls_short(spare: int, feed: int, then: int, headroom: int) -> bool:
@@ -153,7 +153,7 @@ def _falls_short(spare: int, feed: int, then: int, headroom: int) -> bool:
     return spare < feed + then + max(0, headroom)
 
 
-def _most_spare(headroom: int) -> int:
+def most_spare(headroom: int) -> int:
     """Spare slots a move leaves behind a turn's tokens, and the most a session keeps between turns."""
     return 2 * max(0, headroom)
 
@@ -168,7 +168,7 @@ def trim(cache: DynamicCache, headroom: int) -> None:
     """At the end of a turn: each layer keeps at most 2 x ``headroom`` spare slots (``reserve``)."""
     for layer in cache.layers:
         if isinstance(layer, AppendLayer):
-            layer.trim(_most_spare(headroom))
+            layer.trim(most_spare(headroom))
 
 
 def truncate(cache: DynamicCache, length: int) -> None:

@@ -36,6 +36,7 @@ def main(args) -> int:
         concurrency=args.concurrency,
         device=args.device,
         budget_gb=args.budget_gb,
+        compile=args.compile,
     )
 
     def log(message: str) -> None:

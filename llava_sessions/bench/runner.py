@@ -50,6 +50,7 @@ class Options:
     device: str = "auto"
     budget_gb: float | None = None
     work_dir: Path | None = None
+    compile: str = "auto"  # the served worker's decode step (ServingConfig.compile)
 
     def command(self) -> str:
         parts = ["llava-sessions", "bench", "--preset", self.preset]
@@ -60,6 +61,8 @@ class Options:
                   "--device", self.device]
         if self.budget_gb is not None:
             parts += ["--budget-gb", str(self.budget_gb)]
+        if self.compile != "auto":
+            parts += ["--compile", self.compile]
         return shlex.join(parts)
 
 
@@ -233,7 +236,7 @@ def run(options: Options, log=print) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="llava-bench-", dir=options.work_dir) as tmp:
         log("bench: starting the serving stack (1 worker, in its own process)")
-        with served.StackProcess(model_dir, Path(tmp), options.device) as stack:
+        with served.StackProcess(model_dir, Path(tmp), options.device, compile=options.compile) as stack:
             client = served.Client(stack.url)
             served.warm_up(client, image_b64, prompts)
             for r in range(R):
@@ -409,6 +412,10 @@ def run(options: Options, log=print) -> dict:
         "image": {"format": BENCH_IMAGE_FORMAT, "size": [640, 480], "base64_bytes": len(image_b64)},
         "machine": machine_info(device),
         "preset": options.preset,
+        # The served decode step: the setting, and whether it ran compiled (auto: on a GPU only).
+        "compile": {"setting": options.compile,
+                    "compiled": options.compile == "on" or (options.compile == "auto" and device.type == "cuda"),
+                    "cuda_graphs": device.type == "cuda" and options.compile != "off"},
         "model_dir": str(model_dir),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "command": options.command(),

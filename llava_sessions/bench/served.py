@@ -287,8 +287,8 @@ class StackProcess:
     """
 
     def __init__(self, model_dir: Path, work_dir: Path, device: str, ready_timeout: float = 900.0,
-                 workers: int = 1, cpu_threads: int | None = None):
-        self.args = (str(model_dir), str(work_dir), device, workers, cpu_threads)
+                 workers: int = 1, cpu_threads: int | None = None, compile: str = "auto"):
+        self.args = (str(model_dir), str(work_dir), device, workers, cpu_threads, compile)
         self.ready_timeout = ready_timeout
         self.url: str | None = None
 
@@ -326,11 +326,13 @@ class StackProcess:
 
 
 def _serve_until_told(model_dir: str, work_dir: str, device: str, workers: int, cpu_threads: int | None,
-                      conn) -> None:
+                      compile: str, conn) -> None:
     import os
 
-    if cpu_threads is not None:  # the stack passes it on to its workers
+    # The workers read these from the environment the stack's TorchServe inherits.
+    if cpu_threads is not None:
         os.environ["LLAVA_SESSIONS_CPU_THREADS"] = str(cpu_threads)
+    os.environ["LLAVA_SESSIONS_COMPILE"] = compile
     try:
         stack = start_stack(Path(model_dir), Path(work_dir), device, workers=workers)
     except Exception as error:

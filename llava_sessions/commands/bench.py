@@ -32,6 +32,8 @@ def register(commands) -> None:
     bench.add_argument("--workers-scaling", action="store_true",
                        help="instead: aggregate tokens/s of one worker, two workers sharing the cores, and two "
                        "workers each on every core (--concurrency sessions x --turns turns, --repeats rounds)")
+    bench.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                       help="the served worker's decode step: compiled (on), eager (off), or on for a GPU only")
     bench.set_defaults(run=cmd_bench)
 
 

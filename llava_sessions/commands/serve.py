@@ -26,6 +26,9 @@ def register(commands) -> None:
     serve.add_argument("--port", type=int, default=8080, help="the router's port (0: a free one)")
     serve.add_argument("--run-dir", type=Path, help="logs and TorchServe state (default: under the cache)")
     serve.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for READY workers")
+    serve.add_argument("--compile", choices=["auto", "on", "off"],
+                       help="compile the workers' decode step (torch.compile; CUDA graphs on a GPU): auto is on "
+                       "for a GPU, off for a CPU (default $LLAVA_SESSIONS_COMPILE, else auto)")
     router_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -39,7 +42,9 @@ def cmd_serve(args) -> int:
     n_workers = workers(args)
     archive = serving_archive(args)
     run_dir = args.run_dir or models.home() / "run" / f"serve-{args.port}"
-    stack = ServingStack(archive, run_dir, workers=n_workers, host=args.host, port=args.port, config=config)
+    worker_env = {} if args.compile is None else {"LLAVA_SESSIONS_COMPILE": args.compile}
+    stack = ServingStack(archive, run_dir, workers=n_workers, host=args.host, port=args.port, config=config,
+                         worker_env=worker_env)
     stop_on_sigterm()
     serving = False
     try:

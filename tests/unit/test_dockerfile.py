@@ -221,6 +221,7 @@ def test_serve_a_prebuilt_archive(built_archive, tmp_path, fake_stack):
     assert main(["serve", "--archive", str(built_archive), "--host", "0.0.0.0", "--workers", "2",
                  "--run-dir", str(tmp_path / "run")]) == 0
     assert fake_stack.pop("config") == RouterConfig()  # the router's limits: defaults here
+    assert fake_stack.pop("worker_env") == {}  # no --compile: the workers' own setting
     assert fake_stack == {"archive": built_archive.resolve(), "run_dir": tmp_path / "run", "workers": 2,
                           "host": "0.0.0.0", "port": 8080, "stopped": True}
 

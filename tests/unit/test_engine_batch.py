@@ -22,7 +22,7 @@ from llava_sessions.errors import (
     SessionNotFound,
     TooManyImages,
 )
-from llava_sessions.handler.engine import batch_decode, engine as engine_module
+from llava_sessions.handler.engine import engine as engine_module, runner
 from llava_sessions.handler.engine.engine import TurnRequest, TurnResult
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.prompt import Conversation
@@ -36,18 +36,17 @@ MAX_NEW = [1, 3, 5, 8, 10, 12, 16]
 
 
 @pytest.fixture
-def batch_sizes(loaded_tiny):
-    """Rows of every decode forward (input_ids [B, 1]) the model runs."""
+def batch_sizes(monkeypatch):
+    """Live rows of every decode step the engine runs together (runner.DecodeArena.step)."""
     sizes = []
+    step = runner.DecodeArena.step
 
-    def record(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] == 1:
-            sizes.append(ids.shape[0])
+    def record(arena, tokens):
+        sizes.append(len(tokens))
+        return step(arena, tokens)
 
-    handle = loaded_tiny.model.register_forward_pre_hook(record, with_kwargs=True)
-    yield sizes
-    handle.remove()
+    monkeypatch.setattr(runner.DecodeArena, "step", record)
+    return sizes
 
 
 def test_follow_ups_of_several_sessions_share_one_prefill_forward(loaded_tiny, images, monkeypatch):
@@ -286,15 +285,22 @@ def test_streaming_callbacks_come_in_order_per_row_and_interleave(loaded_tiny):
 
 
 def sizes_of_views(monkeypatch):
-    """Rows of each BatchedDecode the engine builds."""
+    """Rows of each decode arena the engine builds, and 1 for each turn decoded alone."""
     sizes = []
 
-    class Spy(batch_decode.BatchedDecode):
-        def __init__(self, loaded, rows, remaining):
+    class Spy(runner.DecodeArena):
+        def __init__(self, loaded, rows, *args, **kwargs):
             sizes.append(len(rows))
-            super().__init__(loaded, rows, remaining)
+            super().__init__(loaded, rows, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "BatchedDecode", Spy)
+    decode_alone = engine_module.SessionEngine._decode_alone
+
+    def alone(engine, running):
+        sizes.append(1)
+        return decode_alone(engine, running)
+
+    monkeypatch.setattr(engine_module, "DecodeArena", Spy)
+    monkeypatch.setattr(engine_module.SessionEngine, "_decode_alone", alone)
     return sizes
 
 
@@ -305,7 +311,8 @@ def test_the_batch_padding_is_reserved_or_rows_decode_alone(loaded_tiny, images,
     contexts = [len(probe.formatter.user_turn_ids(Conversation(), q, 1)) for q in (short, long)]
     new = 10
     reservations = sum(c + new for c in contexts) * KV_TOKEN
-    pad = abs(contexts[0] - contexts[1]) * KV_TOKEN
+    # The arena, reserved whole (one token of each turn was picked at its prefill).
+    pad = runner.arena_bytes(loaded_tiny, contexts, [new - 1, new - 1], bucketed=False)
     assert pad > 0
     budget = 2 * FEATURES + reservations + pad - (0 if pad_fits else 1)
     engine = budgeted(loaded_tiny, budget=budget, host_budget=0)
@@ -336,7 +343,7 @@ def test_the_batch_padding_is_reserved_or_rows_decode_alone(loaded_tiny, images,
 @pytest.mark.parametrize("seed", [7, 2024])
 def test_batches_under_a_tight_budget_answer_like_an_unconstrained_twin(loaded_tiny, images, monkeypatch, seed):
     rng = random.Random(seed)
-    budget = 150 * KV_TOKEN
+    budget = 240 * KV_TOKEN  # tight enough to drop KV, room enough for some arenas
     engine = budgeted(loaded_tiny, budget=budget, host_budget=2 * FEATURES)
     twin = make_engine(loaded_tiny)
     sizes = sizes_of_views(monkeypatch)

@@ -1,0 +1,308 @@
+"""Decode running turns in fixed-shape steps over a KV arena allocated once.
+
+The arena holds, per layer, keys and values [R, kv_heads, L, head_dim]: R rows (one per running
+turn), L token slots. A row holds its session's KV from slot 0 and writes each new token at its
+own position, so rows of different lengths share a step with no padding to move and no mask to
+grow: attention reads the first ``Lb`` slots of every row, and a boolean mask made from the rows'
+positions (slot <= position) hides what a row has not written. Compiled, a step's shape
+is a bucket, (B rows, Lb slots), both powers of two, so its graph is reused across sessions and as
+rows join and leave; rows beyond the live ones feed a placeholder at position 0 and are ignored.
+Eager, the arena is sized exactly (its rows, their longest reach) and a step reads only the
+slots the longest row has written: buckets would only add padding.
+
+    arena.keys[layer]: [R, H, L, D]     positions: [R] (the slot each row writes next)
+    step: tokens [B, 1] at positions [B, 1] -> logits [B, V]; mask [B, 1, 1, Lb]
+
+A step allocates nothing and syncs nothing with the host: the caller copies the B picked ids to
+the host once (sampling.py). Rows join by copying their session's KV in (the session's cache is
+emptied, so it is held once) and leave by copying it back out, exact-sized; the last row moves
+into a leaving row's place, so the live rows stay rows 0..n-1 and the others are not touched.
+
+``compile_step`` wraps the step in ``torch.compile(fullgraph=True)``: inductor on a CPU, CUDA
+graphs (``mode="reduce-overhead"``) on a GPU. A step that fails to compile or capture falls back
+to eager once, with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Hashable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from llava_sessions.handler.engine import generation, kv_cache
+from llava_sessions.handler.engine.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_SLOTS = 256  # the smallest slot bucket
+
+
+def row_bucket(rows: int) -> int:
+    for bucket in ROW_BUCKETS:
+        if rows <= bucket:
+            return bucket
+    raise ValueError(f"at most {ROW_BUCKETS[-1]} rows decode together, got {rows}")
+
+
+def slot_bucket(slots: int, limit: int) -> int:
+    """The smallest power of two (from MIN_SLOTS) holding ``slots``, capped at ``limit``."""
+    bucket = MIN_SLOTS
+    while bucket < slots:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+class _ArenaLayer(CacheLayerMixin):
+    """One layer's keys and values for one step bucket: views of the arena's buffers."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, where: "_StepCache"):
+        super().__init__()
+        self.keys, self.values, self.where = keys, values, where
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # the buffers exist already
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states: [B, H, 1, D] -> each row's slot at its position
+        rows, slots = self.where.rows, self.where.slots
+        self.keys[rows, :, slots] = key_states[:, :, 0, :]
+        self.values[rows, :, slots] = value_states[:, :, 0, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are given explicitly; nothing asks
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_max_cache_shape(self) -> int:
+        return self.keys.shape[-2]
+
+
+class _StepCache(Cache):
+    """The arena as a transformers Cache for one (B, Lb) bucket; ``rows``/``slots`` say where a
+    step writes (set by the step itself, so a compiled step traces them)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.rows: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
+        super().__init__(layers=[_ArenaLayer(k, v, self) for k, v in zip(keys, values)])
+
+
+class StepRunner:
+    """Runs decode steps, compiled or eager: one per engine, shared by its arenas, so a bucket's
+    graph is compiled once. ``compile``: "on" or "off" (the engine resolves "auto")."""
+
+    def __init__(self, loaded: LoadedModel, compile: str = "off"):
+        self.loaded = loaded
+        self.compiled = compile == "on"
+        self.compiles = 0  # step graphs compiled: a bucket's first step, or a recompile
+        self._step: Callable | None = None
+        generation.cache_argument(loaded.model.model.language_model, None)  # looked up outside a trace
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int, seconds: float) -> list[tuple[int, int]]:
+        """Compile the step for each (rows, slots) bucket, shortest histories first, until ``seconds``
+        have passed: the shapes decoding will meet, before the worker says it is ready. The
+        buckets compiled; any other compiles on first use (``compiles`` counts it)."""
+        if not self.compiled:
+            return []
+        shape, started, done = ArenaShape.of(self.loaded), time.perf_counter(), []
+        slots = MIN_SLOTS
+        while slots <= max(MIN_SLOTS, self.loaded.max_context):
+            for rows in [bucket for bucket in ROW_BUCKETS if bucket <= row_bucket(max_rows)]:
+                if time.perf_counter() - started >= seconds or not self.compiled:
+                    log.info("decode step warm-up: %d bucket(s) compiled in %.0f s (limit %.0f s); others compile "
+                             "on first use", len(done), time.perf_counter() - started, seconds)
+                    return done
+                like = dict(dtype=self.loaded.dtype, device=self.loaded.device)
+                buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like)
+                           for _ in range(2 * shape.layers)]
+                ids = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
+                positions = torch.zeros(rows, dtype=torch.long, device=self.loaded.device)
+                self.run(ids, positions, _StepCache(buffers[::2], buffers[1::2]))
+                done.append((rows, slots))
+            slots = slot_bucket(slots + 1, 1 << 30)
+        log.info("decode step warm-up: all %d bucket(s) compiled in %.0f s", len(done), time.perf_counter() - started)
+        return done
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: "_StepCache") -> torch.Tensor:
+        if self.compiled:
+            try:
+                return self._run_compiled(ids, positions, cache)
+            except Exception as error:  # noqa: BLE001 - any compile or capture failure falls back
+                log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
+                            type(error).__name__, str(error)[:200])
+                self.compiled = False
+        return generation.decode_step(self.loaded, ids, positions, cache)
+
+    def _run_compiled(self, ids, positions, cache) -> torch.Tensor:
+        if self._step is None:
+            mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None
+            loaded = self.loaded
+            self._step = torch.compile(lambda i, p, c: generation.decode_step(loaded, i, p, c),
+                                       fullgraph=True, dynamic=False, mode=mode)
+        started, before = time.perf_counter(), graphs_compiled()
+        logits = self._step(ids, positions, cache)
+        made = graphs_compiled() - before
+        if made:
+            self.compiles += made
+            log.info("compiled the decode step for %d rows x %d slots in %.1f s",
+                     ids.shape[0], cache.layers[0].keys.shape[-2], time.perf_counter() - started)
+        return logits.clone()  # a CUDA graph's output is overwritten by its next replay
+
+
+class DecodeArena:
+    """The decode state of a group of prefilled turns; rows are named by caller-chosen keys.
+
+    Built with each row's (prefilled) cache and how many more tokens it may feed; ``step``
+    feeds every live row a token; ``leave`` lets rows go (finished ones get their KV back).
+    """
+
+    def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache], remaining: dict[Hashable, int],
+                 runner: StepRunner, rooms: dict[Hashable, int] | None = None):
+        """``rooms``: spare slots a finished row's cache gets behind its KV (kv_cache's headroom)."""
+        if not rows:
+            raise ValueError("an arena needs at least one row")
+        self.loaded, self.runner = loaded, runner
+        self.shape = ArenaShape.of(loaded)
+        self.caches = dict(rows)
+        self.rooms = dict(rooms or {})
+        lengths = {key: cache.get_seq_length() for key, cache in rows.items()}
+        if min(lengths.values()) == 0:
+            raise ValueError("every row needs a non-empty cache (prefill first)")
+        self.bucketed = runner.compiled
+        self.rows, self.slots = arena_size(loaded, list(lengths.values()), [remaining[k] for k in rows], self.bucketed)
+        like = dict(dtype=loaded.dtype, device=loaded.device)
+        buffer = (self.rows, self.shape.kv_heads, self.slots, self.shape.head_dim)
+        self._keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+        self._values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+        self._positions = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # [R]
+        self._caches: dict[tuple[int, int], _StepCache] = {}
+        self.keys: list[Hashable] = []  # the live rows, in row order
+        self._lengths: list[int] = []  # host mirror of their positions
+        for key, cache in rows.items():
+            self._join(key, cache)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def bytes_held(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._keys + self._values)
+
+    @torch.inference_mode()
+    def step(self, tokens: dict[Hashable, int]) -> torch.Tensor:
+        """Feed each live row its token; the live rows' next-token logits [n, V], in row order."""
+        n = len(self.keys)
+        if self.bucketed:
+            batch, slots = row_bucket(n), slot_bucket(max(self._lengths) + 1, self.slots)
+        else:
+            batch, slots = n, max(self._lengths) + 1
+        ids = torch.zeros(batch, 1, dtype=torch.long)
+        ids[:n, 0] = torch.tensor([tokens[key] for key in self.keys])
+        logits = self.runner.run(ids.to(self.loaded.device), self._positions[:batch], self._step_cache(batch, slots))
+        self._positions[:n] += 1  # the live rows' next slots; the spare rows stay at 0
+        self._lengths = [length + 1 for length in self._lengths]
+        return logits[:n]
+
+    def leave(self, finished=(), failed=()) -> None:
+        """Rows leave: a finished one's KV goes back into its (emptied) cache, exact-sized; a failed
+        one's is dropped. The last live row moves into each freed row."""
+        for key in [*finished, *failed]:
+            row = self.keys.index(key)
+            if key in finished:
+                self._copy_out(row, key)
+            last = len(self.keys) - 1
+            if row != last:
+                self._move_row(last, row)
+            self._positions[last] = 0
+            self.keys[row], self._lengths[row] = self.keys[last], self._lengths[last]
+            self.keys.pop()
+            self._lengths.pop()
+
+    def _join(self, key: Hashable, cache: DynamicCache) -> None:
+        row, length = len(self.keys), cache.get_seq_length()
+        for layer_idx, layer in enumerate(cache.layers):
+            self._keys[layer_idx][row, :, :length].copy_(layer.keys[0])
+            self._values[layer_idx][row, :, :length].copy_(layer.values[0])
+            layer.reset()  # held once: the KV lives in the arena now
+        self.keys.append(key)
+        self._lengths.append(length)
+        self._positions[row] = length
+
+    def _step_cache(self, batch: int, slots: int) -> "_StepCache":
+        cache = self._caches.get((batch, slots))
+        if cache is None:
+            cache = self._caches[(batch, slots)] = _StepCache(
+                [k[:batch, :, :slots] for k in self._keys], [v[:batch, :, :slots] for v in self._values]
+            )
+        return cache
+
+    def _copy_out(self, row: int, key: Hashable) -> None:
+        cache, length, room = self.caches[key], self._lengths[row], self.rooms.get(key, 0)
+        for layer_idx, layer in enumerate(cache.layers):
+            keys = self._keys[layer_idx][row : row + 1, :, :length]
+            values = self._values[layer_idx][row : row + 1, :, :length]
+            layer.reset()
+            if isinstance(layer, kv_cache.AppendLayer):  # a buffer of its own: the KV and its room
+                buffers = [part.new_empty(*part.shape[:2], length + room, part.shape[3]) for part in (keys, values)]
+                buffers[0][:, :, :length].copy_(keys)
+                buffers[1][:, :, :length].copy_(values)
+                layer.adopt(*buffers, length)
+            else:
+                layer.update(keys.clone(), values.clone())
+
+    def _move_row(self, source: int, target: int) -> None:
+        length = self._lengths[source]
+        for buffer in self._keys + self._values:
+            buffer[target, :, :length].copy_(buffer[source, :, :length])
+        self._positions[target] = length
+
+
+class ArenaShape:
+    """Per-token geometry of the language model's KV."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int):
+        self.layers, self.kv_heads, self.head_dim, self.dtype_bytes = layers, kv_heads, head_dim, dtype_bytes
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> "ArenaShape":
+        text = loaded.model.config.get_text_config()
+        heads = text.num_attention_heads
+        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads,
+                   getattr(text, "head_dim", None) or text.hidden_size // heads, loaded.dtype.itemsize)
+
+    def bytes(self, rows: int, slots: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes * rows * slots
+
+
+def arena_size(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> tuple[int, int]:
+    """(rows, slots) of a DecodeArena for rows of these lengths that may add these many tokens."""
+    reach = min(max(n + max(1, r) for n, r in zip(lengths, remaining)), loaded.max_context)
+    if not bucketed:
+        return len(lengths), reach
+    return row_bucket(len(lengths)), slot_bucket(reach, loaded.max_context)
+
+
+def arena_bytes(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> int:
+    """Device bytes a DecodeArena of these rows allocates."""
+    return ArenaShape.of(loaded).bytes(*arena_size(loaded, lengths, remaining, bucketed))
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (a recompile counts too)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["stats"].get(name, 0) for name in ("unique_graphs",))

@@ -1,0 +1,97 @@
+"""The fixed-shape decode step (runner.py) on the CPU with the tiny model: compiled with
+fullgraph=True, it answers as the eager step does, compiles once per shape bucket (not per
+session or as rows join and leave), and a step allocates nothing."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+from llava_sessions.config import ServingConfig
+from llava_sessions.handler.engine import runner, sampling
+from llava_sessions.handler.engine.engine import SessionEngine, TurnRequest
+from llava_sessions.handler.engine.generation import SamplingParams
+from tests.unit.test_engine import QUESTIONS
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def engine(loaded, compile: str) -> SessionEngine:
+    return SessionEngine(loaded, ServingConfig(compile=compile, compile_warmup_s=0, kv_headroom_tokens=0))
+
+
+def conversation(engine: SessionEngine, images, rounds: int, lengths=(6, 12, 3)) -> list[tuple[int, ...]]:
+    """Three sessions (different images, different answer lengths) taking turns together."""
+    sessions = [engine.open_session([images[i % 2]] if i < 2 else []).session_id for i in range(3)]
+    answers = []
+    for round_ in range(rounds):
+        results = engine.turns([
+            TurnRequest(sid, QUESTIONS[(round_ + i) % len(QUESTIONS)], SamplingParams(lengths[i]))
+            for i, sid in enumerate(sessions)
+        ])
+        answers += [result.token_ids for result in results]
+    return answers
+
+
+def test_the_compiled_step_answers_as_the_eager_one_and_compiles_once_per_bucket(loaded_tiny, images):
+    eager, compiled = engine(loaded_tiny, "off"), engine(loaded_tiny, "on")
+    assert not eager.compiled and compiled.compiled
+    assert conversation(compiled, images, rounds=2) == conversation(eager, images, rounds=2)
+    assert compiled.compiled  # fullgraph=True: a graph break would have raised and fallen back to eager
+    compiles = compiled.counters.step_compiles
+    assert compiles == 3  # the row buckets this conversation met: 3 rows (bucket 4), then 2, then 1
+    # New sessions of other lengths, rows joining and leaving within those buckets: no recompile.
+    conversation(compiled, images, rounds=1, lengths=(5, 9, 2))
+    assert compiled.counters.step_compiles == compiles
+
+
+def test_a_step_allocates_nothing(loaded_tiny):
+    step_runner = runner.StepRunner(loaded_tiny, "off")
+    cache = loaded_tiny.model.model.language_model  # noqa: F841  (the model is loaded)
+    session = SessionEngine(loaded_tiny, ServingConfig(compile="off"))
+    sid = session.open_session([]).session_id
+    session.turn(sid, QUESTIONS[0], SamplingParams(4))  # a prefilled KV to start from
+    from llava_sessions.handler.engine import generation
+
+    prefix = generation.new_cache(loaded_tiny)
+    generation.prefill(loaded_tiny, torch.tensor([list(session.session_history(sid))]), None, prefix)
+    arena = runner.DecodeArena(loaded_tiny, {"a": prefix}, {"a": 150}, step_runner)
+    held, token = arena.bytes_held(), 5
+    for _ in range(10):
+        token = sampling.pick(arena.step({"a": token}), [SamplingParams(1)])[0]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(100):
+        token = sampling.pick(arena.step({"a": token}), [SamplingParams(1)])[0]
+    assert arena.bytes_held() == held
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2048  # KiB: no growth per step
+
+
+def test_on_device_sampling_matches_the_rules(loaded_tiny):
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [3.0, 1.0, 0.0, 9.0]])
+    greedy = [SamplingParams(1), SamplingParams(1)]
+    assert sampling.pick(logits.clone(), greedy, suppressed=3) == [1, 0]
+    tiny_t = [SamplingParams(1, temperature=1e-300), SamplingParams(1, temperature=5e-324)]
+    assert sampling.pick(logits.clone(), tiny_t) == [1, 3]
+    nucleus = [SamplingParams(1, temperature=1.0, top_p=1e-300)] * 2
+    assert sampling.pick(logits.clone(), nucleus) == [1, 3]  # top_p keeps the most likely token
+    generator = torch.Generator().manual_seed(0)
+    hot = [SamplingParams(1, temperature=2.0)] * 2
+    seen = {tuple(sampling.pick(logits.clone(), hot, suppressed=2, generator=generator)) for _ in range(200)}
+    assert all(row[0] != 2 and row[1] != 2 for row in seen) and len({row[0] for row in seen}) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_graph_captured_step_answers_as_the_eager_one(tiny_model_dir, images):
+    """CUDA graphs (mode="reduce-overhead"): the same answers as eager, no fallback, no recompiles."""
+    from llava_sessions.handler.engine.model_loader import load_model
+
+    loaded = load_model(str(tiny_model_dir), torch.device("cuda:0"), "float32")
+    eager, compiled = engine(loaded, "off"), engine(loaded, "auto")  # auto: on for CUDA
+    assert compiled.compiled
+    assert conversation(compiled, images, rounds=2) == conversation(eager, images, rounds=2)
+    compiles = compiled.counters.step_compiles
+    conversation(compiled, images, rounds=1, lengths=(5, 9, 2))
+    assert compiled.compiled and compiled.counters.step_compiles == compiles

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_SLOTS = 256  # the smallest slot bucket
+MAX_GRAPHS = 64  # compiled step graphs a worker may hold: every row bucket times every slot bucket
 
 
 def row_bucket(rows: int) -> int:
@@ -150,6 +151,8 @@ class StepRunner:
 
     def _run_compiled(self, ids, positions, cache) -> torch.Tensor:
         if self._step is None:
+            # One graph per (rows, slots) bucket: more than dynamo's default of 8 per function.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
             mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None
             loaded = self.loaded
             self._step = torch.compile(lambda i, p, c: generation.decode_step(loaded, i, p, c),

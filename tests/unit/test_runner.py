@@ -95,3 +95,10 @@ def test_on_a_gpu_the_graph_captured_step_answers_as_the_eager_one(tiny_model_di
     compiles = compiled.counters.step_compiles
     conversation(compiled, images, rounds=1, lengths=(5, 9, 2))
     assert compiled.compiled and compiled.counters.step_compiles == compiles
+
+
+def test_every_bucket_may_compile_past_dynamos_default_limit(loaded_tiny):
+    """Dynamo gives up on a function after 8 graphs; a worker compiles one per (rows, slots) bucket."""
+    step_runner = runner.StepRunner(loaded_tiny, "on")
+    done = step_runner.warm_up(max_rows=16, seconds=600)  # 5 row buckets x 2 slot buckets (context 512)
+    assert len(done) == 10 and step_runner.compiled and step_runner.compiles == 10

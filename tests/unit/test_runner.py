@@ -1,6 +1,6 @@
 """The fixed-shape decode step (runner.py) on the CPU with the tiny model: compiled with
-fullgraph=True, it answers as the eager step does, compiles once per shape bucket (not per
-session or as rows join and leave), and a step allocates nothing."""
+fullgraph=True, it answers as the eager step does, compiles once per row bucket (not per session,
+history length, or as rows join and leave), and a step allocates nothing."""
 
 from __future__ import annotations
 
@@ -97,8 +97,18 @@ def test_on_a_gpu_the_graph_captured_step_answers_as_the_eager_one(tiny_model_di
     assert compiled.compiled and compiled.counters.step_compiles == compiles
 
 
-def test_every_bucket_may_compile_past_dynamos_default_limit(loaded_tiny):
-    """Dynamo gives up on a function after 8 graphs; a worker compiles one per (rows, slots) bucket."""
+def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
+    """Warm-up compiles each row bucket once; histories of any length then reuse those graphs."""
     step_runner = runner.StepRunner(loaded_tiny, "on")
-    done = step_runner.warm_up(max_rows=16, seconds=600)  # 5 row buckets x 2 slot buckets (context 512)
-    assert len(done) == 10 and step_runner.compiled and step_runner.compiles == 10
+    assert step_runner.warm_up(max_rows=4, seconds=600) == [1, 2, 4]
+    assert step_runner.compiled and step_runner.compiles == 3
+    shape = runner.ArenaShape.of(loaded_tiny)
+    with torch.inference_mode():
+        for rows in (1, 2, 4):
+            for slots in (64, 192, 448):
+                buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim) for _ in range(2 * shape.layers)]
+                cache = runner._StepCache(buffers[::2], buffers[1::2], dynamic_slots=True)
+                positions = torch.arange(rows) + slots - rows
+                logits = step_runner.run(torch.ones(rows, 1, dtype=torch.long), positions, cache)
+                assert logits.shape == (rows, loaded_tiny.model.config.get_text_config().vocab_size)
+    assert step_runner.compiled and step_runner.compiles == 3

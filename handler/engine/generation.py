@@ -116,41 +116,6 @@ def forward_rows(
     return out.logits[:, -1, :]  # [B, V]
 
 
-def select_next_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | None,
-    suppressed: int | None = None,
-) -> int:
-    """Greedy at temperature 0, else nucleus sampling; never the ``suppressed`` id.
-
-    The image placeholder is suppressed: an answer must not add an image token that
-    has no features behind it (the next prefill could not fill it).
-    """
-    logits = logits[0]  # [V]
-    if params.greedy:
-        token = int(torch.argmax(logits))
-        # argmax keeps the first maximum: masking another id cannot change it. Skipping the
-        # mask saves two small ops per token, most of this function's time on a CPU.
-        if token != suppressed:
-            return token
-    logits = logits.float()
-    if suppressed is not None:
-        logits = logits.index_fill(0, torch.tensor([suppressed], device=logits.device), float("-inf"))
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p. The most likely token always stays:
-        # a top_p that rounds to 0 in float32 (1e-300) would otherwise leave nothing to sample.
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        outside[0] = False
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def decode_step(loaded: LoadedModel, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """One token per row over a decode arena's fixed slots (runner.py): ids [B, 1] at positions
     [B] -> logits [B, V]. Fixed shapes, no host sync: what a compiled step traces."""

@@ -5,7 +5,7 @@
 (c) pixel cache (the AWS sample's strategy): the preprocessed pixel_values are kept, but the
     vision tower and the prefill of the full history run again every turn.
 (d) floor: only the new tokens go through the model on a KV cache that already holds the
-    history (``generation.prefill`` + ``select_next_token``), no server, no bookkeeping.
+    history (``generation.prefill`` + ``sampling.pick``), no server, no bookkeeping.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_sessions.config import ServingConfig
-from llava_sessions.handler.engine import generation
+from llava_sessions.handler.engine import generation, sampling
 from llava_sessions.handler.engine.engine import SessionEngine
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
@@ -158,7 +158,7 @@ class InProcess:
         sync(self.device)
         start = time.perf_counter()
         logits = self._prefill(turn.context_ids[turn.cached_tokens :], turn.cached_tokens, cache)
-        token = generation.select_next_token(logits, SamplingParams(1), None)
+        token = sampling.pick(logits, [SamplingParams(1)])[0]
         sync(self.device)
         elapsed = time.perf_counter() - start
         _restore(cache, turn.cached_tokens)
@@ -171,7 +171,7 @@ class InProcess:
         sync(self.device)
         start = time.perf_counter()
         logits = generation.decode_one_token(self.loaded, token, cache)
-        generation.select_next_token(logits, SamplingParams(1), None)
+        sampling.pick(logits, [SamplingParams(1)])[0]
         sync(self.device)
         elapsed = time.perf_counter() - start
         _restore(cache, turn.cached_tokens)

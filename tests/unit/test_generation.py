@@ -2,7 +2,13 @@
 
 import torch
 
-from llava_sessions.handler.engine.generation import SamplingParams, select_next_token
+from llava_sessions.handler.engine import sampling
+from llava_sessions.handler.engine.generation import SamplingParams
+
+
+def select_next_token(logits, params, generator, suppressed):
+    """One row through the engine's on-device picker (it masks in place: pass a copy)."""
+    return sampling.pick(logits.clone(), [params], suppressed, generator)[0]
 
 GREEDY = SamplingParams(max_new_tokens=1)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llava_sessions.config import ServingConfig
-from llava_sessions.handler.engine import runner, sampling
+from llava_sessions.handler.engine import generation, runner, sampling
 from llava_sessions.handler.engine.engine import SessionEngine, TurnRequest
 from llava_sessions.handler.engine.generation import SamplingParams
 from tests.unit.test_engine import QUESTIONS
@@ -49,12 +49,9 @@ def test_the_compiled_step_answers_as_the_eager_one_and_compiles_once_per_bucket
 
 def test_a_step_allocates_nothing(loaded_tiny):
     step_runner = runner.StepRunner(loaded_tiny, "off")
-    cache = loaded_tiny.model.model.language_model  # noqa: F841  (the model is loaded)
     session = SessionEngine(loaded_tiny, ServingConfig(compile="off"))
     sid = session.open_session([]).session_id
-    session.turn(sid, QUESTIONS[0], SamplingParams(4))  # a prefilled KV to start from
-    from llava_sessions.handler.engine import generation
-
+    session.turn(sid, QUESTIONS[0], SamplingParams(4))  # a history to prefill the arena's row from
     prefix = generation.new_cache(loaded_tiny)
     generation.prefill(loaded_tiny, torch.tensor([list(session.session_history(sid))]), None, prefix)
     arena = runner.DecodeArena(loaded_tiny, {"a": prefix}, {"a": 150}, step_runner)

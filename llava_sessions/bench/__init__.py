@@ -1,5 +1,10 @@
 """``llava-sessions bench``: one conversation about one image, timed through four strategies.
 
+Then (unless --no-long-conversation) a long conversation, about 2,500 tokens of history with three
+images (capped to the model's context), timed served against stateless on its last turns. The
+result also names its absolute figures (``absolute``: follow-up TTFT, cold open, decode tokens/s
+of one session and of --concurrency sessions).
+
 Modules: ``stats`` (medians, ratios, targets; torch-free), ``inprocess`` (the reference run and
 strategies (b) stateless, (c) pixel cache, (d) floor), ``served`` (strategy (a): the real stack
 over HTTP; torch-free), ``runner`` (the whole run, returns one dict), ``report`` (table, plot).
@@ -37,6 +42,7 @@ def main(args) -> int:
         device=args.device,
         budget_gb=args.budget_gb,
         compile=args.compile,
+        long_conversation=args.long_conversation,
     )
 
     def log(message: str) -> None:

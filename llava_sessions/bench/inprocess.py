@@ -14,6 +14,7 @@ import base64
 import io
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -53,8 +54,15 @@ def decode_image(image_b64: str):
     return Image.open(io.BytesIO(base64.b64decode(image_b64))).convert("RGB")
 
 
-def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_new_tokens: int) -> Reference:
-    """The conversation once through the session engine, greedily; its histories are the ground truth."""
+def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_new_tokens: int | Sequence[int],
+                  turn_images: Sequence[Sequence[str]] | None = None) -> Reference:
+    """The conversation once through the session engine, greedily; its histories are the ground truth.
+
+    The session opens with ``image_b64``; turn k also sends ``turn_images[k]`` (base64, none by
+    default) and answers ``max_new_tokens`` tokens (one number for every turn, or one per turn).
+    """
+    per_turn = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    sent = [list(images) for images in turn_images] if turn_images is not None else [[] for _ in prompts]
     # No spare KV slots: the bytes measured per session are its tokens', as when sessions fill the
     # budget (spare slots are only kept while a quarter of it is free).
     engine = SessionEngine(loaded, ServingConfig(max_sessions_per_worker=2, kv_headroom_tokens=0))
@@ -63,9 +71,10 @@ def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_n
     bytes_after_open = engine.bytes_held()
     conversation, history, turns, question_tokens = Conversation(), [], [], []
     for k, prompt in enumerate(prompts):
-        n_images = 1 if k == 0 else 0
+        n_images = (1 if k == 0 else 0) + len(sent[k])
         turn_ids = formatter.user_turn_ids(conversation, prompt, n_images)
-        result = engine.turn(opened.session_id, prompt, SamplingParams(max_new_tokens))
+        result = engine.turn(opened.session_id, prompt, SamplingParams(per_turn[k]),
+                             images=[decode_image(image) for image in sent[k]])
         context = history + turn_ids
         if len(context) != result.prompt_tokens:
             raise AssertionError(
@@ -85,20 +94,26 @@ def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_n
 class InProcess:
     """Strategies (b), (c), (d) and bare-generate decode on the reference histories."""
 
-    def __init__(self, loaded: LoadedModel, image_b64: str, reference: Reference):
+    def __init__(self, loaded: LoadedModel, image_b64: str | Sequence[str], reference: Reference):
+        """``image_b64``: the conversation's image, or its images in the order they came."""
         self.loaded = loaded
-        self.image_b64 = image_b64
+        self.images_b64 = [image_b64] if isinstance(image_b64, str) else list(image_b64)
         self.reference = reference
         self.device = loaded.device
-        image = decode_image(image_b64)
-        self.pixels = self._preprocess(image)  # kept by (c)
-        self.features = torch.cat(generation.encode_images(loaded, [image]), dim=0)  # kept by (d)
+        images = [decode_image(image) for image in self.images_b64]
+        self.pixels = self._preprocess(images)  # kept by (c)
+        self.features = torch.cat(generation.encode_images(loaded, images), dim=0)  # kept by (d)
 
     # --- (b) and (c) -----------------------------------------------------------
 
-    def _preprocess(self, image) -> torch.Tensor:
-        pixels = self.loaded.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    def _preprocess(self, images: list) -> torch.Tensor:
+        pixels = self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return pixels.to(self.device, self.loaded.dtype)
+
+    def _images_in(self, context_ids: list[int]) -> int:
+        """How many of the conversation's images a history holds (the first ones: they come in order)."""
+        placeholders = sum(1 for t in context_ids if t == self.loaded.image_token_id)
+        return placeholders // self.loaded.tokens_per_image
 
     @torch.inference_mode()
     def _generate(self, context_ids: list[int], pixels: torch.Tensor, max_new_tokens: int) -> list[int]:
@@ -114,11 +129,12 @@ class InProcess:
         return out[0, ids.shape[1] :].tolist()
 
     def stateless_ttft(self, k: int) -> tuple[float, int]:
-        """(b): decode + preprocess the image, generate 1 token over the full history."""
+        """(b): decode + preprocess the history's images, generate 1 token over the full history."""
         turn = self.reference.turns[k]
+        sent = self.images_b64[: self._images_in(turn.context_ids)]
         sync(self.device)
         start = time.perf_counter()
-        pixels = self._preprocess(decode_image(self.image_b64))
+        pixels = self._preprocess([decode_image(image) for image in sent])
         tokens = self._generate(turn.context_ids, pixels, 1)
         sync(self.device)
         return time.perf_counter() - start, tokens[0]
@@ -126,18 +142,20 @@ class InProcess:
     def pixel_cache_ttft(self, k: int) -> tuple[float, int]:
         """(c): kept pixel_values; vision tower and full prefill again; 1 token."""
         turn = self.reference.turns[k]
+        pixels = self.pixels[: self._images_in(turn.context_ids)]
         sync(self.device)
         start = time.perf_counter()
-        tokens = self._generate(turn.context_ids, self.pixels, 1)
+        tokens = self._generate(turn.context_ids, pixels, 1)
         sync(self.device)
         return time.perf_counter() - start, tokens[0]
 
     def bare_generate_total(self, k: int, new_tokens: int) -> tuple[float, list[int]]:
         """model.generate of ``new_tokens`` tokens (kept pixels) on turn k's history: total seconds."""
         turn = self.reference.turns[k]
+        pixels = self.pixels[: self._images_in(turn.context_ids)]
         sync(self.device)
         start = time.perf_counter()
-        tokens = self._generate(turn.context_ids, self.pixels, new_tokens)
+        tokens = self._generate(turn.context_ids, pixels, new_tokens)
         sync(self.device)
         return time.perf_counter() - start, tokens
 

@@ -59,6 +59,7 @@ def table(result: dict) -> str:
         f"concurrency: {conc['sessions']} sessions {conc['concurrent_tps']:.1f} tok/s vs 1 session"
         f" {conc['single_tps']:.1f} tok/s",
     ]
+    lines += ["", *absolute_lines(result), *long_conversation_lines(result)]
     mem = result["bytes_per_session"]
     fit = result["sessions_fit"]
     measured, seven = fit["measured"], fit["llava_1_5_7b_fp16_80gb"]
@@ -104,7 +105,60 @@ def _ratios(result: dict) -> list[str]:
                          f"  {verdict:<7}  {other_text}")
         else:
             lines.append(f"  {stats.RATIO_LABELS[key]:<56} {result[key]:>8.2f}  {other_text}")
+    return lines + _long_ratio_line(result, bool(targets))
+
+
+LONG_LABEL = "long conversation: TTFT stateless / ours"
+
+
+def absolute_lines(result: dict) -> list[str]:
+    """The absolute figures (stats.absolute_figures) with what each one times; none in older results."""
+    figures = result.get("absolute")
+    if not figures:
+        return []
+    n = figures["concurrent_sessions"]
+    lines = [
+        "absolute figures:",
+        f"  follow-up TTFT, end to end over HTTP (median of turns 2-{result['conversation']['turns']})"
+        f"  {figures['followup_ttft_ms']:.1f} ms",
+        f"  cold open (one request: open with the image and ask)  {figures['cold_open_ms']:.1f} ms",
+        f"  decode, one session (tokens after the first)  {figures['decode_tps_1_session']:.1f} tokens/s",
+        f"  {n} sessions at once, aggregate (answer tokens / wall of the whole turns)"
+        f"  {figures[f'decode_tps_{n}_sessions']:.1f} tokens/s (one session timed so:"
+        f" {figures['turn_tps_1_session']:.1f})",
+    ]
+    if figures.get("long_conversation_ttft_ms") is not None:
+        lines.append(f"  follow-up TTFT in the long conversation  {figures['long_conversation_ttft_ms']:.1f} ms")
     return lines
+
+
+def long_conversation_lines(result: dict) -> list[str]:
+    """The long-conversation scenario in one line ("not run" when it was not); none in older results."""
+    if "long_conversation" not in result:
+        return []
+    long = result["long_conversation"]
+    if long is None:
+        return ["long conversation: not run"]
+    timed = long["timed_turns"]
+    return [
+        f"long conversation: {long['history_tokens']} tokens of history ({long['images']} images, {long['turns']}"
+        f" turns; at most {long['history_limit_tokens']}), TTFT of turns {timed[0]}-{timed[-1]}:"
+        f" ours {long['ttft_ours_s'] * 1e3:.1f} ms, stateless {long['ttft_stateless_s'] * 1e3:.1f} ms;"
+        f" stateless / ours {long['stateless_vs_ours']:.2f}",
+    ]
+
+
+def _long_ratio_line(result: dict, targets: bool) -> list[str]:
+    """The long conversation's ratio beside the targeted ones (it has no target); absent in older results."""
+    if "long_conversation_stateless_vs_ours" not in result:
+        return []
+    value = result["long_conversation_stateless_vs_ours"]
+    best = (result.get("ratios_best_of_repeats") or {}).get("long_conversation_stateless_vs_ours")
+    median_text = f"{value:>8.2f}" if value is not None else f"{'-':>8}"
+    best_text = f"{best:>9.2f}" if best is not None else f"{'-':>9}"
+    if targets:
+        return [f"  {LONG_LABEL:<56} {'-':<7} {median_text}  {'':<7}  {best_text}"]
+    return [f"  {LONG_LABEL:<56} {median_text}  {best_text}"]
 
 
 def _agreement(result: dict) -> str:

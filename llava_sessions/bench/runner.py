@@ -1,4 +1,5 @@
-"""Run the benchmark: one conversation, the same token histories through strategies (a)-(d)."""
+"""Run the benchmark: one conversation, the same token histories through strategies (a)-(d);
+then the long conversation (``_LongConversation``), through (a) and (b)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class Options:
     budget_gb: float | None = None
     work_dir: Path | None = None
     compile: str = "auto"  # the served worker's decode step (ServingConfig.compile)
+    long_conversation: bool = True  # also time the long conversation (stats.plan_long_conversation)
 
     def command(self) -> str:
         parts = ["llava-sessions", "bench", "--preset", self.preset]
@@ -63,6 +65,8 @@ class Options:
             parts += ["--budget-gb", str(self.budget_gb)]
         if self.compile != "auto":
             parts += ["--compile", self.compile]
+        if not self.long_conversation:
+            parts.append("--no-long-conversation")
         return shlex.join(parts)
 
 
@@ -273,6 +277,16 @@ def run(options: Options, log=print) -> dict:
             log(f"bench: concurrency ({options.concurrency} sessions vs 1)")
             for r in range(R):
                 conc.append(served.concurrency(client, image_b64, prompts, options.max_new_tokens, options.concurrency))
+            long = None
+            if options.long_conversation:
+                plan = long_conversation_plan(loaded, options.max_new_tokens)
+                if plan is None:
+                    log("bench: no long conversation: one image and one turn do not fit this model's context")
+                else:
+                    long = _LongConversation(loaded, plan, options.max_new_tokens)
+                    log(f"bench: long conversation ({plan.turns} turns, {len(plan.image_turns)} images,"
+                        f" about {plan.planned_tokens} tokens of history)")
+                    long.time(client, R)
 
     # --- correctness: (a) on the reference histories gives the reference answers ----------------
     # A mismatch is looked at where the answers part: a near tie of the best two logits there is
@@ -284,19 +298,15 @@ def run(options: Options, log=print) -> dict:
             where = f"repeat {r + 1} turn {k + 1}"
             first_text = tokenizer.decode(turn.answer_ids[:1], skip_special_tokens=True)
             for probe in samples.probes(k):
-                if (probe.prompt_tokens, probe.cached_tokens) != (len(turn.context_ids), turn.cached_tokens):
-                    mismatches.append(f"{where}: server history {probe.prompt_tokens} tokens "
-                                      f"({probe.cached_tokens} cached), reference {len(turn.context_ids)} "
-                                      f"({turn.cached_tokens} cached)")
-                    analysis.append({"where": where, "kind": "history", "near_tie": False})
+                _check_history(where, probe, turn, mismatches, analysis)
                 if probe.text != first_text:
                     mismatches.append(f"{where}: first token {probe.text!r} != {first_text!r}")
                     analysis.append({"where": where, "kind": "first_token", **divergence.at(turn, probe.text, 0)})
             streamed = [samples.streamed[k]] if k in samples.streamed else []
             for sample in samples.full.get(k, []) + streamed:
-                if sample.text != turn.text or sample.completion_tokens != len(turn.answer_ids):
-                    mismatches.append(f"{where}: answer {sample.text!r} != {turn.text!r}")
-                    analysis.append({"where": where, "kind": "answer", **divergence.at(turn, sample.text)})
+                _check_answer(where, sample, turn, divergence, mismatches, analysis)
+    if long:
+        long.check(_Divergence(long.inproc, tokenizer, divergence.eps), mismatches, analysis)
 
     # --- figures ---------------------------------------------------------------------------
     # Turn 1 of ours is a cold open: one request opens with the image and the first question.
@@ -310,6 +320,10 @@ def run(options: Options, log=print) -> dict:
         figures[reducer_name] = _figures(reducer, samples, full_samples, bare_total, conc, reference)
     ttft = figures["median"]["ttft"]
     ratios = figures["median"]["ratios"]
+    long_summary = long.summary(stats.median) if long else None
+    ratios["long_conversation_stateless_vs_ours"] = long_summary["stateless_vs_ours"] if long else None
+    figures["min"]["ratios"]["long_conversation_stateless_vs_ours"] = (
+        long.summary(min)["stateless_vs_ours"] if long else None)
     streamed_ttft = stats.per_turn_medians(streamed_samples)
     ours_tps, bare_tps = figures["median"]["ours_tps"], figures["median"]["bare_tps"]
     full_total = figures["median"]["full_total"]
@@ -330,6 +344,7 @@ def run(options: Options, log=print) -> dict:
     seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
     seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9
 
+    decode_ours = [ours_tps.get(k) for k in range(K)]
     result = {
         **ratios,
         "ratios_best_of_repeats": figures["min"]["ratios"],
@@ -359,8 +374,15 @@ def run(options: Options, log=print) -> dict:
             # cold_open_vs_stateless is the median of the pairs' ratios; the medians' ratio beside it
             "ratio_of_medians": stats.ratio(ttft["ours"][0], ttft["stateless"][0]),
         },
+        # The absolute figures under one name each (stats.absolute_figures); the keys below keep
+        # the same numbers in their places.
+        "absolute": stats.absolute_figures(
+            ttft["ours"], decode_ours, options.concurrency,
+            concurrent_tps=stats.median(c.concurrent_tps for c in conc),
+            single_tps=stats.median(c.single_tps for c in conc),
+            long_conversation_ttft_s=long_summary["ttft_ours_s"] if long else None),
         "decode_tps": {
-            "ours": [ours_tps.get(k) for k in range(K)],
+            "ours": decode_ours,
             "bare_generate": [bare_tps.get(k) for k in range(K)],
             "floor_one_step": [1.0 / stats.median(v) for v in floor_decode],
             "ours_full_turn_s": full_total,
@@ -371,6 +393,7 @@ def run(options: Options, log=print) -> dict:
             "concurrent_tps": stats.median(c.concurrent_tps for c in conc),
             "samples": [c.__dict__ for c in conc],
         },
+        "long_conversation": long.result(long_summary) if long else None,
         "bytes_per_session": {
             "after_open": reference.bytes_after_open,
             "after_turn": [t.bytes_held_after for t in reference.turns],
@@ -422,6 +445,124 @@ def run(options: Options, log=print) -> dict:
         "wall_s": time.perf_counter() - wall_start,
     }
     return result
+
+
+def long_conversation_plan(loaded, max_new_tokens: int) -> stats.LongPlan | None:
+    """The long conversation that fits ``loaded``'s context (stats.plan_long_conversation), its
+    turns counted with the engine's own formatter."""
+    from functools import cache
+
+    from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
+
+    formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+    earlier = Conversation()
+    earlier.messages += [earlier.user_message(QUESTIONS[0], 1), Conversation.assistant_message("An answer.")]
+
+    @cache
+    def text_tokens(question: int, first: bool, n_images: int) -> int:
+        ids = formatter.user_turn_ids(Conversation() if first else earlier, QUESTIONS[question], n_images)
+        return len(ids) - n_images * loaded.tokens_per_image
+
+    return stats.plan_long_conversation(
+        lambda k, n: text_tokens(k % len(QUESTIONS), k == 0, n), loaded.tokens_per_image, loaded.max_context,
+        max_new_tokens, closing_tokens=len(formatter.closing_ids([], loaded.eos_token_ids)))
+
+
+class _LongConversation:
+    """The long conversation: its full turns (images spread over them) then one-token probe turns,
+    timed through (a) one served session kept across its turns and (b) stateless ``generate``
+    over the full history with every image so far, each turn. Both on the reference histories."""
+
+    def __init__(self, loaded, plan: stats.LongPlan, max_new_tokens: int):
+        from llava_sessions.bench.inprocess import InProcess, reference_run
+
+        self.started = time.perf_counter()
+        self.plan = plan
+        # Image 0 is the main conversation's; the others are drawn with other noise seeds.
+        self.images = [bench_image_b64(seed=j) for j in range(len(plan.image_turns))]
+        self.prompts = [QUESTIONS[k % len(QUESTIONS)] for k in range(plan.turns)]
+        self.max_new = [max_new_tokens] * plan.full_turns + [1] * plan.probe_turns
+        self.turn_images: list[list[str]] = [[] for _ in self.prompts]
+        for j, turn in enumerate(plan.image_turns[1:], start=1):
+            self.turn_images[turn].append(self.images[j])
+        self.reference = reference_run(loaded, self.images[0], self.prompts, self.max_new, self.turn_images)
+        self.inproc = InProcess(loaded, self.images, self.reference)
+        self.probes = list(range(plan.full_turns, plan.turns))
+        self.replays: list = []
+        self.ours: list[list[float]] = [[] for _ in self.probes]
+        self.stateless: list[list[float]] = [[] for _ in self.probes]
+        self.stateless_first_token = True
+        self.matches: bool | None = None  # the served answers against the reference, once checked
+
+    def _replay(self, client):
+        from llava_sessions.bench import served
+
+        return served.conversation(client, self.images[0], self.prompts, self.max_new, self.turn_images)
+
+    def time(self, client, repeats: int) -> None:
+        # Warm-up, not timed: the longest stateless prefill, and one served replay (its lengths).
+        self.inproc.stateless_ttft(self.probes[-1])
+        self._replay(client)
+        for _ in range(repeats):
+            samples = self._replay(client)
+            self.replays.append(samples)
+            for i, k in enumerate(self.probes):
+                self.ours[i].append(samples[k].seconds)
+                seconds, token = self.inproc.stateless_ttft(k)
+                self.stateless[i].append(seconds)
+                self.stateless_first_token &= token == self.reference.turns[k].answer_ids[0]
+        self.wall_s = time.perf_counter() - self.started
+
+    def check(self, divergence: "_Divergence", mismatches: list[str], analysis: list[dict]) -> None:
+        """Every served turn's history and answer against the reference (a probe's answer is its one token)."""
+        before = len(mismatches)
+        for r, samples in enumerate(self.replays):
+            for k, (sample, turn) in enumerate(zip(samples, self.reference.turns)):
+                where = f"long conversation, repeat {r + 1} turn {k + 1}"
+                _check_history(where, sample, turn, mismatches, analysis)
+                _check_answer(where, sample, turn, divergence, mismatches, analysis)
+        self.matches = len(mismatches) == before
+
+    def summary(self, reduce) -> dict:
+        return stats.long_conversation_summary(self.ours, self.stateless, reduce)
+
+    def result(self, summary: dict) -> dict:
+        turns = self.reference.turns
+        return {
+            "history_tokens": len(turns[-1].context_ids),  # the last turn's whole prompt, images included
+            "turns": self.plan.turns,
+            "images": len(self.images),
+            **{key: summary[key] for key in ("ttft_ours_s", "ttft_stateless_s", "stateless_vs_ours")},
+            "history_limit_tokens": self.plan.limit_tokens,  # min(target, context - an answer's tokens)
+            "target_history_tokens": stats.LONG_HISTORY_TOKENS,
+            "image_turns": [t + 1 for t in self.plan.image_turns],  # 1-based; the first opens the session
+            "timed_turns": [k + 1 for k in self.probes],
+            "context_tokens": [len(turns[k].context_ids) for k in self.probes],
+            "cached_tokens": [turns[k].cached_tokens for k in self.probes],
+            "answer_tokens": [len(t.answer_ids) for t in turns],
+            "ttft_ours_per_turn_s": summary["ttft_ours_per_turn_s"],
+            "ttft_stateless_per_turn_s": summary["ttft_stateless_per_turn_s"],
+            "ttft_samples_s": {"ours": self.ours, "stateless": self.stateless},
+            "answers_match_reference": self.matches,
+            "stateless_first_token_agrees": self.stateless_first_token,
+            "wall_s": self.wall_s,  # what the scenario added to the run, its reference run included
+        }
+
+
+def _check_history(where: str, sample, turn, mismatches: list[str], analysis: list[dict]) -> None:
+    """The server's history of a turn (its tokens, and those it had cached) against the reference's."""
+    if (sample.prompt_tokens, sample.cached_tokens) != (len(turn.context_ids), turn.cached_tokens):
+        mismatches.append(f"{where}: server history {sample.prompt_tokens} tokens ({sample.cached_tokens} cached),"
+                          f" reference {len(turn.context_ids)} ({turn.cached_tokens} cached)")
+        analysis.append({"where": where, "kind": "history", "near_tie": False})
+
+
+def _check_answer(where: str, sample, turn, divergence: "_Divergence", mismatches: list[str],
+                  analysis: list[dict]) -> None:
+    """A served answer in full against the reference's; where they part, how near a tie it was."""
+    if sample.text != turn.text or sample.completion_tokens != len(turn.answer_ids):
+        mismatches.append(f"{where}: answer {sample.text!r} != {turn.text!r}")
+        analysis.append({"where": where, "kind": "answer", **divergence.at(turn, sample.text)})
 
 
 class _Divergence:

@@ -7,7 +7,9 @@ those are the full turns for the decode rate, and their answers must equal the r
 sends turn k with max_new_tokens=1. One more session replays all K turns in full. Turn 1 is
 timed as a cold open (``cold_open``): one request opens the session with the image and asks.
 And one session streams all K turns in full (``"stream": true``), timing each turn's first
-event: the TTFT a chat client sees while the answer keeps coming.
+event: the TTFT a chat client sees while the answer keeps coming. ``conversation`` replays a
+planned conversation in one session (the long conversation): its later images travel with their
+turns' requests (``"images"`` on a turn), and its last turns, one token each, are the probes.
 """
 
 from __future__ import annotations
@@ -142,8 +144,11 @@ class Client:
         elapsed, reply = self._post(body)
         return _turn_sample(elapsed, reply), reply["session_id"]
 
-    def turn(self, session_id: str, prompt: str, max_new_tokens: int) -> TurnSample:
+    def turn(self, session_id: str, prompt: str, max_new_tokens: int, images: list[str] | None = None) -> TurnSample:
+        """A follow-up turn; ``images`` (base64) join the session's history with this question."""
         body = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1}
+        if images:
+            body["images"] = list(images)
         elapsed, reply = self._post(body, session_id)
         return _turn_sample(elapsed, reply)
 
@@ -229,6 +234,19 @@ def staircase(client: Client, image_b64: str, prompts: list[str], max_new_tokens
     finally:
         client.close(session_id)
     return samples
+
+
+def conversation(client: Client, image_b64: str, prompts: list[str], max_new_tokens: list[int],
+                 turn_images: list[list[str]]) -> list[TurnSample]:
+    """One session through a planned conversation: opened with ``image_b64``, turn k sends
+    ``turn_images[k]`` with its question and asks for ``max_new_tokens[k]`` tokens (a one-token
+    turn's seconds are its TTFT). The samples of every turn, in order; the session is closed after."""
+    _, session_id = client.open(image_b64)
+    try:
+        return [client.turn(session_id, prompt, new, images)
+                for prompt, new, images in zip(prompts, max_new_tokens, turn_images, strict=True)]
+    finally:
+        client.close(session_id)
 
 
 @dataclass

@@ -133,3 +133,126 @@ def divergence_index(reference_prefix_texts: Sequence[str], other_text: str) -> 
         if other_text.startswith(prefix):
             agreed = j
     return agreed
+
+
+# --- absolute figures -----------------------------------------------------------------------
+
+
+def absolute_figures(ttft_ours: Sequence[float], decode_tps_ours: Sequence[float | None], sessions: int,
+                     concurrent_tps: float, single_tps: float, long_conversation_ttft_s: float | None = None) -> dict:
+    """The run's absolute figures under one name each, for the docs' tables to quote.
+
+    ttft_ours: per-turn TTFT medians of ours (turn 1 is the cold open: one request opens with the
+    image and asks); decode_tps_ours: per-turn decode rates (None where a turn has none);
+    concurrent_tps / single_tps: answer tokens per second of ``sessions`` concurrent follow-up
+    turns together, and of one session's follow-up turn alone (whole turns, their TTFT included).
+    """
+    if len(ttft_ours) < 2:
+        raise ValueError("absolute figures need a follow-up turn")
+    followup_s = median(ttft_ours[1:])
+    return {
+        # End to end (HTTP request to its one-token answer read), median over turns 2..K.
+        "followup_ttft_s": followup_s,
+        "followup_ttft_ms": followup_s * 1e3,
+        "cold_open_s": float(ttft_ours[0]),
+        "cold_open_ms": float(ttft_ours[0]) * 1e3,
+        # One session: tokens after the first over the time after the first, median over turns.
+        "decode_tps_1_session": median(v for v in decode_tps_ours if v is not None),
+        # ``sessions`` sessions at once: every answer token over the wall time of the whole turns.
+        f"decode_tps_{sessions}_sessions": float(concurrent_tps),
+        # One session's whole follow-up turn, timed as the aggregate is (the N ÷ 1 ratio's denominator).
+        "turn_tps_1_session": float(single_tps),
+        "concurrent_sessions": sessions,
+        "long_conversation_ttft_ms": None if long_conversation_ttft_s is None else long_conversation_ttft_s * 1e3,
+    }
+
+
+# --- the long conversation ------------------------------------------------------------------
+
+LONG_HISTORY_TOKENS = 2500  # "about 2,500 tokens of history", capped to the model's context
+LONG_IMAGES = 3
+LONG_PROBE_TURNS = 3  # the last turns, each a one-token answer timed for TTFT
+LONG_MAX_TURNS = 64
+
+
+@dataclass(frozen=True)
+class LongPlan:
+    """A long conversation: ``full_turns`` answered in full, then ``probe_turns`` one-token turns.
+
+    image_turns[j] is the 0-based turn that brings image j: the first is turn 0's, sent with the
+    open; the others travel with a later full turn's request.
+    """
+
+    full_turns: int
+    probe_turns: int
+    image_turns: tuple[int, ...]
+    limit_tokens: int  # the last turn's history (its whole prompt) stays within this
+    planned_tokens: int  # the last turn's history if every full answer is answer_tokens long
+
+    @property
+    def turns(self) -> int:
+        return self.full_turns + self.probe_turns
+
+    def images_at(self, turn: int) -> int:
+        return sum(1 for t in self.image_turns if t == turn)
+
+
+def spread_images(images: int, full_turns: int) -> tuple[int, ...]:
+    """The turns that bring each image, spread over the full turns; the first image opens turn 0."""
+    return tuple(j * full_turns // images for j in range(images))
+
+
+def plan_long_conversation(turn_tokens, image_tokens: int, max_context: int, answer_tokens: int,
+                           closing_tokens: int = 1, target: int = LONG_HISTORY_TOKENS, images: int = LONG_IMAGES,
+                           probes: int = LONG_PROBE_TURNS, max_turns: int = LONG_MAX_TURNS) -> LongPlan | None:
+    """The longest conversation whose last turn's history fits ``min(target, max_context - answer_tokens)``.
+
+    turn_tokens(k, n_images): the tokens of turn k's user part (question and template) with
+    n_images images' placeholders, image tokens not counted; image_tokens: tokens per image.
+    Full turns answer ``answer_tokens`` tokens, the probe turns one, each answer followed by
+    ``closing_tokens``. The most images that fit (up to ``images``) with at least one full turn
+    come first, then as many full turns as fit. None: not even one image and one turn fit.
+    """
+    limit = min(target, max_context - answer_tokens)
+
+    def last_history(full: int, image_turns: tuple[int, ...]) -> int:
+        total = len(image_turns) * image_tokens
+        for k in range(full + probes):
+            n = sum(1 for t in image_turns if t == k)
+            total += turn_tokens(k, n)
+            if k < full + probes - 1:  # every turn before the last, with its answer
+                total += (answer_tokens if k < full else 1) + closing_tokens
+        return total
+
+    for n_images in range(images, 0, -1):
+        best = None
+        for full in range(1, max_turns - probes + 1):
+            layout = spread_images(n_images, full)
+            tokens = last_history(full, layout)
+            if tokens > limit:
+                break
+            best = LongPlan(full, probes, layout, limit, tokens)
+        if best is not None:
+            return best
+    return None
+
+
+def long_conversation_summary(ours: Sequence[Sequence[float]], stateless: Sequence[Sequence[float]],
+                              reduce=median) -> dict:
+    """TTFT of the long conversation's probe turns: ours[i] and stateless[i] hold turn i's repeats.
+
+    Each side is the median (or ``reduce``) over its probe turns' per-turn figures; the ratio is
+    stateless over ours of those two.
+    """
+    if not ours or len(ours) != len(stateless):
+        raise ValueError("need the same probe turns on both sides")
+    per_turn_ours = [reduce(turn) for turn in ours]
+    per_turn_stateless = [reduce(turn) for turn in stateless]
+    ours_s, stateless_s = median(per_turn_ours), median(per_turn_stateless)
+    return {
+        "ttft_ours_s": ours_s,
+        "ttft_stateless_s": stateless_s,
+        "stateless_vs_ours": ratio(stateless_s, ours_s),
+        "ttft_ours_per_turn_s": per_turn_ours,
+        "ttft_stateless_per_turn_s": per_turn_stateless,
+    }

@@ -101,6 +101,49 @@ def test_the_table_holds_only_runs_with_targets_to_them_and_says_how_answers_agr
     assert "answers of (a) equal the reference: NO" in report.table(parted)
 
 
+def test_the_absolute_figures_are_the_runs_own_numbers_under_one_name_each(bench_result):
+    result = json.loads(bench_result[1])
+    absolute = result["absolute"]
+    ours = result["ttft_s"]["ours"]
+    assert absolute["followup_ttft_s"] == pytest.approx(statistics.median(ours[1:]))
+    assert absolute["followup_ttft_ms"] == pytest.approx(absolute["followup_ttft_s"] * 1e3)
+    assert absolute["cold_open_ms"] == pytest.approx(result["cold_open_s"]["ours_open_with_question"] * 1e3)
+    assert absolute["decode_tps_1_session"] == pytest.approx(
+        statistics.median(v for v in result["decode_tps"]["ours"] if v is not None))
+    assert absolute["concurrent_sessions"] == result["concurrency"]["sessions"] == 8
+    assert absolute["decode_tps_8_sessions"] == result["concurrency"]["concurrent_tps"]
+    assert absolute["turn_tps_1_session"] == result["concurrency"]["single_tps"]
+    assert absolute["decode_tps_8_sessions"] / absolute["turn_tps_1_session"] == pytest.approx(
+        result["concurrent8_tps_vs_single"])
+    for key, value in absolute.items():
+        assert isinstance(value, (int, float)) and value > 0, (key, value)
+
+
+def test_the_long_conversation_fills_the_context_with_three_images_and_is_timed_on_both_sides(bench_result):
+    result = json.loads(bench_result[1])
+    long = result["long_conversation"]
+    # tiny: 512 positions, 16 tokens an image; the history leaves room for a 24-token answer.
+    assert long["images"] == 3 and long["image_turns"][0] == 1 and long["turns"] > 3
+    assert long["history_limit_tokens"] == 512 - 24
+    assert long["history_limit_tokens"] - 30 < long["history_tokens"] <= long["history_limit_tokens"]
+    assert long["context_tokens"][-1] == long["history_tokens"]
+    assert long["timed_turns"] == list(range(long["turns"] - 2, long["turns"] + 1))
+    assert all(0 < c < n for c, n in zip(long["cached_tokens"], long["context_tokens"]))  # history kept
+    assert long["answers_match_reference"] is True and long["stateless_first_token_agrees"] is True
+    for side in ("ours", "stateless"):
+        samples = long["ttft_samples_s"][side]
+        assert len(samples) == 3 and all(len(turn) == 1 and turn[0] > 0 for turn in samples)  # --repeats 1
+        assert long[f"ttft_{side}_s"] == pytest.approx(statistics.median(s[0] for s in samples))
+    assert long["stateless_vs_ours"] == pytest.approx(long["ttft_stateless_s"] / long["ttft_ours_s"])
+    assert result["long_conversation_stateless_vs_ours"] == long["stateless_vs_ours"]
+    assert result["ratios_best_of_repeats"]["long_conversation_stateless_vs_ours"] == pytest.approx(
+        long["stateless_vs_ours"])  # one repeat: the best is the median
+    assert result["absolute"]["long_conversation_ttft_ms"] == pytest.approx(long["ttft_ours_s"] * 1e3)
+    from llava_sessions.bench import report
+
+    assert f"long conversation: {long['history_tokens']} tokens of history (3 images" in report.table(result)
+
+
 def test_workers_scaling_prints_each_configuration_and_its_ratios(tmp_path, monkeypatch):
     """Smoke run of `bench --workers-scaling` (ratios are the bench's business, not a test's)."""
     monkeypatch.setenv("LLAVA_SESSIONS_HOME", str(tmp_path / "home"))

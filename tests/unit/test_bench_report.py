@@ -119,3 +119,62 @@ def test_bench_help_gives_each_default_once_in_one_style(capsys):
         assert not re.search(r"\(default \d", flat), flat  # "(default: 6)", as the formatter writes it
     flat = " ".join(text.split())
     assert "at least 2 (default: 6)" in flat and "(default: small)" in flat and "pip install" in flat
+
+
+def _with_new_fields(recorded: dict, long_ran: bool = True) -> dict:
+    """The recorded run with the absolute figures and a long conversation added (synthetic numbers)."""
+    result = copy.deepcopy(recorded)
+    result["absolute"] = stats.absolute_figures(
+        result["ttft_s"]["ours"], result["decode_tps"]["ours"], 8, concurrent_tps=466.0, single_tps=290.0,
+        long_conversation_ttft_s=0.025 if long_ran else None)
+    result["long_conversation"] = {
+        "history_tokens": 2018, "turns": 7, "images": 3, "ttft_ours_s": 0.025, "ttft_stateless_s": 0.4,
+        "stateless_vs_ours": 16.0, "history_limit_tokens": 2024, "timed_turns": [5, 6, 7],
+    } if long_ran else None
+    result["long_conversation_stateless_vs_ours"] = 16.0 if long_ran else None
+    result["ratios_best_of_repeats"]["long_conversation_stateless_vs_ours"] = 17.5 if long_ran else None
+    return result
+
+
+def test_the_table_gives_the_absolute_figures_and_the_long_conversation(recorded):
+    text = report.table(_with_new_fields(recorded))
+    absolute = recorded["ttft_s"]["ours"]
+    followup_ms = stats.median(absolute[1:]) * 1e3
+    assert f"follow-up TTFT, end to end over HTTP (median of turns 2-6)  {followup_ms:.1f} ms" in text
+    assert f"cold open (one request: open with the image and ask)  {absolute[0] * 1e3:.1f} ms" in text
+    decode = stats.median(v for v in recorded["decode_tps"]["ours"] if v is not None)
+    assert f"decode, one session (tokens after the first)  {decode:.1f} tokens/s" in text
+    assert "8 sessions at once, aggregate" in text and "466.0 tokens/s (one session timed so: 290.0)" in text
+    assert "follow-up TTFT in the long conversation  25.0 ms" in text
+    assert ("long conversation: 2018 tokens of history (3 images, 7 turns; at most 2024), TTFT of turns 5-7:"
+            " ours 25.0 ms, stateless 400.0 ms; stateless / ours 16.00") in text
+    # Its ratio sits under the targeted ones, with no target of its own.
+    ratios = report.table(_with_new_fields(recorded)).splitlines()
+    start = next(i for i, line in enumerate(ratios) if line.startswith("ratios ("))
+    line = ratios[start + 2 + len(stats.RATIO_KEYS)]
+    assert report.LONG_LABEL in line and line.split()[-2:] == ["16.00", "17.50"] and "met" not in line
+
+
+def test_the_table_says_when_the_long_conversation_did_not_run_and_reads_older_results(recorded):
+    text = report.table(_with_new_fields(recorded, long_ran=False))
+    assert "long conversation: not run" in text and "in the long conversation" not in text
+    line = next(line for line in text.splitlines() if report.LONG_LABEL in line)
+    assert line.split()[-2:] == ["-", "-"]
+    old = report.table(recorded)  # recorded before these fields existed
+    assert "absolute figures" not in old and "long conversation" not in old
+
+
+def test_no_long_conversation_reaches_the_run_and_its_command(monkeypatch, capsys, recorded):
+    seen = []
+
+    def fake_run(options, log):
+        seen.append(options)
+        return copy.deepcopy(recorded)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert cli.main(["bench", "--preset", "tiny", "--json"]) == 0
+    assert cli.main(["bench", "--preset", "tiny", "--no-long-conversation", "--json"]) == 0
+    capsys.readouterr()
+    assert [o.long_conversation for o in seen] == [True, False]
+    assert "--no-long-conversation" not in seen[0].command()
+    assert seen[1].command().endswith("--device auto --no-long-conversation")

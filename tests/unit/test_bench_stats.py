@@ -142,3 +142,71 @@ def test_bench_fails_only_when_an_answer_parts_from_the_reference_away_from_a_ne
     err = capsys.readouterr().err
     assert "repeat 1 turn 2" in err
     assert ("near tie" in err) is near_ties
+
+
+def test_absolute_figures_name_the_follow_up_ttft_cold_open_and_both_decode_rates():
+    figures = stats.absolute_figures([0.100, 0.020, 0.030, 0.010], [None, 300.0, 280.0, None], 8,
+                                     concurrent_tps=900.0, single_tps=250.0, long_conversation_ttft_s=0.025)
+    assert figures["followup_ttft_s"] == pytest.approx(0.020)  # median of turns 2..4, not 3..
+    assert figures["followup_ttft_ms"] == pytest.approx(20.0)
+    assert figures["cold_open_s"] == pytest.approx(0.100) and figures["cold_open_ms"] == pytest.approx(100.0)
+    assert figures["decode_tps_1_session"] == pytest.approx(290.0)  # turns without a rate left out
+    assert figures["decode_tps_8_sessions"] == 900.0 and figures["turn_tps_1_session"] == 250.0
+    assert figures["concurrent_sessions"] == 8 and figures["long_conversation_ttft_ms"] == pytest.approx(25.0)
+    other = stats.absolute_figures([0.1, 0.02], [None, 300.0], 4, concurrent_tps=500.0, single_tps=200.0)
+    assert other["decode_tps_4_sessions"] == 500.0 and "decode_tps_8_sessions" not in other
+    assert other["long_conversation_ttft_ms"] is None
+    with pytest.raises(ValueError):
+        stats.absolute_figures([0.1], [None], 8, concurrent_tps=1.0, single_tps=1.0)
+
+
+def test_images_are_spread_over_the_full_turns_the_first_opening_the_session():
+    assert stats.spread_images(3, 12) == (0, 4, 8)
+    assert stats.spread_images(3, 2) == (0, 0, 1)  # fewer turns than images: a turn brings two
+    assert stats.spread_images(1, 5) == (0,)
+
+
+def _plan(image_tokens, max_context, answer=24, text=30, **kwargs):
+    return stats.plan_long_conversation(lambda k, n: text, image_tokens, max_context, answer, **kwargs)
+
+
+def _last_history(plan, image_tokens, answer=24, text=30, closing=1):
+    """The plan's last turn's prompt, counted turn by turn."""
+    answers = [answer] * plan.full_turns + [1] * plan.probe_turns
+    return (len(plan.image_turns) * image_tokens + plan.turns * text
+            + sum(a + closing for a in answers[:-1]))
+
+
+@pytest.mark.parametrize(("image_tokens", "max_context", "images", "limit"), [
+    (576, 4096, 3, 2500),  # llava-1.5-7b: the 2,500-token target
+    (576, 2048, 3, 2024),  # small: the context less an answer
+    (16, 512, 3, 488),  # tiny: short images, many turns
+    (576, 1200, 1, 1176),  # room for one image only
+])
+def test_the_long_conversation_is_the_longest_that_fits(image_tokens, max_context, images, limit):
+    plan = _plan(image_tokens, max_context)
+    assert plan.limit_tokens == limit and len(plan.image_turns) == images
+    assert plan.probe_turns == stats.LONG_PROBE_TURNS and plan.full_turns >= 1
+    assert plan.planned_tokens == _last_history(plan, image_tokens) <= limit
+    longer = stats.LongPlan(plan.full_turns + 1, plan.probe_turns,
+                            stats.spread_images(images, plan.full_turns + 1), limit, 0)
+    assert _last_history(longer, image_tokens) > limit  # one more full turn would not fit
+    assert sum(plan.images_at(k) for k in range(plan.turns)) == images
+    assert all(t < plan.full_turns for t in plan.image_turns)  # the timed turns bring no image
+
+
+def test_no_long_conversation_where_one_image_and_one_turn_do_not_fit():
+    assert _plan(576, 700) is None
+    assert stats.plan_long_conversation(lambda k, n: 10 * (n + 1), 16, 512, 8, images=2, probes=1).turns > 2
+
+
+def test_the_long_conversation_ratio_is_stateless_over_ours_of_the_medians():
+    summary = stats.long_conversation_summary([[0.02, 0.03, 0.01], [0.04], [0.05]], [[0.5], [0.3], [0.4, 0.2]])
+    assert summary["ttft_ours_per_turn_s"] == [0.02, 0.04, 0.05]
+    assert summary["ttft_stateless_per_turn_s"] == [0.5, 0.3, pytest.approx(0.3)]
+    assert summary["ttft_ours_s"] == 0.04 and summary["ttft_stateless_s"] == pytest.approx(0.3)
+    assert summary["stateless_vs_ours"] == pytest.approx(0.3 / 0.04)
+    best = stats.long_conversation_summary([[0.02, 0.01]], [[0.5, 0.4]], reduce=min)
+    assert best["stateless_vs_ours"] == pytest.approx(40.0)
+    with pytest.raises(ValueError):
+        stats.long_conversation_summary([[0.1]], [])

@@ -42,7 +42,7 @@ from llava_sessions.wire import CLOSE, NEW_SESSION
 
 MIB = 1024 * 1024
 KINDS = ("open", "turn", "close")
-TIERS = ("device_kv", "device_features", "host_features")
+TIERS = ("device_kv", "device_features", "host_kv", "host_features")
 SESSIONS_OPEN = "llava_sessions_open"  # handler/metrics.py's names (that module imports TorchServe)
 SESSION_BYTES = "llava_session_bytes"
 METRICS_WRITE_INTERVAL_S = 1.0  # handler/metrics.py's WRITE_INTERVAL_S: how stale Prometheus may be

@@ -26,18 +26,24 @@ class SessionRecord:
     expires_at: float
     last_used: float
     busy: bool = False
-    # Bytes per memory tier (see memory_budget.py): KV and features on the device, features on host.
+    # Bytes per memory tier (see memory_budget.py): KV and features on the device, KV and
+    # features on host.
     device_kv_bytes: int = 0
     device_feature_bytes: int = 0
     host_feature_bytes: int = 0
+    host_kv_bytes: int = 0
 
     @property
     def device_bytes(self) -> int:
         return self.device_kv_bytes + self.device_feature_bytes
 
     @property
+    def host_bytes(self) -> int:
+        return self.host_kv_bytes + self.host_feature_bytes
+
+    @property
     def bytes_held(self) -> int:
-        return self.device_bytes + self.host_feature_bytes
+        return self.device_bytes + self.host_bytes
 
 
 class SessionStore:
@@ -83,7 +89,7 @@ class SessionStore:
         return sum(r.device_bytes for r in self._records.values())
 
     def host_bytes(self) -> int:
-        return sum(r.host_feature_bytes for r in self._records.values())
+        return sum(r.host_bytes for r in self._records.values())
 
     def lru_order(self) -> list[str]:
         return list(self._records)

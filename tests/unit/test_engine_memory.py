@@ -14,9 +14,9 @@ import pytest
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import ConfigError, OutOfMemoryBudget, SessionNotFound
-from llava_sessions.handler.engine import generation, memory_budget
+from llava_sessions.handler.engine import batch_prefill, generation, kv_manager, memory_budget
 from llava_sessions.handler.engine.kv_cache import AppendLayer, spare_tokens
-from llava_sessions.handler.engine.engine import EngineSnapshot, SessionEngine
+from llava_sessions.handler.engine.engine import EngineSnapshot, SessionEngine, TurnRequest
 from llava_sessions.handler.engine.generation import SamplingParams, cache_bytes
 from llava_sessions.handler.replies import error_reply
 from tests.unit.test_engine import (
@@ -42,9 +42,10 @@ def budgeted(loaded, budget, host_budget):
 def measured(engine_or_snapshot) -> dict[str, int]:
     """Bytes by tier, measured on the tensors themselves (the snapshot's sessions, not its accounting)."""
     snapshot = as_snapshot(engine_or_snapshot)
-    tiers = {"device_kv": 0, "device_features": 0, "host_features": 0}
+    tiers = {"device_kv": 0, "device_features": 0, "host_kv": 0, "host_features": 0}
     for view in snapshot.sessions.values():
         tiers["device_kv"] += view.kv_bytes
+        tiers["host_kv"] += view.host_kv_bytes
         tier = "host_features" if view.features_on_host else "device_features"
         tiers[tier] += view.feature_bytes
     return tiers
@@ -64,6 +65,8 @@ def tier_of(engine_or_snapshot, session_id) -> str:
         return "cold"
     if view.kv_bytes:
         return "hot"
+    if view.host_kv_bytes:
+        return "host"  # KV in host memory, features on the device
     return "warm" if view.feature_bytes else "empty"  # empty: no images, no KV
 
 
@@ -72,7 +75,7 @@ def check_accounting(engine) -> dict[str, int]:
     tiers = measured(snapshot)
     assert engine.bytes_by_tier() == tiers and snapshot.tiers == tiers
     assert tiers["device_kv"] + tiers["device_features"] <= engine.memory_budget_bytes
-    assert tiers["host_features"] <= engine.host_budget_bytes
+    assert tiers["host_kv"] + tiers["host_features"] <= engine.host_budget_bytes
     assert snapshot.reserved == 0 and snapshot.batch_view_bytes == 0
     assert not any(view.busy for view in snapshot.sessions.values())
     return tiers
@@ -98,6 +101,7 @@ def test_sizes_come_from_the_model_config_and_match_the_tensors(loaded_tiny, ima
     assert engine.bytes_by_tier() == {
         "device_kv": (kv_tokens + 2 * headroom) * KV_TOKEN,
         "device_features": 2 * FEATURES,
+        "host_kv": 0,
         "host_features": 0,
     }
 
@@ -251,7 +255,7 @@ def test_lru_sessions_give_back_kv_then_features_then_themselves(loaded_tiny, im
     assert engine.counters.images_encoded == 3
     engine.close_session(s1)
     engine.close_session(s2)
-    assert check_accounting(engine) == {"device_kv": 0, "device_features": 0, "host_features": 0}
+    assert check_accounting(engine) == {"device_kv": 0, "device_features": 0, "host_kv": 0, "host_features": 0}
 
 
 def test_requests_that_cannot_fit_even_alone_are_refused_and_touch_nothing(loaded_tiny, images):
@@ -379,3 +383,207 @@ def test_budget_config(monkeypatch, loaded_tiny):
     monkeypatch.setattr(memory_budget, "read_mem_available", lambda: reserve)
     with pytest.raises(ConfigError, match="no memory left for sessions"):
         make_engine(loaded_tiny)
+
+
+# --- the host KV tier ------------------------------------------------------------------
+
+
+def host_counts(engine):
+    c = engine.counters
+    return (c.kv_offloaded, c.kv_restored, c.host_kv_recomputed, c.host_kv_dropped, c.kv_dropped)
+
+
+def test_kv_goes_to_host_before_it_is_dropped_and_comes_back_by_copy(loaded_tiny, images):
+    # Room for one first turn's KV beside another's (39 + 40 > 70 tokens), or for one second turn.
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + 70 * KV_TOKEN, host_budget=200 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    s0, s1 = engine.open_session([images[0]]).session_id, engine.open_session([images[1]]).session_id
+    t0, t1 = twin.open_session([images[0]]).session_id, twin.open_session([images[1]]).session_id
+    assert engine.turn(s0, QUESTIONS[0], GREEDY).token_ids == twin.turn(t0, QUESTIONS[0], GREEDY).token_ids
+    assert engine.turn(s1, QUESTIONS[0], GREEDY).token_ids == twin.turn(t1, QUESTIONS[0], GREEDY).token_ids
+
+    # s0's KV went to host, exactly its 39 tokens; nothing was dropped.
+    assert host_counts(engine) == (1, 0, 0, 0, 0)
+    assert [tier_of(engine, s) for s in (s0, s1)] == ["host", "hot"]
+    view = engine.snapshot().sessions[s0]
+    assert (view.kv_bytes, view.host_kv_bytes, view.kv_tokens) == (0, 39 * KV_TOKEN, 0)
+    assert check_accounting(engine)["host_kv"] == 39 * KV_TOKEN
+
+    # s0 comes back: its KV is copied back (s1's goes to host for the room), and the turn
+    # prefills only its own tokens, as on the unconstrained twin.
+    prefilled = engine.counters.prefill_tokens
+    result = engine.turn(s0, QUESTIONS[1], GREEDY)
+    expected = twin.turn(t0, QUESTIONS[1], GREEDY)
+    assert result.token_ids == expected.token_ids
+    assert result.cached_tokens == expected.cached_tokens == 39
+    assert engine.counters.prefill_tokens - prefilled == result.prompt_tokens - result.cached_tokens
+    history = prompt_ids_of_last_turn(engine, s0, result)
+    assert list(result.token_ids) == stateless_answer(loaded_tiny, history, [images[0]], 10)
+    assert host_counts(engine) == (2, 1, 0, 0, 0)
+    assert [tier_of(engine, s) for s in (s0, s1)] == ["hot", "host"]
+    check_accounting(engine)
+
+    # Closing a session gives its host KV back.
+    engine.close_session(s1)
+    assert check_accounting(engine)["host_kv"] == 0
+    engine.close_session(s0)
+    assert check_accounting(engine) == {"device_kv": 0, "device_features": 0, "host_kv": 0, "host_features": 0}
+
+
+@pytest.mark.parametrize("copy_faster", [True, False])
+def test_a_host_kv_comes_back_the_way_the_cost_model_estimates_faster(loaded_tiny, images, copy_faster):
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + 70 * KV_TOKEN, host_budget=200 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    # Rates forced (smoothing 0: measurements do not move them): a copy far slower than a
+    # prefill, or far faster.
+    slow, fast = 1.0, 1e-12
+    engine.kv_manager.costs = memory_budget.RestoreCosts(
+        copy_s_per_byte=fast if copy_faster else slow, prefill_s_per_token=slow if copy_faster else fast, smoothing=0
+    )
+    s0, s1 = engine.open_session([images[0]]).session_id, engine.open_session([images[1]]).session_id
+    t0, t1 = twin.open_session([images[0]]).session_id, twin.open_session([images[1]]).session_id
+    for sid, tid in ((s0, t0), (s1, t1)):
+        assert engine.turn(sid, QUESTIONS[0], GREEDY).token_ids == twin.turn(tid, QUESTIONS[0], GREEDY).token_ids
+    assert tier_of(engine, s0) == "host"
+
+    result = engine.turn(s0, QUESTIONS[1], GREEDY)
+    expected = twin.turn(t0, QUESTIONS[1], GREEDY)
+    assert result.token_ids == expected.token_ids  # either way, the same answer
+    if copy_faster:
+        assert result.cached_tokens == expected.cached_tokens > 0
+        assert host_counts(engine)[1:3] == (1, 0)
+    else:  # dropped and rebuilt by the turn's prefill, from the kept features and ids
+        assert result.cached_tokens == 0
+        assert host_counts(engine)[1:3] == (0, 1)
+        assert engine.counters.images_encoded == 2  # the features were kept, not re-encoded
+    assert tier_of(engine, s0) == "hot"
+    check_accounting(engine)
+
+
+def test_a_copy_back_that_fails_leaves_the_kv_to_the_prefill(loaded_tiny, images, monkeypatch):
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + 70 * KV_TOKEN, host_budget=200 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    s0, s1 = engine.open_session([images[0]]).session_id, engine.open_session([images[1]]).session_id
+    t0, t1 = twin.open_session([images[0]]).session_id, twin.open_session([images[1]]).session_id
+    for sid, tid in ((s0, t0), (s1, t1)):
+        engine.turn(sid, QUESTIONS[0], GREEDY)
+        twin.turn(tid, QUESTIONS[0], GREEDY)
+    assert tier_of(engine, s0) == "host"
+
+    def out_of_memory(*_args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.")
+
+    monkeypatch.setattr(kv_manager.KVManager, "_restore_kv", out_of_memory)
+    result = engine.turn(s0, QUESTIONS[1], GREEDY)
+    assert result.token_ids == twin.turn(t0, QUESTIONS[1], GREEDY).token_ids and result.cached_tokens == 0
+    assert host_counts(engine)[1:3] == (0, 1) and engine.counters.memory_refusals == 0
+    check_accounting(engine)
+
+
+def test_the_cost_model_learns_from_real_copies_and_prefills(loaded_tiny, images):
+    engine = budgeted(loaded_tiny, budget=2 * FEATURES + 70 * KV_TOKEN, host_budget=200 * KV_TOKEN)
+    costs = engine.kv_manager.costs
+    assert costs.copy_faster(39 * KV_TOKEN, 39)  # the prior prefers the copy
+    s0, s1 = engine.open_session([images[0]]).session_id, engine.open_session([images[1]]).session_id
+    for sid in (s0, s1, s0):
+        engine.turn(sid, QUESTIONS[0], GREEDY)
+    costs = engine.kv_manager.costs
+    assert costs.prefills_measured == 3 and costs.copies_measured == 1 and engine.counters.kv_restored == 1
+    assert costs.prefill_s_per_token > 0 and costs.copy_s_per_byte > 0
+
+
+def test_older_host_kv_makes_room_on_host_for_a_more_recent_one(loaded_tiny, images):
+    # The host holds one KV: the more recently used session's goes there, the older one's is dropped.
+    engine = budgeted(loaded_tiny, budget=3 * FEATURES + 70 * KV_TOKEN, host_budget=50 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    sids = [engine.open_session([images[i % 2]]).session_id for i in range(3)]
+    tids = [twin.open_session([images[i % 2]]).session_id for i in range(3)]
+    for sid, tid in zip(sids, tids):
+        assert engine.turn(sid, QUESTIONS[0], GREEDY).token_ids == twin.turn(tid, QUESTIONS[0], GREEDY).token_ids
+        check_accounting(engine)
+    assert [tier_of(engine, s) for s in sids] == ["warm", "host", "hot"]
+    assert host_counts(engine) == (2, 0, 0, 1, 0)
+
+    # s0's KV is gone: its turn rebuilds it from the kept features and ids, answers unchanged;
+    # s2's KV takes s1's place on host.
+    result = engine.turn(sids[0], QUESTIONS[1], GREEDY)
+    assert result.token_ids == twin.turn(tids[0], QUESTIONS[1], GREEDY).token_ids
+    assert result.cached_tokens == 0
+    assert [tier_of(engine, s) for s in sids] == ["hot", "warm", "host"]
+    assert host_counts(engine) == (3, 0, 0, 2, 0)
+    check_accounting(engine)
+
+
+def test_restored_sessions_prefill_together_in_one_call(loaded_tiny, images, monkeypatch):
+    """Two sessions whose KV is on host come back by copy in one ``turns`` call and share one
+    prefill forward; each prefills only its own new tokens, and the answers are the twin's."""
+    together, rows = batch_prefill.prefill_together, []
+
+    def spy(loaded, caches, feeds, rooms):
+        rows.append(len(caches))
+        return together(loaded, caches, feeds, rooms)
+
+    monkeypatch.setattr(batch_prefill, "prefill_together", spy)
+    engine = budgeted(loaded_tiny, budget=4 * FEATURES + 200 * KV_TOKEN, host_budget=400 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    sids = [engine.open_session([images[i % 2]]).session_id for i in range(4)]
+    tids = [twin.open_session([images[i % 2]]).session_id for i in range(4)]
+    for sid, tid in zip(sids, tids):
+        assert engine.turn(sid, QUESTIONS[0], GREEDY).token_ids == twin.turn(tid, QUESTIONS[0], GREEDY).token_ids
+    # Make room for a long answer so that the two oldest sessions go to host.
+    while tier_of(engine, sids[0]) != "host" or tier_of(engine, sids[1]) != "host":
+        assert engine.turn(sids[3], QUESTIONS[1], GREEDY).token_ids == twin.turn(tids[3], QUESTIONS[1], GREEDY).token_ids
+    requests = [TurnRequest(sid, QUESTIONS[1], GREEDY) for sid in sids[:2]]
+    results = engine.turns(requests)
+    for result, tid in zip(results, tids[:2]):
+        expected = twin.turn(tid, QUESTIONS[1], GREEDY)
+        assert result.token_ids == expected.token_ids and result.cached_tokens == expected.cached_tokens > 0
+    assert engine.counters.kv_restored == 2 and rows == [2]
+    check_accounting(engine)
+
+
+@pytest.mark.parametrize("seed", [1234, 4])
+def test_churn_with_a_host_tier_answers_like_an_unconstrained_twin(loaded_tiny, images, seed):
+    rng = random.Random(seed)
+    budget = 100 * KV_TOKEN
+    engine = budgeted(loaded_tiny, budget=budget, host_budget=120 * KV_TOKEN)
+    twin = make_engine(loaded_tiny)
+    twin_of: dict[str, str] = {}
+    turns_of: dict[str, int] = {}
+    restored_hits = 0
+
+    def on_token(_token, _last):
+        tiers = measured(engine)
+        assert tiers["device_kv"] + tiers["device_features"] <= budget
+        assert tiers["host_kv"] + tiers["host_features"] <= engine.host_budget_bytes
+
+    for _ in range(60):
+        live = [s for s in twin_of if engine.has_session(s)]
+        for gone in [s for s in twin_of if not engine.has_session(s)]:
+            twin.close_session(twin_of.pop(gone))
+        if len(live) < 8 and (len(live) < 5 or rng.random() < 0.4):
+            pics = [images[rng.randrange(2)]] if rng.random() < 0.85 else []
+            sid = engine.open_session(pics).session_id
+            twin_of[sid], turns_of[sid] = twin.open_session(pics).session_id, 0
+        else:
+            sid = rng.choice(live)
+            question = QUESTIONS[turns_of[sid]]
+            was_on_host = tier_of(engine, sid) == "host"
+            restored = engine.counters.kv_restored
+            result = engine.turn(sid, question, GREEDY, on_token=on_token)
+            expected = twin.turn(twin_of[sid], question, GREEDY)
+            assert result.token_ids == expected.token_ids
+            if was_on_host and engine.counters.kv_restored > restored:
+                # Copied back: only the turn's own tokens were prefilled, as on the twin.
+                assert result.cached_tokens == expected.cached_tokens > 0
+                restored_hits += 1
+            turns_of[sid] += 1
+            if turns_of[sid] == 3:
+                engine.close_session(sid)
+                twin.close_session(twin_of.pop(sid))
+        check_accounting(engine)
+
+    c = engine.counters
+    assert min(c.kv_offloaded, c.host_kv_dropped, c.features_offloaded, restored_hits) > 0, host_counts(engine)
+    assert c.memory_refusals == 0
+    assert c.images_encoded == twin.counters.images_encoded

@@ -78,7 +78,8 @@ def test_rss_checks_fail_a_replaced_process_and_skip_when_nothing_was_measured()
 
 
 def engine(sessions, **held):
-    return {"sessions_open": sessions, "bytes": {"device_kv": 0, "device_features": 0, "host_features": 0, **held},
+    return {"sessions_open": sessions,
+            "bytes": {"device_kv": 0, "device_features": 0, "host_kv": 0, "host_features": 0, **held},
             "gauges_seen": True}
 
 
@@ -134,7 +135,7 @@ ts_queue_latency_microseconds{model_name="llava-0",} 12.0
 def test_engine_state_sums_the_model_copies():
     state = loadtest.engine_state(PROMETHEUS)
     assert state == {"sessions_open": 3.0, "gauges_seen": True,
-                     "bytes": {"device_kv": 5120, "device_features": 0, "host_features": 25_000_000}}
+                     "bytes": {"device_kv": 5120, "device_features": 0, "host_kv": 0, "host_features": 25_000_000}}
     assert loadtest.engine_state("# nothing yet\n")["gauges_seen"] is False
 
 

@@ -20,13 +20,17 @@ class Counters:
     decode_tokens: int = 0
     sessions_closed: int = 0
     sessions_expired: int = 0
+    kv_offloaded: int = 0
+    kv_restored: int = 0
+    host_kv_recomputed: int = 0
+    host_kv_dropped: int = 0
 
 
 class FakeEngine:
     def __init__(self):
         self.counters = Counters()
         self.open = 0
-        self.tiers = {"device_kv": 0, "device_features": 0, "host_features": 0}
+        self.tiers = {"device_kv": 0, "device_features": 0, "host_kv": 0, "host_features": 0}
 
     def session_count(self):
         return self.open
@@ -74,6 +78,20 @@ def test_engine_gauges_and_counter_deltas(caplog):
     # gauges are sent when they change only
     assert ("llava_session_bytes", "8192", "ModelName:llava-1,tier:device_kv") in second
     assert not [m for m in second if m[0] == "llava_sessions_open"]
+
+
+def test_the_host_kv_tier_and_its_steps(caplog):
+    caplog.set_level(logging.INFO)
+    metrics, engine = make_metrics(), FakeEngine()
+    engine.tiers["host_kv"] = 39936
+    engine.counters.kv_offloaded, engine.counters.kv_restored = 3, 2
+    engine.counters.host_kv_recomputed, engine.counters.host_kv_dropped = 1, 4
+    metrics.observe_engine(engine)
+    metrics.flush()
+    lines = emitted(caplog)
+    assert ("llava_session_bytes", "39936", "ModelName:llava-1,tier:host_kv") in lines
+    for step, count in (("kv_offloaded", 3), ("kv_restored", 2), ("host_kv_recomputed", 1), ("host_kv_dropped", 4)):
+        assert ("llava_memory_budget_steps", str(count), f"ModelName:llava-1,step:{step}") in lines
 
 
 def test_turn_timings_and_cache_hits(caplog):

@@ -5,19 +5,21 @@ vision tower runs once per image), the token-exact history, and the KV cache of
 everything already seen, so a follow-up turn prefills only its new tokens.
 Knows nothing of TorchServe or HTTP.
 
-Memory: the sessions' device bytes stay within ``memory_budget_bytes``. When a new
-session's features or a turn's KV growth (reserved for the worst case before it runs)
-would not fit, least recently used other sessions give memory back: KV caches first,
-then features to host memory, then eviction (see memory_budget.py for the plan; this
-module applies it to the tensors). No step changes a surviving session's answers: a
-dropped KV is rebuilt with one prefill from the kept features and token ids. The budget is an
-estimate; when the allocator fails all the same, a prefill gets one retry after the same steps
-free its worst case, and a turn that still finds no memory is refused (OutOfMemoryBudget).
+Memory: kv_manager.py keeps the sessions' device bytes within ``memory_budget_bytes``. When
+a new session's features or a turn's KV growth (reserved for the worst case before it runs)
+would not fit, least recently used other sessions give memory back: KV caches to host memory
+(dropped when the host allowance has no room), then features to host memory, then eviction
+(memory_budget.py plans, kv_manager.py applies). No step changes a surviving session's answers:
+a host KV is copied back, or dropped when re-prefilling is estimated faster, and a dropped KV is
+rebuilt with one prefill from the kept features and token ids. The budget is an estimate; when
+the allocator fails all the same, a prefill gets one retry after the same steps free its worst
+case, and a turn that still finds no memory is refused (OutOfMemoryBudget).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -30,9 +32,7 @@ from transformers import DynamicCache
 
 from llava_sessions.config import ServingConfig
 from llava_sessions.errors import (
-    ConfigError,
     InvalidRequest,
-    OutOfMemoryBudget,
     PromptTooLong,
     SessionBusy,
     SessionNotFound,
@@ -40,12 +40,12 @@ from llava_sessions.errors import (
     TooManySessions,
     TurnCancelled,
 )
-from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, memory_budget, sampling
+from llava_sessions.handler.engine import batch_prefill, generation, kv_cache, sampling
+from llava_sessions.handler.engine.kv_manager import HostKV, KVManager
 from llava_sessions.handler.engine.runner import DecodeArena, StepRunner, arena_bytes
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
-from llava_sessions.handler.engine.memory_budget import Holding, NoRoom, StepKind
 from llava_sessions.handler.engine.session_store import SessionRecord, SessionStore, new_session_id
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,11 @@ class EngineCounters:
     sessions_closed: int = 0
     sessions_expired: int = 0
     # Memory budget: one per session and step taken, and requests refused for want of room.
-    kv_dropped: int = 0
+    kv_offloaded: int = 0  # KV moved to host memory
+    kv_restored: int = 0  # host KV copied back at its session's turn
+    host_kv_recomputed: int = 0  # host KV not copied back at its turn (re-prefill estimated faster): prefilled
+    host_kv_dropped: int = 0  # host KV dropped to make host room
+    kv_dropped: int = 0  # KV dropped from the device
     features_offloaded: int = 0
     features_restored: int = 0
     sessions_evicted: int = 0
@@ -120,8 +124,11 @@ class EngineCounters:
     # Turns that waited for a later wave of their ``turns`` call (no room beside the earlier
     # ones), once per wave waited.
     turns_deferred: int = 0
-    # Graphs of the compiled decode step: one per shape bucket, and any recompile.
+    # Graphs of the compiled step: one per decode row bucket and one for follow-up prefills
+    # (CUDA graphs: one per bucket of new tokens), and any recompile.
     step_compiles: int = 0
+    # Follow-up prefills run by the compiled step in their session's spare KV slots.
+    prefills_compiled: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,7 @@ class SessionView:
     history_tokens: int  # token ids in its history (``SessionEngine.session_history``)
     kv_tokens: int  # of those, how many its KV cache holds (0 without one)
     kv_bytes: int  # its KV cache on the device, spare slots included (0 without one)
+    host_kv_bytes: int  # its KV cache in host memory until its next turn (0 without one)
     feature_bytes: int  # its image features, on the device or on host
     features_on_host: bool  # cold: features in host memory until its next turn
     images: int  # images whose features it holds
@@ -151,11 +159,12 @@ class EngineSnapshot:
     sessions: Mapping[str, SessionView]
     device_kv: int  # bytes by tier, as accounted (``bytes_by_tier``)
     device_features: int
+    host_kv: int
     host_features: int
     reserved: int  # device bytes promised to the operation in progress
     batch_view_bytes: int  # KV held by a batched decode in progress (its rows' KV and padding)
     memory_budget: int  # device bytes the sessions may hold
-    host_budget: int  # host bytes their cold features may hold
+    host_budget: int  # host bytes their host KV and cold features may hold
     counters: EngineCounters  # a copy
 
     @property
@@ -166,7 +175,7 @@ class EngineSnapshot:
     def tiers(self) -> dict[str, int]:
         """As ``SessionEngine.bytes_by_tier``."""
         return {"device_kv": self.device_kv, "device_features": self.device_features,
-                "host_features": self.host_features}
+                "host_kv": self.host_kv, "host_features": self.host_features}
 
     @property
     def device_bytes(self) -> int:
@@ -183,13 +192,15 @@ class _SessionState:
     token_ids: list[int] = field(default_factory=list)
     conversation: Conversation = field(default_factory=Conversation)
     cache: DynamicCache | None = None  # KV of token_ids[:cache.get_seq_length()]; always on the device
+    host_kv: HostKV | None = None  # or that KV in host memory until the next turn (kv_manager.py)
     features_on_host: bool = False  # cold: features in host memory until the next turn
 
     def feature_bytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.features)
 
     def bytes_held(self) -> int:
-        return self.feature_bytes() + generation.cache_bytes(self.cache)
+        host_kv = self.host_kv.nbytes() if self.host_kv is not None else 0
+        return self.feature_bytes() + generation.cache_bytes(self.cache) + host_kv
 
 
 @dataclass
@@ -216,6 +227,20 @@ class _Running:
     outcome: object = None  # the TurnResult or the exception, once known
 
 
+def _reports_prefill_rate(prefill):
+    """Wraps ``SessionEngine._prefill``: each one-turn prefill's new tokens and time go to the
+    memory manager's cost model, which weighs re-prefilling a host KV against copying it back."""
+
+    @functools.wraps(prefill)
+    def timed(engine: SessionEngine, running: _Running) -> torch.Tensor:
+        with engine._memory.prefill_timing() as sample:
+            logits = prefill(engine, running)
+            sample.amount = running.context - running.cached
+        return logits
+
+    return timed
+
+
 class SessionEngine:
     def __init__(
         self,
@@ -224,9 +249,9 @@ class SessionEngine:
         clock: Callable[[], float] = time.time,
         host_budget_bytes: int | None = None,
     ):
-        """``host_budget_bytes`` bounds cold (host) features; None means auto: on CUDA
+        """``host_budget_bytes`` bounds host KV and cold features; None means auto: on CUDA
         half the host's MemAvailable split between the visible GPUs, on CPU 0 (the device
-        is the host, so there is no cold tier and eviction follows dropping KV)."""
+        is the host, so there are no host tiers and eviction follows dropping KV)."""
         self.loaded = loaded
         self.config = config
         self.clock = clock
@@ -234,19 +259,15 @@ class SessionEngine:
         self.formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
         self._store = SessionStore(config.max_sessions_per_worker)
         self._states: dict[str, _SessionState] = {}
-        self.kv_bytes_per_token, self.feature_bytes_per_image, activation_reserve = _sizes(loaded)
-        self.memory_budget_bytes = self._resolve_budget(activation_reserve)
-        self.host_budget_bytes = self._resolve_host_budget(host_budget_bytes)
+        self._memory = KVManager(
+            loaded, config, self._store, self._states, self.counters, host_budget_bytes=host_budget_bytes,
+            evict=self._free, expire=lambda: self._expire(self.clock()),
+        )
+        self.kv_bytes_per_token = self._memory.kv_bytes_per_token
+        self.feature_bytes_per_image = self._memory.feature_bytes_per_image
         compiled = config.compile == "on" or (config.compile == "auto" and loaded.device.type == "cuda")
         self._runner = StepRunner(loaded, "on" if compiled else "off")
-        self._reserved = 0  # device bytes promised to the operation in progress
         self._batch_view_bytes = 0  # KV held by the batched decode view (sessions' KV + padding)
-        log.info(
-            "session memory budget: %d device bytes (%d KV bytes per token, %d feature bytes per image), "
-            "%d host bytes for cold features",
-            self.memory_budget_bytes, self.kv_bytes_per_token, self.feature_bytes_per_image,
-            self.host_budget_bytes,
-        )
         # One turn at a time per worker; the expiry sweeper waits for it.
         self._lock = threading.RLock()
         self._sweeper: threading.Thread | None = None
@@ -273,15 +294,15 @@ class SessionEngine:
                 )
             state = _SessionState()
             try:
-                self._make_room(len(images) * self.feature_bytes_per_image, session_id)
+                self._memory.make_room(len(images) * self.feature_bytes_per_image, session_id)
                 self._add_images(state, images)
             except BaseException:
                 self._store.remove(session_id)
                 raise
             finally:
-                self._reserved = 0
+                self._memory.release()
             self._states[session_id] = state
-            self._account(record, state)
+            self._memory.account(record, state)
             self.counters.sessions_opened += 1
             return OpenedSession(session_id, record.expires_at)
 
@@ -361,9 +382,25 @@ class SessionEngine:
         return session_id in self._store
 
     def bytes_by_tier(self) -> dict[str, int]:
-        """Bytes sessions hold: KV and features on the device (bounded by the budget), features on host."""
+        """Bytes sessions hold: KV and features on the device (bounded by the budget), KV and
+        features on host (bounded by the host allowance)."""
         with self._lock:
-            return self._tiers()
+            return self._memory.tiers()
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        """Device bytes the sessions may hold."""
+        return self._memory.memory_budget_bytes
+
+    @property
+    def host_budget_bytes(self) -> int:
+        """Host bytes their host KV and cold features may hold."""
+        return self._memory.host_budget_bytes
+
+    @property
+    def kv_manager(self) -> KVManager:
+        """The sessions' memory: budget, tiers and the copy-or-prefill cost model (kv_manager.py)."""
+        return self._memory
 
     def snapshot(self) -> EngineSnapshot:
         """Every session and the memory accounting at this moment, read-only (EngineSnapshot).
@@ -384,6 +421,7 @@ class SessionEngine:
                     history_tokens=len(state.token_ids),
                     kv_tokens=_cached_tokens(state),
                     kv_bytes=generation.cache_bytes(state.cache),
+                    host_kv_bytes=state.host_kv.nbytes() if state.host_kv is not None else 0,
                     feature_bytes=state.feature_bytes(),
                     features_on_host=state.features_on_host,
                     images=len(state.features),
@@ -392,8 +430,8 @@ class SessionEngine:
                 )
             return EngineSnapshot(
                 sessions=MappingProxyType(views),
-                **self._tiers(),
-                reserved=self._reserved,
+                **self._memory.tiers(),
+                reserved=self._memory.reserved,
                 batch_view_bytes=self._batch_view_bytes,
                 memory_budget=self.memory_budget_bytes,
                 host_budget=self.host_budget_bytes,
@@ -413,14 +451,6 @@ class SessionEngine:
     def device_bytes_held(self) -> int:
         with self._lock:
             return self._store.device_bytes()
-
-    def _tiers(self) -> dict[str, int]:
-        records = self._store.lru_records()
-        return {
-            "device_kv": sum(r.device_kv_bytes for r in records),
-            "device_features": sum(r.device_feature_bytes for r in records),
-            "host_features": sum(r.host_feature_bytes for r in records),
-        }
 
     # --- background expiry -------------------------------------------------
 
@@ -482,13 +512,13 @@ class SessionEngine:
                 self._grant_headroom(wave[0])
             self._generate(wave)
         finally:
-            self._reserved = 0
+            self._memory.release()
             self._batch_view_bytes = 0
             for running in wave:
                 if running.outcome is None:  # only when something other than an Exception propagates
                     self._roll_back(running)
                 running.record.busy = False
-                self._account(running.record, running.state)
+                self._memory.account(running.record, running.state)
                 self._store.touch(running.record, self.clock())
         for running in wave:
             results[running.slot] = running.outcome
@@ -523,13 +553,10 @@ class SessionEngine:
             if state.features_on_host:
                 needed += state.feature_bytes()
             needed += self._kv_growth_tokens(state.cache, context - cached, max_new, 0) * self.kv_bytes_per_token
-            if not self._make_room(needed, session_id, refuse=not may_defer):
+            if not self._memory.make_room(needed, session_id, refuse=not may_defer):
                 record.busy = False  # untouched; it runs in the next wave
                 return None
-            if state.features_on_host:
-                state.features = [f.to(self.loaded.device, non_blocking=True) for f in state.features]
-                state.features_on_host = False
-                self.counters.features_restored += 1
+            self._memory.bring_back(record, state, context)
             running = _Running(
                 slot, request, record, state, turn_ids, n_images, context, max_new,
                 features_before=len(state.features), pending_before=state.pending_images, started=started,
@@ -542,7 +569,7 @@ class SessionEngine:
             return running
         except BaseException:
             record.busy = False
-            self._account(record, state)
+            self._memory.account(record, state)
             self._store.touch(record, self.clock())
             raise
 
@@ -569,7 +596,7 @@ class SessionEngine:
             lengths = [running.state.cache.get_seq_length() for running in decoding]
             remaining = [running.max_new - len(running.answer) for running in decoding]
             arena = arena_bytes(self.loaded, lengths, remaining, bucketed=self._runner.compiled)
-            if self._make_room(arena, None, refuse=False):
+            if self._memory.make_room(arena, None, refuse=False):
                 self._decode_together(decoding)
             else:
                 for running in decoding:
@@ -586,8 +613,7 @@ class SessionEngine:
         feed = running.context - _cached_tokens(state)
         extra = (self._kv_growth_tokens(state.cache, feed, running.max_new, headroom)
                  - self._kv_growth_tokens(state.cache, feed, running.max_new, 0)) * self.kv_bytes_per_token
-        if headroom and self._free_bytes() - extra >= self.memory_budget_bytes // 4:
-            self._reserved += extra
+        if headroom and self._memory.reserve_spare(extra):
             running.headroom = headroom
 
     @staticmethod
@@ -614,7 +640,7 @@ class SessionEngine:
         cached = [cache.get_seq_length() for cache in caches]
         feeds = [_feed(running) for running in rows]
         extra = batch_prefill.extra_tokens(cached, [len(feed) for feed in feeds]) * self.kv_bytes_per_token
-        if not self._reserve_if_free(extra):  # a speed-up: it never costs another session memory
+        if not self._memory.reserve_if_free(extra):  # a speed-up: it never costs another session memory
             return {}
         try:
             logits = batch_prefill.prefill_together(
@@ -646,7 +672,7 @@ class SessionEngine:
         running.state.cache = None  # a failed prefill may leave some layers longer than others
         running.headroom = 0  # the retry asks for nothing it does not need
         needed = self._kv_growth_tokens(None, running.context, running.max_new, 0) * self.kv_bytes_per_token
-        if self._give_back(needed, running.request.session_id):
+        if self._memory.give_back(needed, running.request.session_id):
             log.warning("out of memory during a prefill; sessions gave memory back, retrying once")
             try:
                 return self._prefill(running)
@@ -654,8 +680,9 @@ class SessionEngine:
                 if not is_out_of_memory(error):
                     raise
                 running.state.cache = None
-        raise self._memory_refusal(first)
+        raise self._memory.refusal(first)
 
+    @_reports_prefill_rate
     def _prefill(self, running: _Running) -> torch.Tensor:
         """Run what the session's cache lacks (history and this turn) on it; return the next-token logits."""
         loaded, state = self.loaded, running.state
@@ -668,9 +695,13 @@ class SessionEngine:
         # no copy per token, and none at all when the spare slots of the last turn suffice.
         kv_cache.reserve(state.cache, len(feed), running.max_new - 1, running.headroom)
         image_rows = self._image_rows(state, full_ids, running.cached)
-        input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
-        logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
+        logits = self._runner.prefill_in_place(state.cache, feed) if image_rows is None else None
+        self.counters.prefills_compiled += logits is not None
+        if logits is None:
+            input_ids = torch.tensor([feed], device=loaded.device)  # [1, T]
+            logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
         self.counters.prefill_tokens += len(feed)
+        self.counters.step_compiles = self._runner.compiles
         return logits
 
     def _pick_all(self, rows: list[_Running], logits: torch.Tensor) -> tuple[list[_Running], list[_Running]]:
@@ -779,7 +810,7 @@ class SessionEngine:
     def _fail(self, running: _Running, error: Exception) -> None:
         self._roll_back(running)
         if is_out_of_memory(error):  # during decoding: refused, never an internal error
-            error = self._memory_refusal(type(error).__name__)
+            error = self._memory.refusal(type(error).__name__)
         running.outcome = error
 
     @staticmethod
@@ -829,144 +860,6 @@ class SessionEngine:
         self.counters.sessions_expired += len(expired)
         return len(expired)
 
-    # --- memory budget -------------------------------------------------------
-
-    def _make_room(self, needed: int, asking: str | None, refuse: bool = True) -> bool:
-        """Free ``needed`` device bytes under the budget and reserve them, or raise OutOfMemoryBudget.
-
-        Other sessions give memory back, least recently used first (memory_budget.plan_room).
-        A refusal is decided before any step is taken, so it touches no session. With
-        ``refuse=False`` a refusal returns False instead (and is not counted); True: reserved.
-        Sessions checked out by the running turns (busy) never give memory back.
-        """
-        budget = self.memory_budget_bytes
-        if self._reserve_if_free(needed):
-            return True
-        self._expire(self.clock())  # memory nobody will ask for again goes first
-        victims = [
-            Holding(r.session_id, r.device_kv_bytes, r.device_feature_bytes, r.host_feature_bytes)
-            for r in self._store.lru_records()
-            if r.session_id != asking and not r.busy
-        ]
-        plan = memory_budget.plan_room(
-            victims,
-            needed,
-            budget=budget,
-            device_used=self._store.device_bytes() + self._reserved,
-            host_budget=self.host_budget_bytes,
-            host_used=self._store.host_bytes(),
-        )
-        if isinstance(plan, NoRoom):
-            if not refuse:
-                return False
-            self.counters.memory_refusals += 1
-            raise OutOfMemoryBudget(
-                f"this request needs {needed} bytes of session memory; this worker's budget is "
-                f"{budget} bytes and other sessions could give back only {plan.free + plan.reclaimable}. "
-                "Ask for fewer new tokens or images, or retry later"
-            )
-        self._apply(plan)
-        self._reserved += needed
-        return True
-
-    def _free_bytes(self) -> int:
-        """Device bytes of the budget neither held by sessions nor reserved for the running turns."""
-        return self.memory_budget_bytes - self._store.device_bytes() - self._reserved
-
-    def _reserve_if_free(self, needed: int) -> bool:
-        """Reserve ``needed`` device bytes if the budget has them free now; no session gives any back."""
-        if needed <= self._free_bytes():
-            self._reserved += needed
-            return True
-        return False
-
-    def _give_back(self, needed: int, asking: str) -> bool:
-        """After a real allocator failure: other sessions give back ``needed`` device bytes as if
-        none were free, in the budget's order; False (and nothing touched) when they hold too little."""
-        victims = [
-            Holding(r.session_id, r.device_kv_bytes, r.device_feature_bytes, r.host_feature_bytes)
-            for r in self._store.lru_records()
-            if r.session_id != asking and not r.busy
-        ]
-        budget = self.memory_budget_bytes
-        plan = memory_budget.plan_room(
-            victims,
-            min(needed, budget),
-            budget=budget,
-            device_used=budget,
-            host_budget=self.host_budget_bytes,
-            host_used=self._store.host_bytes(),
-        )
-        if isinstance(plan, NoRoom) or not plan:
-            return False
-        self._apply(plan)
-        if self.loaded.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the freed blocks back for the retry's allocations
-        return True
-
-    def _memory_refusal(self, error_name: str) -> OutOfMemoryBudget:
-        self.counters.memory_refusals += 1
-        log.warning("out of memory on %s: turn refused (%s)", self.loaded.device, error_name)
-        return OutOfMemoryBudget(
-            "the worker ran out of device memory for this turn, even after other sessions gave memory "
-            "back; the session is as before the turn. Ask for fewer new tokens or images, or retry later"
-        )
-
-    def _apply(self, plan: list) -> None:
-        """Carry out a plan of memory_budget steps on the sessions' tensors."""
-        for step in plan:
-            record, state = self._store.lookup(step.session_id), self._states[step.session_id]
-            if step.kind is StepKind.DROP_KV:
-                state.cache = None
-                self.counters.kv_dropped += 1
-            elif step.kind is StepKind.OFFLOAD_FEATURES:
-                state.features = [_to_host(f) for f in state.features]
-                state.features_on_host = True
-                self.counters.features_offloaded += 1
-            else:
-                self._free(step.session_id)
-                self.counters.sessions_evicted += 1
-                log.info("memory budget: evicted a session")
-                continue
-            self._account(record, state)
-
-    def _account(self, record: SessionRecord, state: _SessionState) -> None:
-        """Record the session's bytes per tier, measured on its tensors."""
-        record.device_kv_bytes = generation.cache_bytes(state.cache)
-        features = state.feature_bytes()
-        record.host_feature_bytes = features if state.features_on_host else 0
-        record.device_feature_bytes = 0 if state.features_on_host else features
-
-    def _resolve_budget(self, activation_reserve: int) -> int:
-        configured = self.config.memory_budget_bytes
-        if configured > 0:
-            return configured
-        device = self.loaded.device
-        if device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(device)
-            fraction, where = memory_budget.CUDA_FREE_FRACTION, f"free memory on {device}"
-        else:
-            free = memory_budget.read_mem_available()
-            fraction, where = memory_budget.CPU_AVAILABLE_FRACTION, "the host's MemAvailable"
-        budget = memory_budget.auto_budget(free, fraction, activation_reserve)
-        if budget <= 0:
-            raise ConfigError(
-                f"no memory left for sessions: {fraction:.0%} of {where} ({free} bytes) minus "
-                f"{activation_reserve} bytes reserved for one prefill's activations is {budget}. "
-                "Use a smaller model or dtype, or set memory_budget_bytes"
-            )
-        return budget
-
-    def _resolve_host_budget(self, requested: int | None) -> int:
-        if requested is not None:
-            if requested < 0:
-                raise ConfigError(f"host_budget_bytes must be >= 0, got {requested}")
-            return requested
-        if self.loaded.device.type != "cuda":
-            return 0  # the device is the host: moving features "to host" would free nothing
-        share = memory_budget.read_mem_available() * memory_budget.HOST_AVAILABLE_FRACTION
-        return int(share / max(1, torch.cuda.device_count()))
-
     def _free(self, session_id: str) -> None:
         self._store.remove(session_id)
         self._states.pop(session_id, None)
@@ -989,27 +882,3 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _sizes(loaded: LoadedModel) -> tuple[int, int, int]:
-    """(KV bytes per token, feature bytes per image, activation reserve of one full prefill)."""
-    text = loaded.model.config.get_text_config()
-    dtype_bytes = loaded.dtype.itemsize
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = memory_budget.kv_bytes_per_token(text.num_hidden_layers, kv_heads, head_dim, dtype_bytes)
-    per_image = loaded.tokens_per_image * text.hidden_size * dtype_bytes
-    reserve = memory_budget.prefill_activation_bytes(
-        loaded.max_context, text.hidden_size, text.intermediate_size, dtype_bytes
-    )
-    return per_token, per_image, reserve
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy of a device tensor, in pinned memory so it comes back with an async copy."""
-    if tensor.device.type != "cuda":
-        return tensor.to("cpu")
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    host.copy_(tensor)
-    return host

@@ -116,23 +116,26 @@ def forward_rows(
     return out.logits[:, -1, :]  # [B, V]
 
 
-def decode_step(loaded: LoadedModel, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-    """One token per row over a decode arena's fixed slots (runner.py): ids [B, 1] at positions
-    [B] -> logits [B, V]. Fixed shapes, no host sync: what a compiled step traces."""
+def step(loaded: LoadedModel, ids: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor) -> torch.Tensor:
+    """T tokens per row over fixed KV slots (runner.py): ids [B, T] at positions [B, T] -> the
+    logits [B, V] of each row's token at index ``last`` [B]. Fixed shapes, no host sync: what a
+    compiled step traces. A decode step feeds one token per row (T = 1, last = 0); a follow-up's
+    prefill feeds its new tokens (B = 1), padded past ``last`` to a bucket when graphs need it."""
     slots = cache.layers[0].keys.shape[-2]
-    cache.rows = torch.arange(ids.shape[0], device=ids.device)
+    cache.rows = torch.arange(ids.shape[0], device=ids.device)[:, None]  # [B, 1]
     cache.slots = positions
-    # mask [B, 1, 1, Lb]: a row sees its own slots up to the one it writes now
-    mask = torch.arange(slots, device=ids.device)[None, None, None, :] <= positions[:, None, None, None]
+    # mask [B, 1, T, S]: each token sees its row's slots up to the one it writes
+    mask = torch.arange(slots, device=ids.device)[None, None, None, :] <= positions[:, None, :, None]
     language_model = loaded.model.model.language_model
     hidden = language_model(
         inputs_embeds=language_model.embed_tokens(ids),
         attention_mask=mask,
-        position_ids=positions[:, None],
+        position_ids=positions,
         **cache_argument(language_model, cache),
         use_cache=True,
-    ).last_hidden_state
-    return loaded.model.lm_head(hidden[:, -1, :])  # [B, V]
+    ).last_hidden_state  # [B, T, H]
+    chosen = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # [B, H]
+    return loaded.model.lm_head(chosen)  # [B, V]
 
 
 cache_bytes = kv_cache.cache_bytes

@@ -56,12 +56,29 @@ class AppendLayer(DynamicLayer):
 
     def adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
         """Take these buffers [B, kv_heads, capacity, head_dim] as storage, holding ``length`` tokens
-        (whoever filled them copied each token once; nothing is copied here)."""
+        (whoever filled them copied each token once; nothing is copied here, the spare slots are
+        zeroed: clear_spare)."""
+        for buffer in (key_buffer, value_buffer):
+            clear_spare(buffer, length)
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
         self._key_buffer, self._value_buffer = key_buffer, value_buffer
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
         self.is_initialized = True
         self.forget_plan()
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers [B, kv_heads, capacity, head_dim], spare slots included: for a
+        step that writes its tokens into the spare slots itself (runner.prefill_in_place)."""
+        if not self._appendable(self.get_seq_length(), self.keys):
+            raise ValueError("this layer's keys and values are not the start of its buffers")
+        return self._key_buffer, self._value_buffer
+
+    def advance(self, length: int) -> None:
+        """The first ``length`` slots of the buffers now hold tokens (written by such a step)."""
+        if length > self._key_buffer.shape[-2]:
+            raise ValueError(f"{length} tokens do not fit a buffer of {self._key_buffer.shape[-2]} slots")
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
 
     def forget_plan(self) -> None:
         """No growth planned: the next move, if one is needed, makes room for exactly its tokens."""
@@ -108,8 +125,15 @@ class AppendLayer(DynamicLayer):
             buffer = torch.empty(batch, heads, capacity, dim, dtype=like.dtype, device=like.device)
             if length:
                 buffer[:, :, :length].copy_(data)
+            clear_spare(buffer, length)
             buffers.append(buffer)
         self._key_buffer, self._value_buffer = buffers
+
+
+def clear_spare(buffer: torch.Tensor, length: int) -> None:
+    """Zero a KV buffer's slots from ``length`` on: a compiled step's attention reads spare slots
+    (masked), and uninitialised memory there could hold NaN, which a zero weight does not cancel."""
+    buffer[:, :, length:].zero_()
 
 
 def new_cache(config) -> DynamicCache:

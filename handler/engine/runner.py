@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_ALIGN = 64  # compiled, a step reads a multiple of this many slots (bounds CUDA graph recordings)
 MAX_GRAPHS = 64  # compiled step graphs a worker may hold (one per row bucket, and recompiles)
+MAX_COMPILED_FEED = 256  # a follow-up with more new tokens prefills eagerly
 
 
 def row_bucket(rows: int) -> int:
@@ -73,10 +74,10 @@ class _ArenaLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states: [B, H, 1, D] -> each row's slot at its position
-        rows, slots = self.where.rows, self.where.slots
-        self.keys[rows, :, slots] = key_states[:, :, 0, :]
-        self.values[rows, :, slots] = value_states[:, :, 0, :]
+        # key_states: [B, H, T, D] -> row b's token t at slot positions[b, t]
+        rows, slots = self.where.rows, self.where.slots  # [B, 1], [B, T]
+        self.keys[rows, :, slots] = key_states.transpose(1, 2)  # indexed: [B, T, H, D]
+        self.values[rows, :, slots] = value_states.transpose(1, 2)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -112,6 +113,8 @@ class StepRunner:
     def __init__(self, loaded: LoadedModel, compile: str = "off"):
         self.loaded = loaded
         self.compiled = compile == "on"
+        # CUDA graphs record one graph per shape: pad a prefill's new tokens to a bucket there.
+        self.feed_align = 16 if loaded.device.type == "cuda" else 1
         self.compiles = 0  # step graphs compiled: a bucket's first step, or a recompile
         self._step: Callable | None = None
         generation.cache_argument(loaded.model.model.language_model, None)  # looked up outside a trace
@@ -131,37 +134,75 @@ class StepRunner:
             like = dict(dtype=self.loaded.dtype, device=self.loaded.device)
             buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2 * shape.layers)]
             ids = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
-            positions = torch.zeros(rows, dtype=torch.long, device=self.loaded.device)
+            positions = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
             self.run(ids, positions, _StepCache(buffers[::2], buffers[1::2], dynamic_slots=True))
             done.append(rows)
         log.info("decode step warm-up: row bucket(s) %s compiled in %.0f s (limit %.0f s)",
                  done, time.perf_counter() - started, seconds)
         return done
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: "_StepCache") -> torch.Tensor:
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: "_StepCache",
+            last: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] at positions [B, T] -> logits [B, V] of each row's token ``last`` [B]
+        (default: the last column)."""
+        if last is None:
+            last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         if self.compiled:
             try:
-                return self._run_compiled(ids, positions, cache)
+                return self._run_compiled(ids, positions, cache, last)
             except Exception as error:  # noqa: BLE001 - any compile or capture failure falls back
-                log.warning("the compiled decode step failed (%s: %s); decoding eagerly from now on",
+                log.warning("the compiled step failed (%s: %s); running eagerly from now on",
                             type(error).__name__, str(error)[:200])
                 self.compiled = False
-        return generation.decode_step(self.loaded, ids, positions, cache)
+        return generation.step(self.loaded, ids, positions, cache, last)
 
-    def _run_compiled(self, ids, positions, cache) -> torch.Tensor:
+    @torch.inference_mode()
+    def prefill_in_place(self, cache: DynamicCache, feed: list[int]) -> torch.Tensor | None:
+        """Compiled: a follow-up's new tokens (no images) on its session's own cache, written into
+        the spare slots its buffers already hold; the last token's logits [1, V]. None (nothing
+        touched) when the step is not compiled or the tokens do not fit in place: the caller
+        prefills eagerly. One graph for every feed and history length (both dimensions are
+        dynamic); with CUDA graphs the feed is padded to FEED_ALIGN, so a graph is recorded per
+        bucket of new tokens."""
+        layers = cache.layers
+        if not self.compiled or not 2 <= len(feed) <= MAX_COMPILED_FEED:
+            return None
+        if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
+            return None
+        padded = -(-len(feed) // self.feed_align) * self.feed_align
+        length = cache.get_seq_length()
+        if length == 0 or kv_cache.spare_tokens(cache) < padded:
+            return None
+        device = self.loaded.device
+        ids = torch.zeros(1, padded, dtype=torch.long)
+        ids[0, : len(feed)] = torch.tensor(feed)
+        positions = torch.arange(length, length + padded, device=device)[None, :]  # [1, T]
+        last = torch.tensor([len(feed) - 1], device=device)
+        ids = ids.to(device)
+        for tensor in (ids, positions):
+            torch._dynamo.mark_dynamic(tensor, 1)
+        buffers = [layer.buffers() for layer in layers]
+        step_cache = _StepCache([k for k, _ in buffers], [v for _, v in buffers], dynamic_slots=True)
+        logits = self.run(ids, positions, step_cache, last)
+        for layer in layers:  # padding past the feed wrote spare slots only: they stay spare
+            layer.advance(length + len(feed))
+        return logits
+
+    def _run_compiled(self, ids, positions, cache, last) -> torch.Tensor:
         if self._step is None:
-            # One graph per (rows, slots) bucket: more than dynamo's default of 8 per function.
+            # One graph per row bucket, and the prefill's: more than dynamo's default of 8 per function.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
             mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None
             loaded = self.loaded
-            self._step = torch.compile(lambda i, p, c: generation.decode_step(loaded, i, p, c),
+            self._step = torch.compile(lambda i, p, c, n: generation.step(loaded, i, p, c, n),
                                        fullgraph=True, dynamic=False, mode=mode)
         started, before = time.perf_counter(), graphs_compiled()
-        logits = self._step(ids, positions, cache)
+        logits = self._step(ids, positions, cache, last)
         made = graphs_compiled() - before
         if made:
             self.compiles += made
-            log.info("compiled the decode step for %d rows in %.1f s", ids.shape[0], time.perf_counter() - started)
+            log.info("compiled the step for %d row(s) of %d token(s) in %.1f s",
+                     ids.shape[0], ids.shape[1], time.perf_counter() - started)
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
 
 
@@ -191,6 +232,7 @@ class DecodeArena:
         self._keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         self._values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         self._positions = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # [R]
+        self._last = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # a step's one token: index 0
         self._caches: dict[tuple[int, int], _StepCache] = {}
         self.keys: list[Hashable] = []  # the live rows, in row order
         self._lengths: list[int] = []  # host mirror of their positions
@@ -213,7 +255,8 @@ class DecodeArena:
             batch, slots = n, max(self._lengths) + 1
         ids = torch.zeros(batch, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor([tokens[key] for key in self.keys])
-        logits = self.runner.run(ids.to(self.loaded.device), self._positions[:batch], self._step_cache(batch, slots))
+        logits = self.runner.run(ids.to(self.loaded.device), self._positions[:batch, None],
+                                 self._step_cache(batch, slots), self._last[:batch])
         self._positions[:n] += 1  # the live rows' next slots; the spare rows stay at 0
         self._lengths = [length + 1 for length in self._lengths]
         return logits[:n]

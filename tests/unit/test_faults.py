@@ -2,7 +2,7 @@
 
 The memory budget decides before a turn runs, but it is an estimate: the allocator may still
 fail (fragmentation, another process on the GPU). Simulated here by making
-``generation.prefill`` / ``generation.decode_step`` raise the errors torch raises: on a
+``generation.prefill`` / ``generation.step`` raise the errors torch raises: on a
 prefill, other sessions give memory back in the budget's order and the prefill runs once more;
 when that cannot help, the turn is refused with INSUFFICIENT_MEMORY and its session is left as
 before the turn. Every other session's answers stay exactly those of an engine that never failed.
@@ -131,7 +131,7 @@ def test_an_oom_while_decoding_refuses_every_turn_of_the_batch_cleanly(loaded_ti
     from llava_sessions.handler.engine.engine import TurnRequest
 
     engine, (a, b, c), twin, (ta, tb, tc) = three_sessions(loaded_tiny)
-    failing(monkeypatch, "decode_step", CPU_OOM, {2})
+    failing(monkeypatch, "step", CPU_OOM, {2})
     streamed = []
     outcomes = engine.turns([
         TurnRequest(a, QUESTIONS[1], GREEDY, on_token=lambda token, _last: streamed.append(token)),

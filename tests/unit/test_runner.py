@@ -105,7 +105,28 @@ def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
             for slots in (64, 192, 448):
                 buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim) for _ in range(2 * shape.layers)]
                 cache = runner._StepCache(buffers[::2], buffers[1::2], dynamic_slots=True)
-                positions = torch.arange(rows) + slots - rows
+                positions = (torch.arange(rows) + slots - rows)[:, None]  # [B, 1]
                 logits = step_runner.run(torch.ones(rows, 1, dtype=torch.long), positions, cache)
                 assert logits.shape == (rows, loaded_tiny.model.config.get_text_config().vocab_size)
     assert step_runner.compiled and step_runner.compiles == 3
+
+
+def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_tiny, images):
+    """A lone follow-up's new tokens run through the compiled step (one graph for every feed and
+    history length), writing into the session's spare KV slots; answers are the eager ones."""
+    def chat(compile: str) -> tuple[SessionEngine, list[tuple[int, ...]]]:
+        engine = SessionEngine(loaded_tiny, ServingConfig(compile=compile, compile_warmup_s=0))
+        sessions = [engine.open_session([images[i % 2]]).session_id for i in range(2)]
+        answers = [engine.turn(sid, QUESTIONS[round_ + i], SamplingParams(4 + 3 * i)).token_ids
+                   for round_ in range(3) for i, sid in enumerate(sessions)]
+        return engine, answers
+
+    (eager, expected), (compiled, answers) = chat("off"), chat("on")
+    assert answers == expected
+    assert eager.counters.prefills_compiled == 0
+    assert compiled.counters.prefills_compiled == 4  # every follow-up: rounds 2 and 3 of both sessions
+    compiles = compiled.counters.step_compiles
+    sid = compiled.open_session([images[0]]).session_id
+    for question in QUESTIONS[:4]:  # other feed and history lengths: the same graphs
+        compiled.turn(sid, question, SamplingParams(5))
+    assert compiled.counters.step_compiles == compiles and compiled.compiled

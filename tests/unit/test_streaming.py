@@ -187,7 +187,7 @@ def test_a_streams_first_event_leaves_before_the_second_token_is_computed(handle
     """Time to first token: the prefill's token goes out before any decode step runs."""
     sid = open_session(handler, images[0])
     order: list[str] = []
-    real_sendall, real_decode = FakeSocket.sendall, generation.decode_step
+    real_sendall, real_decode = FakeSocket.sendall, generation.step
 
     def sendall(self, data):
         order.append("sent")
@@ -198,7 +198,7 @@ def test_a_streams_first_event_leaves_before_the_second_token_is_computed(handle
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(FakeSocket, "sendall", sendall)
-    monkeypatch.setattr(generation, "decode_step", decode)
+    monkeypatch.setattr(generation, "step", decode)
     [out], _, socket = batch(handler, [(turn("Describe it", stream=True, max_new_tokens=6), {SESSION: sid})])
     final = parse_events(out)[-1]
     assert final["details"]["generated_tokens"] > 1, "the random model stopped at once; pick another prompt"
@@ -226,7 +226,7 @@ def test_an_error_before_the_first_token_is_a_plain_json_error(handler, images, 
 
 def test_an_error_mid_stream_ends_it_with_an_error_event_and_keeps_the_session(handler, images, monkeypatch):
     sid, twin_sid = open_session(handler, images[1]), open_session(handler, images[1])
-    real_decode = generation.decode_step
+    real_decode = generation.step
     calls = []
 
     def decode_then_fail(*args, **kwargs):
@@ -235,9 +235,9 @@ def test_an_error_mid_stream_ends_it_with_an_error_event_and_keeps_the_session(h
             raise RuntimeError("device lost")
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "decode_step", decode_then_fail)
+    monkeypatch.setattr(generation, "step", decode_then_fail)
     [out], context, socket = batch(handler, [(turn("Describe it", stream=True, max_new_tokens=20), {SESSION: sid})])
-    monkeypatch.setattr(generation, "decode_step", real_decode)
+    monkeypatch.setattr(generation, "step", real_decode)
 
     frames = [decode_frame(data)["req-0"] for data in socket.sent]
     assert len(frames) == 3  # tokens 1-3 went out as they came; the decode of the fourth failed

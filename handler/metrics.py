@@ -32,6 +32,7 @@ DECODE_TOKENS = "llava_decode_tokens"
 SESSIONS_ENDED = "llava_sessions_ended"
 MEMORY_STEPS = "llava_memory_budget_steps"
 STEP_COMPILES = "llava_step_compiles"
+CUDA_GRAPH_SKIPS = "llava_cuda_graph_skips"
 TTFT = "llava_time_to_first_token_seconds"
 TPOT = "llava_time_per_output_token_seconds"
 
@@ -52,6 +53,7 @@ _COUNTER_SOURCES = {
     "features_offloaded": (MEMORY_STEPS, ["features_offloaded"]),
     "features_restored": (MEMORY_STEPS, ["features_restored"]),
     "step_compiles": (STEP_COMPILES, []),
+    "cuda_graph_skips": (CUDA_GRAPH_SKIPS, []),
 }
 
 _DECLARATIONS = [
@@ -64,6 +66,7 @@ _DECLARATIONS = [
     (SESSIONS_ENDED, "count", ["reason"], MetricTypes.COUNTER),
     (MEMORY_STEPS, "count", ["step"], MetricTypes.COUNTER),
     (STEP_COMPILES, "count", [], MetricTypes.COUNTER),
+    (CUDA_GRAPH_SKIPS, "count", [], MetricTypes.COUNTER),
     (TTFT, "s", [], MetricTypes.HISTOGRAM),
     (TPOT, "s", [], MetricTypes.HISTOGRAM),
 ]

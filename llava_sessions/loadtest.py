@@ -336,7 +336,8 @@ def _process_group(pids: Mapping[str, int]) -> int | None:
     return None
 
 
-def _properties_address(config: Path, key: str) -> str | None:
+def config_property(config: Path, key: str) -> str | None:
+    """A setting of a TorchServe config.properties file, or None."""
     for line in config.read_text().splitlines():
         name, sep, value = line.partition("=")
         if sep and name.strip() == key:
@@ -503,8 +504,8 @@ def run(options: Options, log: Callable[[str], None] = lambda message: None,
             with _sessions_per_worker(max(options.sessions, options.soak_threads)), \
                     StackProcess(model_dir, work_dir, options.device) as stack:
                 config = work_dir / "run" / "config.properties"  # what start_stack's TorchServe runs with
-                target = Target(stack.url, _properties_address(config, "metrics_address") + "/metrics",
-                                _properties_address(config, "management_address"))
+                target = Target(stack.url, config_property(config, "metrics_address") + "/metrics",
+                                config_property(config, "management_address"))
                 log(f"loadtest: serving at {stack.url}")
                 return _run_against(target, options, log, str(model_dir), client_factory)
         except ServerError as error:

@@ -45,6 +45,7 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_ALIGN = 64  # compiled, a step reads a multiple of this many slots (bounds CUDA graph recordings)
 MAX_GRAPHS = 64  # compiled step graphs a worker may hold (one per row bucket, and recompiles)
 MAX_COMPILED_FEED = 256  # a follow-up with more new tokens prefills eagerly
+FEED_ALIGN = 16  # with CUDA graphs, a compiled prefill's new tokens are padded to a multiple of this
 
 
 def row_bucket(rows: int) -> int:
@@ -114,30 +115,41 @@ class StepRunner:
         self.loaded = loaded
         self.compiled = compile == "on"
         # CUDA graphs record one graph per shape: pad a prefill's new tokens to a bucket there.
-        self.feed_align = 16 if loaded.device.type == "cuda" else 1
+        self.feed_align = FEED_ALIGN if loaded.device.type == "cuda" else 1
         self.compiles = 0  # step graphs compiled: a bucket's first step, or a recompile
+        self.graph_skips = 0  # on CUDA, compiled graphs that inductor ran without a CUDA graph
         self._step: Callable | None = None
-        generation.cache_argument(loaded.model.model.language_model, None)  # looked up outside a trace
+        # Looked up outside a trace, for every module that takes a cache: a compiled step guards
+        # on the lookup table, and a later first lookup would invalidate its graphs.
+        for module in (loaded.model, loaded.model.model.language_model):
+            generation.cache_argument(module, None)
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int, seconds: float) -> list[int]:
-        """Compile the step for each row bucket, fewest rows first, until ``seconds`` have passed:
-        before the worker says it is ready. The buckets compiled; any other compiles on first use
-        (``compiles`` counts it)."""
+        """Compile the step before the worker says it is ready, until ``seconds`` have passed: a
+        decode step of one row, the follow-up prefill, then the other row buckets, fewest rows
+        first. The row buckets compiled; anything else compiles on first use (``compiles``
+        counts it). Run in inference mode, as the engine's turns are: the graphs guard on it."""
         if not self.compiled:
             return []
         shape, started, done = ArenaShape.of(self.loaded), time.perf_counter(), []
         slots = aligned_slots(min(2 * SLOT_ALIGN, self.loaded.max_context), self.loaded.max_context)
+        like = dict(dtype=self.loaded.dtype, device=self.loaded.device)
         for rows in [bucket for bucket in ROW_BUCKETS if bucket <= row_bucket(max_rows)]:
             if time.perf_counter() - started >= seconds or not self.compiled:
                 break
-            like = dict(dtype=self.loaded.dtype, device=self.loaded.device)
             buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2 * shape.layers)]
             ids = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
             positions = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
             self.run(ids, positions, _StepCache(buffers[::2], buffers[1::2], dynamic_slots=True))
             done.append(rows)
-        log.info("decode step warm-up: row bucket(s) %s compiled in %.0f s (limit %.0f s)",
+            if rows == 1 and time.perf_counter() - started < seconds:  # a session of half the slots
+                cache = generation.new_cache(self.loaded)
+                for layer in cache.layers:
+                    layer.adopt(*(torch.zeros(1, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2)),
+                                slots // 2)
+                self.prefill_in_place(cache, [0] * (FEED_ALIGN + 1))
+        log.info("step warm-up: decode row bucket(s) %s and the follow-up prefill compiled in %.0f s (limit %.0f s)",
                  done, time.perf_counter() - started, seconds)
         return done
 
@@ -196,13 +208,19 @@ class StepRunner:
             loaded = self.loaded
             self._step = torch.compile(lambda i, p, c, n: generation.step(loaded, i, p, c, n),
                                        fullgraph=True, dynamic=False, mode=mode)
-        started, before = time.perf_counter(), graphs_compiled()
+        started, before, skips = time.perf_counter(), graphs_compiled(), graph_skips()
         logits = self._step(ids, positions, cache, last)
         made = graphs_compiled() - before
         if made:
             self.compiles += made
             log.info("compiled the step for %d row(s) of %d token(s) in %.1f s",
                      ids.shape[0], ids.shape[1], time.perf_counter() - started)
+        skipped = graph_skips() - skips
+        if skipped:
+            # Inductor runs a graph whose inputs it cannot capture (e.g. KV buffers mutated
+            # outside its memory pool) compiled but without a CUDA graph: say so, once per graph.
+            self.graph_skips += skipped
+            log.warning("CUDA graphs: %d step graph(s) run compiled without capture (see the inductor log)", skipped)
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
 
 
@@ -351,3 +369,10 @@ def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["stats"].get(name, 0) for name in ("unique_graphs",))
+
+
+def graph_skips() -> int:
+    """Compiled graphs inductor has run without CUDA graph capture in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"].get("cudagraph_skips", 0)

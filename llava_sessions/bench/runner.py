@@ -287,6 +287,7 @@ def run(options: Options, log=print) -> dict:
                     log(f"bench: long conversation ({plan.turns} turns, {len(plan.image_turns)} images,"
                         f" about {plan.planned_tokens} tokens of history)")
                     long.time(client, R)
+            worker_step = served.worker_step_counts(Path(tmp))
 
     # --- correctness: (a) on the reference histories gives the reference answers ----------------
     # A mismatch is looked at where the answers part: a near tie of the best two logits there is
@@ -435,10 +436,13 @@ def run(options: Options, log=print) -> dict:
         "image": {"format": BENCH_IMAGE_FORMAT, "size": [640, 480], "base64_bytes": len(image_b64)},
         "machine": machine_info(device),
         "preset": options.preset,
-        # The served decode step: the setting, and whether it ran compiled (auto: on a GPU only).
+        # The served step, as its worker reports it (metrics): compiled when it compiled graphs;
+        # with CUDA graphs when on CUDA every compiled graph was captured (none skipped).
         "compile": {"setting": options.compile,
-                    "compiled": options.compile == "on" or (options.compile == "auto" and device.type == "cuda"),
-                    "cuda_graphs": device.type == "cuda" and options.compile != "off"},
+                    "compiled": bool(worker_step.get("llava_step_compiles")),
+                    "cuda_graphs": device.type == "cuda" and bool(worker_step.get("llava_step_compiles"))
+                    and not worker_step.get("llava_cuda_graph_skips"),
+                    "worker_counts": worker_step},
         "model_dir": str(model_dir),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "command": options.command(),

@@ -365,6 +365,30 @@ def _serve_until_told(model_dir: str, work_dir: str, device: str, workers: int, 
         stack.stop()
 
 
+def worker_step_counts(work_dir: Path, settle_s: float = 1.5) -> dict[str, int]:
+    """The served worker's step counters (``llava_step_compiles``, ``llava_cuda_graph_skips``)
+    from the metrics of the stack started in ``work_dir``; {} when they cannot be read."""
+    from llava_sessions.loadtest import config_property, parse_prometheus
+
+    config = work_dir / "run" / "config.properties"  # what start_stack's TorchServe runs with
+    address = config_property(config, "metrics_address") if config.exists() else None
+    if address is None:
+        return {}
+    time.sleep(settle_s)  # the handler writes its metrics once a second
+    url = urllib.parse.urlsplit(address)
+    try:
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    except OSError:
+        return {}
+    counts = {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0}
+    for name, _labels, value in parse_prometheus(text):
+        if name in counts:
+            counts[name] += int(value)
+    return counts
+
+
 def start_stack(model_dir: Path, work_dir: Path, device: str, max_sessions_per_worker: int = 32, workers: int = 1):
     """Build the archive and start a ServingStack with ``workers`` workers on a free loopback port."""
     from llava_sessions.archive import build_archive

@@ -144,6 +144,13 @@ def test_the_long_conversation_fills_the_context_with_three_images_and_is_timed_
     assert f"long conversation: {long['history_tokens']} tokens of history (3 images" in report.table(result)
 
 
+def test_the_json_says_how_the_served_step_ran_as_its_worker_reports_it(bench_result):
+    compile = json.loads(bench_result[1])["compile"]
+    # On a CPU, compile "auto" is off: the worker compiled nothing and says so in its metrics.
+    assert compile["setting"] == "auto" and compile["compiled"] is False and compile["cuda_graphs"] is False
+    assert compile["worker_counts"] == {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0}
+
+
 def test_workers_scaling_prints_each_configuration_and_its_ratios(tmp_path, monkeypatch):
     """Smoke run of `bench --workers-scaling` (ratios are the bench's business, not a test's)."""
     monkeypatch.setenv("LLAVA_SESSIONS_HOME", str(tmp_path / "home"))

@@ -70,8 +70,8 @@ def test_a_session_left_open_fails_the_leak_check(tiny_model_dir):
         config = Path(work) / "run" / "config.properties"
         options = loadtest.Options(
             url=stack.url, sessions=0, cycles=60, settle_seconds=3,
-            metrics_url=loadtest._properties_address(config, "metrics_address") + "/metrics",
-            management_url=loadtest._properties_address(config, "management_address"),
+            metrics_url=loadtest.config_property(config, "metrics_address") + "/metrics",
+            management_url=loadtest.config_property(config, "management_address"),
         )
         result = loadtest.run(options, client_factory=LeavesOneOpen)
         checks = {c["name"]: c for c in result["checks"]}

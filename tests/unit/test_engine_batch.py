@@ -22,7 +22,7 @@ from llava_sessions.errors import (
     SessionNotFound,
     TooManyImages,
 )
-from llava_sessions.handler.engine import engine as engine_module, runner
+from llava_sessions.handler.engine import batch_prefill, executor as executor_module, runner
 from llava_sessions.handler.engine.engine import TurnRequest, TurnResult
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.prompt import Conversation
@@ -52,13 +52,13 @@ def batch_sizes(monkeypatch):
 def test_follow_ups_of_several_sessions_share_one_prefill_forward(loaded_tiny, images, monkeypatch):
     """Round 1 (images) prefills one by one; the follow-ups of round 2 in one forward, answers unchanged."""
     calls = []
-    together = engine_module.batch_prefill.prefill_together
+    together = batch_prefill.prefill_together
 
     def spy(loaded, caches, feeds, rooms):
         calls.append(len(caches))
         return together(loaded, caches, feeds, rooms)
 
-    monkeypatch.setattr(engine_module.batch_prefill, "prefill_together", spy)
+    monkeypatch.setattr(batch_prefill, "prefill_together", spy)
     engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
     pairs = open_pairs(engine, twin, images, 4)
     for round_ in range(2):
@@ -84,7 +84,7 @@ def test_a_failed_shared_prefill_falls_back_to_one_turn_at_a_time(loaded_tiny, i
     pairs = open_pairs(engine, twin, images, 3)
     for round_ in range(2):
         if round_ == 1:
-            monkeypatch.setattr(engine_module.batch_prefill, "prefill_together", failing)
+            monkeypatch.setattr(batch_prefill, "prefill_together", failing)
         requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(4)) for i, (sid, _, _) in enumerate(pairs)]
         for request, result, (_, twin_sid, _) in zip(requests, engine.turns(requests), pairs):
             expected = twin.turn(twin_sid, request.prompt, request.params)
@@ -293,14 +293,13 @@ def sizes_of_views(monkeypatch):
             sizes.append(len(rows))
             super().__init__(loaded, rows, *args, **kwargs)
 
-    decode_alone = engine_module.SessionEngine._decode_alone
+    class Alone(executor_module.AloneDecoder):
+        def __init__(self, executor, rows):
+            sizes.extend(1 for _ in rows)
+            super().__init__(executor, rows)
 
-    def alone(engine, running):
-        sizes.append(1)
-        return decode_alone(engine, running)
-
-    monkeypatch.setattr(engine_module, "DecodeArena", Spy)
-    monkeypatch.setattr(engine_module.SessionEngine, "_decode_alone", alone)
+    monkeypatch.setattr(executor_module, "DecodeArena", Spy)
+    monkeypatch.setattr(executor_module, "AloneDecoder", Alone)
     return sizes
 
 

@@ -18,6 +18,14 @@ from tests.unit.test_engine import QUESTIONS
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.fixture(autouse=True)
+def fresh_graphs():
+    """Compiled graphs live in the process, keyed by the step's code: each test counts its own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def engine(loaded, compile: str) -> SessionEngine:
     return SessionEngine(loaded, ServingConfig(compile=compile, compile_warmup_s=0, kv_headroom_tokens=0))
 
@@ -98,7 +106,7 @@ def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
     """Warm-up compiles each row bucket once; histories of any length then reuse those graphs."""
     step_runner = runner.StepRunner(loaded_tiny, "on")
     assert step_runner.warm_up(max_rows=4, seconds=600) == [1, 2, 4]
-    assert step_runner.compiled and step_runner.compiles == 3
+    assert step_runner.compiled and step_runner.compiles == 4  # and the follow-up prefill
     shape = runner.ArenaShape.of(loaded_tiny)
     with torch.inference_mode():
         for rows in (1, 2, 4):
@@ -108,20 +116,36 @@ def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
                 positions = (torch.arange(rows) + slots - rows)[:, None]  # [B, 1]
                 logits = step_runner.run(torch.ones(rows, 1, dtype=torch.long), positions, cache)
                 assert logits.shape == (rows, loaded_tiny.model.config.get_text_config().vocab_size)
-    assert step_runner.compiled and step_runner.compiles == 3
+    assert step_runner.compiled and step_runner.compiles == 4
+
+
+def lone_follow_ups(loaded, images, compile: str) -> tuple[SessionEngine, list[tuple[int, ...]]]:
+    """Two sessions taking turns one at a time (each follow-up prefills alone, in its spare slots)."""
+    engine = SessionEngine(loaded, ServingConfig(compile=compile, compile_warmup_s=0))
+    sessions = [engine.open_session([images[i % 2]]).session_id for i in range(2)]
+    answers = [engine.turn(sid, QUESTIONS[round_ + i], SamplingParams(4 + 3 * i)).token_ids
+               for round_ in range(3) for i, sid in enumerate(sessions)]
+    return engine, answers
+
+
+def test_after_warm_up_turns_compile_nothing(loaded_tiny, images):
+    """The worker's warm-up compiles what its turns then use: decode buckets and the prefill."""
+    compiled = SessionEngine(loaded_tiny, ServingConfig(compile="on", compile_warmup_s=600))
+    assert compiled.warm_up() == [1, 2, 4, 8]
+    compiles = compiled.counters.step_compiles
+    assert compiles == 5
+    conversation(compiled, images, rounds=2)  # rows joining and leaving: buckets 4, 2 and 1
+    sid = compiled.open_session([images[0]]).session_id
+    for question in QUESTIONS[:3]:  # lone turns: follow-ups prefill in place
+        compiled.turn(sid, question, SamplingParams(5))
+    assert compiled.counters.prefills_compiled == 2
+    assert compiled.counters.step_compiles == compiles and compiled.compiled
 
 
 def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_tiny, images):
     """A lone follow-up's new tokens run through the compiled step (one graph for every feed and
     history length), writing into the session's spare KV slots; answers are the eager ones."""
-    def chat(compile: str) -> tuple[SessionEngine, list[tuple[int, ...]]]:
-        engine = SessionEngine(loaded_tiny, ServingConfig(compile=compile, compile_warmup_s=0))
-        sessions = [engine.open_session([images[i % 2]]).session_id for i in range(2)]
-        answers = [engine.turn(sid, QUESTIONS[round_ + i], SamplingParams(4 + 3 * i)).token_ids
-                   for round_ in range(3) for i, sid in enumerate(sessions)]
-        return engine, answers
-
-    (eager, expected), (compiled, answers) = chat("off"), chat("on")
+    (eager, expected), (compiled, answers) = lone_follow_ups(loaded_tiny, images, "off"), lone_follow_ups(loaded_tiny, images, "on")
     assert answers == expected
     assert eager.counters.prefills_compiled == 0
     assert compiled.counters.prefills_compiled == 4  # every follow-up: rounds 2 and 3 of both sessions
@@ -130,3 +154,14 @@ def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_t
     for question in QUESTIONS[:4]:  # other feed and history lengths: the same graphs
         compiled.turn(sid, question, SamplingParams(5))
     assert compiled.counters.step_compiles == compiles and compiled.compiled
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_follow_up_prefills_through_the_captured_step(tiny_model_dir, images):
+    """CUDA graphs: follow-ups padded to buckets of 16 new tokens answer as the eager prefill."""
+    from llava_sessions.handler.engine.model_loader import load_model
+
+    loaded = load_model(str(tiny_model_dir), torch.device("cuda:0"), "float32")
+    (_, expected), (compiled, answers) = lone_follow_ups(loaded, images, "off"), lone_follow_ups(loaded, images, "auto")
+    assert answers == expected and compiled.compiled and compiled.counters.prefills_compiled == 4

@@ -1,0 +1,144 @@
+"""The engine's public data types: what a caller sends (TurnRequest), gets back (OpenedSession,
+TurnResult) and can observe (EngineCounters, EngineSnapshot, SessionView). Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from llava_sessions.handler.engine.generation import SamplingParams
+
+# (token id, whether it is the turn's last): called as each token is picked.
+TokenCallback = Callable[[int, bool], None]
+# Whether the turn's client has gone away: asked before the turn starts and after each token.
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    expires_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One turn for ``SessionEngine.turns``.
+
+    ``on_token`` gets each token of this turn as it is picked. When ``cancelled()`` turns true the
+    turn stops at its next token and its session is left as before it (TurnCancelled). Past
+    ``deadline`` (a ``time.monotonic()`` value) the turn stops and answers what it has, with
+    finish reason "deadline"; the session keeps exactly that answer.
+    """
+
+    session_id: str
+    prompt: str
+    params: SamplingParams
+    images: Sequence = ()
+    on_token: TokenCallback | None = None
+    cancelled: CancelCheck | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int  # the whole context this turn's answer was conditioned on
+    cached_tokens: int  # of those, how many came from the session's KV cache
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos), "length" (max_new_tokens or the context) or "deadline"
+    ttft_s: float  # from the turn's start (images, room, prefill) to its first token
+    decode_s: float  # from the first token to the last
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        return self.decode_s / (self.completion_tokens - 1) if self.completion_tokens > 1 else None
+
+
+@dataclass
+class EngineCounters:
+    """Exact counts, for tests and metrics."""
+
+    vision_tower_runs: int = 0
+    images_encoded: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    sessions_expired: int = 0
+    # Memory budget: one per session and step taken, and requests refused for want of room.
+    kv_offloaded: int = 0  # KV moved to host memory
+    kv_restored: int = 0  # host KV copied back at its session's turn
+    host_kv_recomputed: int = 0  # host KV not copied back at its turn (re-prefill estimated faster): prefilled
+    host_kv_dropped: int = 0  # host KV dropped to make host room
+    kv_dropped: int = 0  # KV dropped from the device
+    features_offloaded: int = 0
+    features_restored: int = 0
+    sessions_evicted: int = 0
+    memory_refusals: int = 0
+    # Turns stopped because their client went away (undone), and turns cut by their deadline.
+    turns_cancelled: int = 0
+    turns_past_deadline: int = 0
+    # Turns that waited for a later wave of their ``turns`` call (no room beside the earlier
+    # ones), once per wave waited.
+    turns_deferred: int = 0
+    # Graphs of the compiled step: one per decode row bucket and one for follow-up prefills
+    # (CUDA graphs: one per bucket of new tokens), and any recompile.
+    step_compiles: int = 0
+    # Follow-up prefills run by the compiled step in their session's spare KV slots.
+    prefills_compiled: int = 0
+    # On CUDA: compiled step graphs that run without CUDA graph capture (inductor skipped it).
+    cuda_graph_skips: int = 0
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """One session in an ``EngineSnapshot``; the bytes are measured on its tensors."""
+
+    history_tokens: int  # token ids in its history (``SessionEngine.session_history``)
+    kv_tokens: int  # of those, how many its KV cache holds (0 without one)
+    kv_bytes: int  # its KV cache on the device, spare slots included (0 without one)
+    host_kv_bytes: int  # its KV cache in host memory until its next turn (0 without one)
+    feature_bytes: int  # its image features, on the device or on host
+    features_on_host: bool  # cold: features in host memory until its next turn
+    images: int  # images whose features it holds
+    busy: bool  # a turn of it is running
+    expires_at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What an engine holds at one moment, taken under its lock (``SessionEngine.snapshot``); for
+    tests and metrics. Torch-free. It names sessions by their full ids: never log it.
+
+    ``sessions`` (least recently used first) measure each session's tensors, while the tier
+    bytes are the engine's accounting per session, which the memory budget decides on: the two
+    agree whenever no operation is between its steps.
+    """
+
+    sessions: Mapping[str, SessionView]
+    device_kv: int  # bytes by tier, as accounted (``bytes_by_tier``)
+    device_features: int
+    host_kv: int
+    host_features: int
+    reserved: int  # device bytes promised to the operation in progress
+    batch_view_bytes: int  # KV held by a batched decode in progress (its rows' KV and padding)
+    memory_budget: int  # device bytes the sessions may hold
+    host_budget: int  # host bytes their host KV and cold features may hold
+    counters: EngineCounters  # a copy
+
+    @property
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def tiers(self) -> dict[str, int]:
+        """As ``SessionEngine.bytes_by_tier``."""
+        return {"device_kv": self.device_kv, "device_features": self.device_features,
+                "host_kv": self.host_kv, "host_features": self.host_features}
+
+    @property
+    def device_bytes(self) -> int:
+        """Accounted device bytes of the sessions (``device_kv + device_features``)."""
+        return self.device_kv + self.device_features

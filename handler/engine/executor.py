@@ -1,0 +1,220 @@
+"""The tensors of a wave of turns: the executing half of the engine's step.
+
+``prefill`` runs each turn's new tokens on its session's cache: follow-ups of cached sessions in
+one forward (batch_prefill.py), a lone follow-up that fits its spare slots through the compiled
+step (runner.prefill_in_place), the rest eagerly, each with one retry after other sessions give
+memory back when the allocator fails all the same. ``decoder`` gives the turns that go on a
+decoder: a fixed-shape arena (runner.DecodeArena) when the budget has room for it, else each
+turn on its own cache. A failing turn goes to ``fail`` and leaves; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
+from llava_sessions.handler.engine.api import EngineCounters
+from llava_sessions.handler.engine.kv_manager import KVManager
+from llava_sessions.handler.engine.model_loader import LoadedModel
+from llava_sessions.handler.engine.runner import DecodeArena, StepRunner, arena_bytes
+from llava_sessions.handler.engine.scheduler import kv_growth_tokens
+from llava_sessions.handler.engine.state import RunningTurn, cached_tokens, feed, is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+Fail = Callable[[RunningTurn, Exception], None]
+
+
+class Executor:
+    def __init__(self, loaded: LoadedModel, runner: StepRunner, memory: KVManager, counters: EngineCounters,
+                 fail: Fail):
+        self.loaded, self.runner = loaded, runner
+        self.memory, self.counters, self.fail = memory, counters, fail
+
+    # --- prefill ----------------------------------------------------------------------
+
+    def prefill(self, wave: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
+        """Each turn's new tokens on its cache: (the turns prefilled, their next-token logits [B, V])."""
+        joint = self._prefill_together([running for running in wave if self._joins_prefill(running)])
+        prefilled, first_logits = [], []
+        for running in wave:
+            try:
+                first_logits.append(joint[running.slot] if running.slot in joint else self._prefill_or_give_back(running))
+                prefilled.append(running)
+            except Exception as error:
+                self.fail(running, error)
+        return prefilled, torch.cat(first_logits) if first_logits else None
+
+    def _joins_prefill(self, running: RunningTurn) -> bool:
+        """A follow-up on a cached history whose new tokens hold no image: it can share a forward."""
+        return cached_tokens(running.state) > 0 and self.loaded.image_token_id not in feed(running)
+
+    def _prefill_together(self, rows: list[RunningTurn]) -> dict[int, torch.Tensor]:
+        """One forward for two or more follow-ups; each turn's next-token logits [1, V] by slot.
+
+        Empty (every turn prefills alone) when there are fewer than two, when the view's padding
+        does not fit the budget's free bytes, or when the forward fails: then their caches were emptied,
+        and the one-turn prefill rebuilds each from its token ids and features.
+        """
+        if len(rows) < 2:
+            return {}
+        caches = [running.state.cache for running in rows]
+        cached = [cache.get_seq_length() for cache in caches]
+        feeds = [feed(running) for running in rows]
+        extra = batch_prefill.extra_tokens(cached, [len(f) for f in feeds]) * self.memory.kv_bytes_per_token
+        if not self.memory.reserve_if_free(extra):  # a speed-up: it never costs another session memory
+            return {}
+        try:
+            logits = batch_prefill.prefill_together(
+                self.loaded, caches, feeds, [r.max_new - 1 + r.headroom for r in rows]
+            )
+        except Exception as error:
+            log.warning("a prefill of %d turns together failed (%s); each runs alone", len(rows), type(error).__name__)
+            for running in rows:
+                running.state.cache = None
+            return {}
+        for running, n, fed in zip(rows, cached, feeds):
+            running.cached = n
+            self.counters.prefill_tokens += len(fed)
+        return {running.slot: logits[row : row + 1] for row, running in enumerate(rows)}
+
+    def _prefill_or_give_back(self, running: RunningTurn) -> torch.Tensor:
+        """Prefill; when the allocator runs out of memory all the same (the budget is an estimate:
+        fragmentation, other processes), other sessions give back this turn's worst case in the
+        budget's order and the prefill runs once more, on a fresh cache. No room to give back, or
+        a second allocator failure: OutOfMemoryBudget, with the session as before the turn.
+        """
+        try:
+            return self._prefill(running)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            # Only its name: the exception's traceback holds the failed forward's tensors.
+            first = type(error).__name__
+        running.state.cache = None  # a failed prefill may leave some layers longer than others
+        running.headroom = 0  # the retry asks for nothing it does not need
+        needed = kv_growth_tokens(None, running.context, running.max_new, 0) * self.memory.kv_bytes_per_token
+        if self.memory.give_back(needed, running.request.session_id):
+            log.warning("out of memory during a prefill; sessions gave memory back, retrying once")
+            try:
+                return self._prefill(running)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                running.state.cache = None
+        raise self.memory.refusal(first)
+
+    def _prefill(self, running: RunningTurn) -> torch.Tensor:
+        """Run what the session's cache lacks (history and this turn) on it; return the next-token
+        logits [1, V]. Timed for the memory manager's copy-or-prefill cost model."""
+        loaded, state = self.loaded, running.state
+        full_ids = state.token_ids + running.turn_ids
+        if state.cache is None:
+            state.cache = generation.new_cache(loaded)
+        running.cached = state.cache.get_seq_length()
+        new = full_ids[running.cached:]
+        # Room for this turn's tokens and what decoding may append (reserved at admission):
+        # no copy per token, and none at all when the spare slots of the last turn suffice.
+        kv_cache.reserve(state.cache, len(new), running.max_new - 1, running.headroom)
+        image_rows = self._image_rows(state, full_ids, running.cached)
+        with self.memory.prefill_timing() as sample:
+            logits = self.runner.prefill_in_place(state.cache, new) if image_rows is None else None
+            self.counters.prefills_compiled += logits is not None
+            if logits is None:
+                input_ids = torch.tensor([new], device=loaded.device)  # [1, T]
+                logits = generation.prefill(loaded, input_ids, image_rows, state.cache)
+            sample.amount = len(new)
+        self.counters.prefill_tokens += len(new)
+        self.counters.step_compiles = self.runner.compiles
+        self.counters.cuda_graph_skips = self.runner.graph_skips
+        return logits
+
+    def _image_rows(self, state, full_ids: list[int], start: int) -> torch.Tensor | None:
+        """Feature rows for the image tokens in full_ids[start:], in placeholder order."""
+        image_id = self.loaded.image_token_id
+        needed = sum(1 for t in full_ids[start:] if t == image_id)
+        if needed == 0:
+            return None
+        first = sum(1 for t in full_ids[:start] if t == image_id)
+        rows = torch.cat(state.features, dim=0)  # [n_images * tokens_per_image, H]
+        return rows[first : first + needed]
+
+    # --- decode -----------------------------------------------------------------------
+
+    def decoder(self, rows: list[RunningTurn]) -> "ArenaDecoder | AloneDecoder":
+        """A decoder for these prefilled turns. The arena is reserved whole: a row that finishes
+        gets its KV back (which its turn reserved) while the others still decode in the arena.
+        No room for it: each turn decodes on its own cache."""
+        lengths = [running.state.cache.get_seq_length() for running in rows]
+        remaining = [running.max_new - len(running.answer) for running in rows]
+        if self.memory.make_room(arena_bytes(self.loaded, lengths, remaining, self.runner.compiled), None, refuse=False):
+            return ArenaDecoder(self, rows)
+        return AloneDecoder(self, rows)
+
+
+class ArenaDecoder:
+    """The turns decode together in one fixed-shape arena (runner.py), a token per turn per step."""
+
+    def __init__(self, executor: Executor, rows: list[RunningTurn]):
+        self._executor = executor
+        self._arena = DecodeArena(
+            executor.loaded,
+            {running.slot: running.state.cache for running in rows},
+            {running.slot: running.max_new - len(running.answer) for running in rows},
+            executor.runner,
+            {running.slot: kv_cache.most_spare(running.headroom) for running in rows},
+        )
+
+    def bytes_held(self) -> int:
+        return self._arena.bytes_held()
+
+    def step(self, live: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
+        """Feed each live turn its last token: (the turns, in the arena's row order; their logits)."""
+        executor, by_slot = self._executor, {running.slot: running for running in live}
+        rows = [by_slot[slot] for slot in self._arena.keys]
+        try:
+            logits = self._arena.step({running.slot: running.answer[-1] for running in rows})
+        except Exception as error:  # the forward failed: every turn still in the arena fails
+            for running in rows:
+                executor.fail(running, error)
+            self._arena.leave(failed=[running.slot for running in rows])
+            return [], None
+        executor.counters.decode_tokens += len(rows)
+        executor.counters.step_compiles = executor.runner.compiles
+        executor.counters.cuda_graph_skips = executor.runner.graph_skips
+        return rows, logits
+
+    def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
+        """The turns of the last step that do not go on leave: a finished one with its KV, a
+        failed one (rolled back: its outcome is set) without."""
+        kept = {running.slot for running in going}
+        leaving = [running for running in stepped if running.slot not in kept]
+        self._arena.leave([r.slot for r in leaving if r.outcome is None], [r.slot for r in leaving if r.outcome is not None])
+
+
+class AloneDecoder:
+    """Each turn decodes on its session's own cache (no arena): when the budget has no room for one."""
+
+    def __init__(self, executor: Executor, rows: list[RunningTurn]):
+        self._executor = executor
+
+    def bytes_held(self) -> int:
+        return 0
+
+    def step(self, live: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
+        executor, stepped, logits = self._executor, [], []
+        for running in live:
+            try:
+                logits.append(generation.decode_one_token(executor.loaded, running.answer[-1], running.state.cache))
+            except Exception as error:
+                executor.fail(running, error)
+                continue
+            stepped.append(running)
+        executor.counters.decode_tokens += len(stepped)
+        return stepped, torch.cat(logits) if logits else None
+
+    def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
+        pass  # nothing to hand back: each turn's KV is in its own cache

@@ -1,0 +1,272 @@
+"""Which turns run, and what their outputs mean: the scheduling half of the engine's step.
+
+``admit`` starts the turns that fit the memory budget now (checks, worst-case reservation,
+images encoded) and defers the rest to a later wave: "no room" comes back from the memory
+manager as a value and becomes a deferral, or a refusal for a turn that would not fit even
+alone. ``update`` takes a step's logits, picks each turn's next token on the device and sends
+it; ``complete`` commits finished turns to their sessions' histories and undoes cancelled ones;
+``release`` hands every turn's session back, whatever happened. The tensors are the executor's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Mapping, Sequence
+
+from transformers import DynamicCache
+
+from llava_sessions.config import ServingConfig
+from llava_sessions.errors import PromptTooLong, SessionBusy, SessionNotFound, TooManyImages, TurnCancelled
+from llava_sessions.handler.engine import kv_cache, sampling
+from llava_sessions.handler.engine.api import EngineCounters, TurnRequest, TurnResult
+from llava_sessions.handler.engine.kv_manager import KVManager
+from llava_sessions.handler.engine.model_loader import LoadedModel
+from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
+from llava_sessions.handler.engine.session_store import SessionStore
+from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens, is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Turns in and out of a ``SessionEngine.turns`` call; the engine's lock covers every call."""
+
+    def __init__(self, loaded: LoadedModel, config: ServingConfig, formatter: TurnFormatter, store: SessionStore,
+                 states: Mapping[str, SessionState], memory: KVManager, counters: EngineCounters,
+                 clock: Callable[[], float], add_images: Callable[[SessionState, Sequence], None],
+                 expire: Callable[[float], int]):
+        self.loaded, self.config, self.formatter = loaded, config, formatter
+        self._store, self._states, self._memory, self._counters = store, states, memory, counters
+        self._clock, self._add_images, self._expire = clock, add_images, expire
+
+    # --- schedule ---------------------------------------------------------------------
+
+    def distinct(self, requests: Sequence[TurnRequest], results: list) -> list[int]:
+        """The requests' slots, one per session: a second turn of a session gets SessionBusy."""
+        pending, seen = [], set()
+        for slot, request in enumerate(requests):
+            if request.session_id in seen:
+                results[slot] = SessionBusy(
+                    "another turn of this session is in the same batch; send the next turn after its answer"
+                )
+            else:
+                seen.add(request.session_id)
+                pending.append(slot)
+        return pending
+
+    def admit(self, requests: Sequence[TurnRequest], slots: list[int], results: list,
+              started: float) -> tuple[list[RunningTurn], list[int]]:
+        """Start the turns of ``slots`` that fit together: (the wave, the slots deferred to a later
+        one). A turn that fails its checks gets its error in ``results`` and starts nothing."""
+        wave: list[RunningTurn] = []
+        deferred: list[int] = []
+        try:
+            for slot in slots:
+                try:
+                    running = self._start_turn(slot, requests[slot], started, may_defer=bool(wave))
+                except Exception as error:
+                    results[slot] = error
+                    continue
+                if running is None:
+                    deferred.append(slot)
+                    self._counters.turns_deferred += 1
+                else:
+                    wave.append(running)
+            if len(wave) == 1:
+                self.grant_headroom(wave[0])
+        except BaseException:
+            self.release(wave)
+            raise
+        return wave, deferred
+
+    def _start_turn(self, slot: int, request: TurnRequest, started: float, may_defer: bool) -> RunningTurn | None:
+        """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now)."""
+        session_id, images = request.session_id, request.images
+        if request.cancelled is not None and request.cancelled():  # gone while it waited: never starts
+            raise TurnCancelled()
+        record, state = self._checkout(session_id)
+        try:
+            total_images = len(state.features) + len(images)
+            if total_images > self.config.max_images_per_session:
+                raise TooManyImages(
+                    f"this turn would bring the session to {total_images} images; "
+                    f"a session holds at most {self.config.max_images_per_session}"
+                )
+            n_images = state.pending_images + len(images)
+            turn_ids = self.formatter.user_turn_ids(state.conversation, request.prompt, n_images)
+            context = len(state.token_ids) + len(turn_ids)
+            if context + 1 > self.loaded.max_context:
+                raise PromptTooLong(
+                    f"the conversation would be {context} tokens; this model's context is "
+                    f"{self.loaded.max_context}. Open a new session or ask a shorter question"
+                )
+            max_new = min(request.params.max_new_tokens, self.loaded.max_context - context)
+            # Worst case before running: the KV grows by what it lacks plus every decoded token,
+            # new images add features, and cold features come back to the device.
+            needed = len(images) * self._memory.feature_bytes_per_image
+            if state.features_on_host:
+                needed += state.feature_bytes()
+            growth = kv_growth_tokens(state.cache, context - cached_tokens(state), max_new, 0)
+            needed += growth * self._memory.kv_bytes_per_token
+            if not self._memory.make_room(needed, session_id, refuse=not may_defer):
+                record.busy = False  # untouched; it runs in the next wave
+                return None
+            self._memory.bring_back(record, state, context)
+            running = RunningTurn(
+                slot, request, record, state, turn_ids, n_images, context, max_new,
+                features_before=len(state.features), pending_before=state.pending_images, started=started,
+            )
+            try:
+                self._add_images(state, images)
+            except BaseException:
+                roll_back(running)
+                raise
+            return running
+        except BaseException:
+            record.busy = False
+            self._memory.account(record, state)
+            self._store.touch(record, self._clock())
+            raise
+
+    def _checkout(self, session_id: str):
+        now = self._clock()
+        record = self._store.lookup(session_id)
+        if record is None or record.expires_at <= now:
+            if record is not None:
+                self._expire(now)
+            raise SessionNotFound()
+        if record.busy:
+            raise SessionBusy("a turn of this session is still running; wait for it to finish")
+        record.busy = True
+        return record, self._states[session_id]
+
+    def grant_headroom(self, running: RunningTurn) -> None:
+        """Spare KV slots after a lone turn (kv_headroom_tokens), so the session's next question
+        appends in place: only from budget that is plainly free (a quarter of it stays so), so
+        they never cost another session its memory; a batch's rows get none (its padding may need it)."""
+        state, headroom = running.state, self.config.kv_headroom_tokens
+        feed = running.context - cached_tokens(state)
+        extra = (kv_growth_tokens(state.cache, feed, running.max_new, headroom)
+                 - kv_growth_tokens(state.cache, feed, running.max_new, 0)) * self._memory.kv_bytes_per_token
+        if headroom and self._memory.reserve_spare(extra):
+            running.headroom = headroom
+
+    # --- update -----------------------------------------------------------------------
+
+    def update(self, rows: list[RunningTurn], logits) -> list[RunningTurn]:
+        """Pick each row's next token from a step's logits [B, V] (one copy of B ids to the host)
+        and send it; the rows that go on. A row whose callback fails is rolled back alone."""
+        if not rows:
+            return []
+        tokens = sampling.pick(logits, [running.request.params for running in rows], self.loaded.image_token_id)
+        going = []
+        # In the turns' own order (an arena's rows move as others leave): callbacks stay in order.
+        for running, token in sorted(zip(rows, tokens), key=lambda pair: pair[0].slot):
+            try:
+                if self._accept(running, token):
+                    going.append(running)
+            except Exception as error:
+                self.fail(running, error)
+        return going
+
+    def _accept(self, running: RunningTurn, token: int) -> bool:
+        """The turn's next token: record it and send it; True while the turn goes on.
+
+        A turn whose client is gone stops here, its token unsent (``_undo`` follows); one past its
+        deadline stops with this token as its last.
+        """
+        request = running.request
+        running.answer.append(token)
+        running.last_token_at = time.perf_counter()
+        if len(running.answer) == 1:
+            running.first_token_at = running.last_token_at
+        goes_on = token not in self.loaded.eos_token_ids and len(running.answer) < running.max_new
+        if request.cancelled is not None and request.cancelled():
+            running.stopped_by = "cancelled"
+            return False
+        if goes_on and request.deadline is not None and time.monotonic() >= request.deadline:
+            running.stopped_by, goes_on = "deadline", False
+        if request.on_token is not None:
+            request.on_token(token, not goes_on)
+        return goes_on
+
+    def fail(self, running: RunningTurn, error: Exception) -> None:
+        """The turn failed: its session is as before it; an allocator failure is a refusal."""
+        roll_back(running)
+        if is_out_of_memory(error):  # during decoding: refused, never an internal error
+            error = self._memory.refusal(type(error).__name__)
+        running.outcome = error
+
+    def complete(self, wave: list[RunningTurn]) -> None:
+        """Every turn of the wave without an outcome is done: committed, or undone when cancelled."""
+        for running in wave:
+            if running.outcome is None:
+                running.outcome = self._undo(running) if running.stopped_by == "cancelled" else self._finish(running)
+
+    def release(self, wave: list[RunningTurn]) -> None:
+        """Hand the wave's sessions back (a turn without an outcome, when something other than an
+        Exception propagated, is rolled back) and end its reservation."""
+        self._memory.release()
+        for running in wave:
+            if running.outcome is None:
+                roll_back(running)
+            running.record.busy = False
+            self._memory.account(running.record, running.state)
+            self._store.touch(running.record, self._clock())
+
+    def _finish(self, running: RunningTurn) -> TurnResult:
+        """Commit a finished turn to its session's history."""
+        state, answer = running.state, running.answer
+        # Between turns a session holds its tokens and at most the spare slots reserved for it.
+        kv_cache.trim(state.cache, running.headroom)
+        text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
+        if answer and answer[-1] in self.loaded.eos_token_ids:
+            finish = "stop"
+        else:
+            finish = running.stopped_by or "length"
+        self._counters.turns_past_deadline += finish == "deadline"
+        state.token_ids.extend(running.turn_ids)
+        state.token_ids.extend(answer)
+        state.token_ids.extend(self.formatter.closing_ids(answer, self.loaded.eos_token_ids))
+        state.conversation.messages.append(state.conversation.user_message(running.request.prompt, running.n_images))
+        state.conversation.messages.append(Conversation.assistant_message(text))
+        state.pending_images = 0
+        return TurnResult(
+            text=text,
+            token_ids=tuple(answer),
+            prompt_tokens=running.context,
+            cached_tokens=running.cached,
+            completion_tokens=len(answer),
+            finish_reason=finish,
+            ttft_s=running.first_token_at - running.started,
+            decode_s=running.last_token_at - running.first_token_at,
+        )
+
+    def _undo(self, running: RunningTurn) -> TurnCancelled:
+        """A turn whose client went away: the session is as before it, the history's KV kept
+        (cut back to the history), so the next turn prefills only its own tokens."""
+        state = running.state
+        cache = state.cache
+        roll_back(running)
+        if cache is not None:
+            kv_cache.truncate(cache, min(len(state.token_ids), cache.get_seq_length()))
+            kv_cache.trim(cache, running.headroom)
+            state.cache = cache
+        self._counters.turns_cancelled += 1
+        return TurnCancelled()
+
+
+def roll_back(running: RunningTurn) -> None:
+    """Leave the session as it was before this turn; the KV is rebuilt next turn."""
+    state = running.state
+    del state.features[running.features_before:]
+    state.pending_images = running.pending_before
+    state.cache = None
+
+
+def kv_growth_tokens(cache: DynamicCache | None, feed: int, max_new: int, headroom: int) -> int:
+    """The most token slots a turn can add to the session's KV: ``feed`` tokens prefilled and
+    ``max_new - 1`` fed back by decoding, with ``headroom`` spare after (kv_cache.reserve).
+    Counted as ``max_new``: the last token is never fed, one to spare."""
+    return kv_cache.growth_tokens(cache, feed, max_new, headroom)

@@ -19,7 +19,7 @@ from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
 from llava_sessions.handler.engine.api import EngineCounters
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
-from llava_sessions.handler.engine.runner import DecodeArena, StepRunner, arena_bytes
+from llava_sessions.handler.engine.runner import ArenaShape, DecodeArena, KeptArena, StepRunner, arena_size
 from llava_sessions.handler.engine.scheduler import kv_growth_tokens
 from llava_sessions.handler.engine.state import RunningTurn, cached_tokens, feed, is_out_of_memory
 
@@ -30,8 +30,9 @@ Fail = Callable[[RunningTurn, Exception], None]
 
 class Executor:
     def __init__(self, loaded: LoadedModel, runner: StepRunner, memory: KVManager, counters: EngineCounters,
-                 fail: Fail):
-        self.loaded, self.runner = loaded, runner
+                 fail: Fail, kept: KeptArena | None = None):
+        """``kept``: the engine's kept decode arena (its bytes set aside from the budget), if any."""
+        self.loaded, self.runner, self.kept = loaded, runner, kept
         self.memory, self.counters, self.fail = memory, counters, fail
 
     # --- prefill ----------------------------------------------------------------------
@@ -150,7 +151,10 @@ class Executor:
         No room for it: each turn decodes on its own cache."""
         lengths = [running.state.cache.get_seq_length() for running in rows]
         remaining = [running.max_new - len(running.answer) for running in rows]
-        if self.memory.make_room(arena_bytes(self.loaded, lengths, remaining, self.runner.compiled), None, refuse=False):
+        size = arena_size(self.loaded, lengths, remaining, self.runner.compiled)
+        if self.kept is not None and self.kept.fits(*size):  # its bytes are set aside already
+            return ArenaDecoder(self, rows)
+        if self.memory.make_room(ArenaShape.of(self.loaded).bytes(*size), None, refuse=False):
             return ArenaDecoder(self, rows)
         return AloneDecoder(self, rows)
 
@@ -166,6 +170,7 @@ class ArenaDecoder:
             {running.slot: running.max_new - len(running.answer) for running in rows},
             executor.runner,
             {running.slot: kv_cache.most_spare(running.headroom) for running in rows},
+            storage=executor.kept,
         )
 
     def bytes_held(self) -> int:

@@ -6,10 +6,12 @@ own position, so rows of different lengths share a step with no padding to move 
 grow: attention reads the first ``Lb`` slots of every row, and a boolean mask made from the rows'
 positions (slot <= position) hides what a row has not written. Eager, a step reads only the slots
 the longest row has written. Compiled, it reads every slot of the arena (sized to the longest
-reach of its rows, rounded up to SLOT_ALIGN), the rows come in buckets (powers of two) and the slot
-count is a dynamic dimension of the graph, so there is one graph per row bucket, reused across
-sessions, history lengths and rows joining and leaving; rows beyond the live ones feed a
-placeholder at position 0 and are ignored. (Slot buckets of powers of
+reach of its rows, rounded up to SLOT_ALIGN; CUDA_SLOT_ALIGN with CUDA graphs, which record one
+graph per slot count), the rows come in buckets (powers of two) and the slot count is a dynamic
+dimension of the graph, so there is one graph per row bucket, reused across sessions, history
+lengths and rows joining and leaving; rows beyond the live ones feed a placeholder at position 0
+and are ignored. The arena is the engine's ``KeptArena`` when the rows fit it (views of buffers
+allocated once), else its own buffers. (Slot buckets of powers of
 two cost up to twice the attention: measured on 2 CPU cores, 8 rows over 1,024 slots took 12.1 ms
 a step against 8.3 over 768; a dynamic slot dimension costs nothing measurable.)
 
@@ -22,8 +24,10 @@ emptied, so it is held once) and leave by copying it back out, exact-sized; the 
 into a leaving row's place, so the live rows stay rows 0..n-1 and the others are not touched.
 
 ``StepRunner`` wraps the step in ``torch.compile(fullgraph=True)``: inductor on a CPU, CUDA
-graphs (``mode="reduce-overhead"``) on a GPU. A step that fails to compile or capture falls back
-to eager once, with one log line.
+graphs (``mode="reduce-overhead"``) on a GPU for decode steps in the engine's ``KeptArena`` (a
+captured step may write its KV in place only at static addresses). A follow-up's prefill into its
+session's spare slots is compiled too, never captured. A step that fails to compile or capture
+falls back to eager once, with one log line.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from llava_sessions.handler.engine.model_loader import LoadedModel
 log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-SLOT_ALIGN = 64  # compiled, a step reads a multiple of this many slots (bounds CUDA graph recordings)
+SLOT_ALIGN = 64  # compiled, a step reads a multiple of this many slots...
+CUDA_SLOT_ALIGN = 256  # ...and with CUDA graphs of this many: one recording per bucket of slots
 MAX_GRAPHS = 64  # compiled step graphs a worker may hold (one per row bucket, and recompiles)
 MAX_COMPILED_FEED = 256  # a follow-up with more new tokens prefills eagerly
-FEED_ALIGN = 16  # with CUDA graphs, a compiled prefill's new tokens are padded to a multiple of this
 
 
 def row_bucket(rows: int) -> int:
@@ -55,9 +59,13 @@ def row_bucket(rows: int) -> int:
     raise ValueError(f"at most {ROW_BUCKETS[-1]} rows decode together, got {rows}")
 
 
-def aligned_slots(slots: int, limit: int) -> int:
-    """``slots`` rounded up to SLOT_ALIGN, capped at ``limit``."""
-    return min(-(-slots // SLOT_ALIGN) * SLOT_ALIGN, max(limit, slots))
+def aligned_slots(slots: int, limit: int, align: int = SLOT_ALIGN) -> int:
+    """``slots`` rounded up to ``align``, capped at ``limit``."""
+    return min(-(-slots // align) * align, max(limit, slots))
+
+
+def slot_align(loaded: LoadedModel) -> int:
+    return CUDA_SLOT_ALIGN if loaded.device.type == "cuda" else SLOT_ALIGN
 
 
 class _ArenaLayer(CacheLayerMixin):
@@ -114,18 +122,16 @@ class StepRunner:
     def __init__(self, loaded: LoadedModel, compile: str = "off"):
         self.loaded = loaded
         self.compiled = compile == "on"
-        # CUDA graphs record one graph per shape: pad a prefill's new tokens to a bucket there.
-        self.feed_align = FEED_ALIGN if loaded.device.type == "cuda" else 1
         self.compiles = 0  # step graphs compiled: a bucket's first step, or a recompile
         self.graph_skips = 0  # on CUDA, compiled graphs that inductor ran without a CUDA graph
-        self._step: Callable | None = None
+        self._steps: dict[bool, Callable] = {}  # by whether it is captured as CUDA graphs
         # Looked up outside a trace, for every module that takes a cache: a compiled step guards
         # on the lookup table, and a later first lookup would invalidate its graphs.
         for module in (loaded.model, loaded.model.model.language_model):
             generation.cache_argument(module, None)
 
     @torch.inference_mode()
-    def warm_up(self, max_rows: int, seconds: float) -> list[int]:
+    def warm_up(self, max_rows: int, seconds: float, kept: "KeptArena | None" = None) -> list[int]:
         """Compile the step before the worker says it is ready, until ``seconds`` have passed: a
         decode step of one row, the follow-up prefill, then the other row buckets, fewest rows
         first. The row buckets compiled; anything else compiles on first use (``compiles``
@@ -133,35 +139,41 @@ class StepRunner:
         if not self.compiled:
             return []
         shape, started, done = ArenaShape.of(self.loaded), time.perf_counter(), []
-        slots = aligned_slots(min(2 * SLOT_ALIGN, self.loaded.max_context), self.loaded.max_context)
+        align = slot_align(self.loaded)
+        slots = aligned_slots(min(2 * align, self.loaded.max_context), self.loaded.max_context, align)
         like = dict(dtype=self.loaded.dtype, device=self.loaded.device)
         for rows in [bucket for bucket in ROW_BUCKETS if bucket <= row_bucket(max_rows)]:
             if time.perf_counter() - started >= seconds or not self.compiled:
                 break
-            buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2 * shape.layers)]
             ids = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
             positions = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
-            self.run(ids, positions, _StepCache(buffers[::2], buffers[1::2], dynamic_slots=True))
+            if kept is not None and kept.fits(rows, slots):  # the very views later steps use
+                cache = kept.step_cache(rows, slots, dynamic_slots=True)
+            else:
+                buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2 * shape.layers)]
+                cache = _StepCache(buffers[::2], buffers[1::2], dynamic_slots=True)
+            self.run(ids, positions, cache)
             done.append(rows)
             if rows == 1 and time.perf_counter() - started < seconds:  # a session of half the slots
                 cache = generation.new_cache(self.loaded)
                 for layer in cache.layers:
                     layer.adopt(*(torch.zeros(1, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2)),
                                 slots // 2)
-                self.prefill_in_place(cache, [0] * (FEED_ALIGN + 1))
+                self.prefill_in_place(cache, [0] * 17)
         log.info("step warm-up: decode row bucket(s) %s and the follow-up prefill compiled in %.0f s (limit %.0f s)",
                  done, time.perf_counter() - started, seconds)
         return done
 
     def run(self, ids: torch.Tensor, positions: torch.Tensor, cache: "_StepCache",
-            last: torch.Tensor | None = None) -> torch.Tensor:
+            last: torch.Tensor | None = None, graphs: bool = True) -> torch.Tensor:
         """ids [B, T] at positions [B, T] -> logits [B, V] of each row's token ``last`` [B]
-        (default: the last column)."""
+        (default: the last column). ``graphs``: on CUDA, capture the step as CUDA graphs (its
+        KV must then be at static addresses: KeptArena)."""
         if last is None:
             last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
         if self.compiled:
             try:
-                return self._run_compiled(ids, positions, cache, last)
+                return self._run_compiled(ids, positions, cache, last, graphs and self.loaded.device.type == "cuda")
             except Exception as error:  # noqa: BLE001 - any compile or capture failure falls back
                 log.warning("the compiled step failed (%s: %s); running eagerly from now on",
                             type(error).__name__, str(error)[:200])
@@ -174,42 +186,44 @@ class StepRunner:
         the spare slots its buffers already hold; the last token's logits [1, V]. None (nothing
         touched) when the step is not compiled or the tokens do not fit in place: the caller
         prefills eagerly. One graph for every feed and history length (both dimensions are
-        dynamic); with CUDA graphs the feed is padded to FEED_ALIGN, so a graph is recorded per
-        bucket of new tokens."""
+        dynamic). Never as CUDA graphs: a session's buffers have no static address."""
         layers = cache.layers
         if not self.compiled or not 2 <= len(feed) <= MAX_COMPILED_FEED:
             return None
         if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
             return None
-        padded = -(-len(feed) // self.feed_align) * self.feed_align
         length = cache.get_seq_length()
-        if length == 0 or kv_cache.spare_tokens(cache) < padded:
+        if length == 0 or kv_cache.spare_tokens(cache) < len(feed):
             return None
         device = self.loaded.device
-        ids = torch.zeros(1, padded, dtype=torch.long)
-        ids[0, : len(feed)] = torch.tensor(feed)
-        positions = torch.arange(length, length + padded, device=device)[None, :]  # [1, T]
-        last = torch.tensor([len(feed) - 1], device=device)
-        ids = ids.to(device)
+        ids = torch.tensor([feed], device=device)  # [1, T]
+        positions = torch.arange(length, length + len(feed), device=device)[None, :]  # [1, T]
         for tensor in (ids, positions):
             torch._dynamo.mark_dynamic(tensor, 1)
         buffers = [layer.buffers() for layer in layers]
         step_cache = _StepCache([k for k, _ in buffers], [v for _, v in buffers], dynamic_slots=True)
-        logits = self.run(ids, positions, step_cache, last)
-        for layer in layers:  # padding past the feed wrote spare slots only: they stay spare
+        logits = self.run(ids, positions, step_cache, graphs=False)
+        for layer in layers:
             layer.advance(length + len(feed))
         return logits
 
-    def _run_compiled(self, ids, positions, cache, last) -> torch.Tensor:
-        if self._step is None:
+    def _run_compiled(self, ids, positions, cache, last, graphs: bool) -> torch.Tensor:
+        step = self._steps.get(graphs)
+        if step is None:
             # One graph per row bucket, and the prefill's: more than dynamo's default of 8 per function.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-            mode = "reduce-overhead" if self.loaded.device.type == "cuda" else None
             loaded = self.loaded
-            self._step = torch.compile(lambda i, p, c, n: generation.step(loaded, i, p, c, n),
-                                       fullgraph=True, dynamic=False, mode=mode)
+            if graphs:
+                def captured_step(i, p, c, n):
+                    return generation.step(loaded, i, p, c, n)
+                step = torch.compile(captured_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            else:
+                def compiled_step(i, p, c, n):
+                    return generation.step(loaded, i, p, c, n)
+                step = torch.compile(compiled_step, fullgraph=True, dynamic=False)
+            self._steps[graphs] = step
         started, before, skips = time.perf_counter(), graphs_compiled(), graph_skips()
-        logits = self._step(ids, positions, cache, last)
+        logits = step(ids, positions, cache, last)
         made = graphs_compiled() - before
         if made:
             self.compiles += made
@@ -217,8 +231,8 @@ class StepRunner:
                      ids.shape[0], ids.shape[1], time.perf_counter() - started)
         skipped = graph_skips() - skips
         if skipped:
-            # Inductor runs a graph whose inputs it cannot capture (e.g. KV buffers mutated
-            # outside its memory pool) compiled but without a CUDA graph: say so, once per graph.
+            # Inductor runs a graph whose inputs it cannot capture (KV buffers written in place
+            # without a static address) compiled but without a CUDA graph: say so, once per graph.
             self.graph_skips += skipped
             log.warning("CUDA graphs: %d step graph(s) run compiled without capture (see the inductor log)", skipped)
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
@@ -232,8 +246,10 @@ class DecodeArena:
     """
 
     def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache], remaining: dict[Hashable, int],
-                 runner: StepRunner, rooms: dict[Hashable, int] | None = None):
-        """``rooms``: spare slots a finished row's cache gets behind its KV (kv_cache's headroom)."""
+                 runner: StepRunner, rooms: dict[Hashable, int] | None = None, storage: "KeptArena | None" = None):
+        """``rooms``: spare slots a finished row's cache gets behind its KV (kv_cache's headroom).
+        ``storage``: the engine's kept arena, used when these rows fit it (``KeptArena.fits``);
+        otherwise the arena allocates its own buffers."""
         if not rows:
             raise ValueError("an arena needs at least one row")
         self.loaded, self.runner = loaded, runner
@@ -245,10 +261,14 @@ class DecodeArena:
             raise ValueError("every row needs a non-empty cache (prefill first)")
         self.bucketed = runner.compiled
         self.rows, self.slots = arena_size(loaded, list(lengths.values()), [remaining[k] for k in rows], self.bucketed)
-        like = dict(dtype=loaded.dtype, device=loaded.device)
-        buffer = (self.rows, self.shape.kv_heads, self.slots, self.shape.head_dim)
-        self._keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
-        self._values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+        self.storage = storage if storage is not None and storage.fits(self.rows, self.slots) else None
+        if self.storage is not None:  # views of the kept buffers: the same addresses and strides every wave
+            self._keys, self._values = self.storage.keys, self.storage.values
+        else:
+            like = dict(dtype=loaded.dtype, device=loaded.device)
+            buffer = (self.rows, self.shape.kv_heads, self.slots, self.shape.head_dim)
+            self._keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+            self._values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         self._positions = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # [R]
         self._last = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # a step's one token: index 0
         self._caches: dict[tuple[int, int], _StepCache] = {}
@@ -261,13 +281,16 @@ class DecodeArena:
         return len(self.keys)
 
     def bytes_held(self) -> int:
+        """Bytes of the buffers this arena allocated (0 in the kept arena: the engine holds those)."""
+        if self.storage is not None:
+            return 0
         return sum(b.numel() * b.element_size() for b in self._keys + self._values)
 
     @torch.inference_mode()
     def step(self, tokens: dict[Hashable, int]) -> torch.Tensor:
         """Feed each live row its token; the live rows' next-token logits [n, V], in row order."""
         n = len(self.keys)
-        if self.bucketed:  # every allocated slot: a view's strides then match its sizes, one graph for all
+        if self.bucketed:  # the arena's slots: in a kept arena a view of fixed strides, else every allocated slot
             batch, slots = row_bucket(n), self.slots
         else:
             batch, slots = n, max(self._lengths) + 1
@@ -307,10 +330,12 @@ class DecodeArena:
     def _step_cache(self, batch: int, slots: int) -> "_StepCache":
         cache = self._caches.get((batch, slots))
         if cache is None:
-            cache = self._caches[(batch, slots)] = _StepCache(
-                [k[:batch, :, :slots] for k in self._keys], [v[:batch, :, :slots] for v in self._values],
-                dynamic_slots=self.bucketed,
-            )
+            if self.storage is not None:
+                cache = self.storage.step_cache(batch, slots, dynamic_slots=self.bucketed)
+            else:
+                cache = _StepCache([k[:batch, :, :slots] for k in self._keys], [v[:batch, :, :slots] for v in self._values],
+                                   dynamic_slots=self.bucketed)
+            self._caches[(batch, slots)] = cache
         return cache
 
     def _copy_out(self, row: int, key: Hashable) -> None:
@@ -332,6 +357,41 @@ class DecodeArena:
         for buffer in self._keys + self._values:
             buffer[target, :, :length].copy_(buffer[source, :, :length])
         self._positions[target] = length
+
+
+class KeptArena:
+    """Decode-arena buffers the engine keeps for its whole life: per layer, keys and values
+    [rows, kv_heads, slots, head_dim], allocated once. A wave whose rows fit decodes in views of
+    them ([:batch, :, :slots]), so every step sees the same addresses and strides: one compiled
+    graph per row bucket whatever the wave, and with CUDA graphs a step that replays instead of
+    re-recording. (Inductor captures a step that writes into its inputs only when their
+    addresses are static; an arena allocated per wave would be run uncaptured.)"""
+
+    def __init__(self, loaded: LoadedModel, rows: int, slots: int, static: bool):
+        self.shape = ArenaShape.of(loaded)
+        self.rows, self.slots, self.static = rows, slots, static
+        like = dict(dtype=loaded.dtype, device=loaded.device)
+        buffer = (rows, self.shape.kv_heads, slots, self.shape.head_dim)
+        self.keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+        self.values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
+        if static:  # the buffers and (step_cache) each view of them: a view may be traced as its base
+            for tensor in self.keys + self.values:
+                torch._dynamo.mark_static_address(tensor)
+
+    def bytes(self) -> int:
+        return self.shape.bytes(self.rows, self.slots)
+
+    def fits(self, rows: int, slots: int) -> bool:
+        return rows <= self.rows and slots <= self.slots
+
+    def step_cache(self, batch: int, slots: int, dynamic_slots: bool) -> "_StepCache":
+        """The first ``batch`` rows and ``slots`` slots as a step's cache."""
+        keys = [k[:batch, :, :slots] for k in self.keys]
+        values = [v[:batch, :, :slots] for v in self.values]
+        if self.static:
+            for view in keys + values:  # the same address at every wave: CUDA graphs may write it
+                torch._dynamo.mark_static_address(view)
+        return _StepCache(keys, values, dynamic_slots=dynamic_slots)
 
 
 class ArenaShape:
@@ -356,7 +416,7 @@ def arena_size(loaded: LoadedModel, lengths: list[int], remaining: list[int], bu
     reach = min(max(n + max(1, r) for n, r in zip(lengths, remaining)), loaded.max_context)
     if not bucketed:
         return len(lengths), reach
-    return row_bucket(len(lengths)), aligned_slots(reach, loaded.max_context)
+    return row_bucket(len(lengths)), aligned_slots(reach, loaded.max_context, slot_align(loaded))
 
 
 def arena_bytes(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> int:

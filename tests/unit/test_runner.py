@@ -95,11 +95,12 @@ def test_on_a_gpu_the_graph_captured_step_answers_as_the_eager_one(tiny_model_di
 
     loaded = load_model(str(tiny_model_dir), torch.device("cuda:0"), "float32")
     eager, compiled = engine(loaded, "off"), engine(loaded, "auto")  # auto: on for CUDA
-    assert compiled.compiled
+    assert compiled.compiled and compiled.snapshot().kept_arena_bytes > 0  # auto with CUDA graphs
     assert conversation(compiled, images, rounds=2) == conversation(eager, images, rounds=2)
     compiles = compiled.counters.step_compiles
     conversation(compiled, images, rounds=1, lengths=(5, 9, 2))
     assert compiled.compiled and compiled.counters.step_compiles == compiles
+    assert compiled.counters.cuda_graph_skips == 0  # every decode step replays a captured graph
 
 
 def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
@@ -159,9 +160,44 @@ def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_a_follow_up_prefills_through_the_captured_step(tiny_model_dir, images):
-    """CUDA graphs: follow-ups padded to buckets of 16 new tokens answer as the eager prefill."""
+    """On CUDA the compiled in-place prefill (never captured) answers as the eager prefill."""
     from llava_sessions.handler.engine.model_loader import load_model
 
     loaded = load_model(str(tiny_model_dir), torch.device("cuda:0"), "float32")
     (_, expected), (compiled, answers) = lone_follow_ups(loaded, images, "off"), lone_follow_ups(loaded, images, "auto")
     assert answers == expected and compiled.compiled and compiled.counters.prefills_compiled == 4
+
+
+def test_a_kept_arena_serves_every_wave_that_fits_and_compiles_nothing_after_warm_up(loaded_tiny, images):
+    """KeptArena: waves decode in views of buffers kept for the engine's life (set aside from the
+    budget), with the same answers as arenas allocated per wave; a wave that does not fit
+    (more rows than it has) allocates its own."""
+    budget = 64 * 1024 * 1024
+    config = ServingConfig(compile="on", compile_warmup_s=600, kv_headroom_tokens=0, memory_budget_bytes=budget)
+    kept = SessionEngine(loaded_tiny, config, keep_arena=True)
+    shape = runner.ArenaShape.of(loaded_tiny)
+    kept_bytes = shape.bytes(8, min(loaded_tiny.max_context, 2048))
+    assert kept.snapshot().kept_arena_bytes == kept_bytes and kept.memory_budget_bytes == budget - kept_bytes
+    assert kept.warm_up() == [1, 2, 4, 8]
+    compiles = kept.counters.step_compiles
+    views = []
+    per_wave = SessionEngine(loaded_tiny, ServingConfig(compile="off", kv_headroom_tokens=0))
+
+    def answers(engine, record=None, compiles=None):
+        sids = [engine.open_session([images[i % 2]]).session_id for i in range(9)]
+        out = []
+        for n in (5, 8, 3, 1, 9):  # 9 rows do not fit the 8 kept rows
+            on_token = (lambda *_: record.append((n, engine.snapshot().batch_view_bytes))) if record is not None else None
+            results = engine.turns([TurnRequest(sid, QUESTIONS[i % len(QUESTIONS)], SamplingParams(3 + i), on_token=on_token)
+                                    for i, sid in enumerate(sids[:n])])
+            out += [result.token_ids for result in results]
+            if compiles is not None:
+                compiles.append(engine.counters.step_compiles)
+        return out
+
+    after_waves = []
+    assert answers(kept, views, after_waves) == answers(per_wave)
+    assert {held for n, held in views if n < 9} == {0} and max(held for n, held in views if n == 9) > 0
+    # The waves that fit reuse the warm-up's graphs; the 9-row wave's own arena (other strides)
+    # compiles its buckets as they come.
+    assert after_waves[:4] == [compiles] * 4 and after_waves[4] > compiles

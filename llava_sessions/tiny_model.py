@@ -4,6 +4,13 @@ A checkpoint written here goes through exactly the loading code of a real one su
 llava-hf/llava-1.5-7b-hf (`AutoProcessor.from_pretrained`, `LlavaForConditionalGeneration
 .from_pretrained`), so tests and benchmarks exercise the real code paths with no model hub.
 The weights are random: answers are noise, but shapes, token counts and timings are honest.
+
+One family per real kind of checkpoint (``FAMILIES``), each with its presets:
+- ``llava``: LLaVA-1.5, a CLIP tower (its CLS token dropped), a Llama decoder, the Vicuna
+  template with ``</s>``;
+- ``llava-siglip``: the SigLIP LLaVAs such as llava-hf/llava-interleave-qwen-0.5b-hf, a SigLIP
+  tower (no CLS token, strategy "full", last layer), a Qwen2 decoder, the ChatML template
+  with ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -23,12 +30,18 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+# The PIL backends: transformers 5's default image processors need torchvision.
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "CHATML_TEMPLATE",
+    "FAMILIES",
     "PRESETS",
     "MARKER_FILE",
     "LlavaGeometry",
@@ -43,18 +56,26 @@ UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 # Llama order for the first three, so ids 0/1/2 mean what they mean in Vicuna.
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
 
+# The SigLIP family's tokenizer (Qwen2's specials; like Qwen2 it adds no bos).
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHATML_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE]
+
 MARKER_FILE = "tiny_llava.json"
 
-# llava-1.5-hf turn format, with the `</s>` that closes each answer in the Vicuna v1 training data:
-#   "USER: <image>\n<prompt> ASSISTANT: <answer></s>USER: <prompt> ASSISTANT:"
-# Newlines are only ever emitted from expressions ({{ '\n' }}), so trim_blocks cannot eat them.
-CHAT_TEMPLATE = (
+# Both templates loop over the messages, each message's content as a list of parts.
+_EACH_MESSAGE_AS_PARTS = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}"
     "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
     "{%- else -%}"
     "{%- set parts = message['content'] -%}"
     "{%- endif -%}"
+)
+
+# llava-1.5-hf turn format, with the `</s>` that closes each answer in the Vicuna v1 training data:
+#   "USER: <image>\n<prompt> ASSISTANT: <answer></s>USER: <prompt> ASSISTANT:"
+# Newlines are only ever emitted from expressions ({{ '\n' }}), so trim_blocks cannot eat them.
+CHAT_TEMPLATE = _EACH_MESSAGE_AS_PARTS + (
     "{%- if message['role'] == 'system' -%}"
     "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + ' ' }}{%- endfor -%}"
     "{%- elif message['role'] == 'user' -%}"
@@ -69,6 +90,17 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# llava-interleave-qwen's ChatML turn format, each answer closed by <|im_end|> and a newline:
+#   "<|im_start|>user\n<image>\n<prompt><|im_end|>\n<|im_start|>assistant\n<answer><|im_end|>\n"
+CHATML_TEMPLATE = _EACH_MESSAGE_AS_PARTS + (
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>' + '\\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant' + '\\n' }}{%- endif -%}"
 )
 
 # Training text for the toy BPE: plain English in the register of image chat, so common words
@@ -119,7 +151,8 @@ inside or outside, in front of or behind something else.
 
 @dataclass(frozen=True)
 class LlavaGeometry:
-    """Every number that shapes a LLaVA-1.5 model: CLIP vision tower, projector, Llama decoder."""
+    """Every number that shapes a LLaVA model: vision tower, projector, decoder; ``family`` says
+    which kinds (``llava``: CLIP and Llama; ``llava-siglip``: SigLIP and Qwen2)."""
 
     image_size: int
     patch_size: int
@@ -143,12 +176,15 @@ class LlavaGeometry:
     # swamped by the residual stream: answers then depend on the prompt and the image, not only
     # on the last token.
     init_std: float = 0.02
+    family: str = "llava"
 
     @property
     def num_image_tokens(self) -> int:
-        """`<image>` placeholders per image: one per patch; the "default" strategy drops CLS."""
+        """`<image>` placeholders per image: one per patch, plus CLIP's CLS token unless the
+        "default" strategy drops it (SigLIP has none)."""
         patches = (self.image_size // self.patch_size) ** 2
-        return patches if self.vision_feature_select_strategy == "default" else patches + 1
+        cls = 1 if self.family == "llava" else 0
+        return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
 
 
 PRESETS: dict[str, LlavaGeometry] = {
@@ -202,35 +238,70 @@ PRESETS: dict[str, LlavaGeometry] = {
     ),
 }
 
+# The SigLIP LLaVAs (llava-interleave-qwen): SigLIP tower read at its last layer with every
+# token kept (no CLS), Qwen2 decoder with grouped KV heads; otherwise the llava presets' widths.
+_SIGLIP = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full", "rms_norm_eps": 1e-6,
+           "text_num_kv_heads": 2, "family": "llava-siglip"}
+SIGLIP_PRESETS: dict[str, LlavaGeometry] = {
+    # 25 image tokens: not the CLIP tiny count, and a "+1 for CLS" would show
+    "tiny": replace(PRESETS["tiny"], image_size=40, **_SIGLIP),
+    # SigLIP-so400m's input geometry: 384 px, patch 14, 729 tokens per image
+    "small": replace(PRESETS["small"], image_size=384, **_SIGLIP),
+}
 
-def _train_bpe(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (GPT-2 style) trained on CORPUS; the special tokens take ids 0-4."""
+# Family -> its presets; `llava-sessions tiny-model --family F --preset P`.
+FAMILIES: dict[str, dict[str, LlavaGeometry]] = {"llava": PRESETS, "llava-siglip": SIGLIP_PRESETS}
+
+
+def geometry_of(preset: str, family: str = "llava") -> LlavaGeometry:
+    """The geometry of ``family``'s ``preset``; ValueError naming the choices for an unknown one."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if preset not in FAMILIES[family]:
+        raise ValueError(f"family {family!r} has no preset {preset!r}; choose one of {', '.join(FAMILIES[family])}")
+    return FAMILIES[family][preset]
+
+
+def _train_bpe(vocab_size: int, special_tokens: list[str], bos: str | None) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) trained on CORPUS; the special tokens take the first ids."""
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    # Like Llama: "<s>" opens every sequence, nothing closes it (the chat template writes "</s>").
-    bos_id = tokenizer.token_to_id(BOS)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
+    if bos is not None:
+        # Like Llama: "<s>" opens every sequence, nothing closes it (the chat template writes "</s>").
+        bos_id = tokenizer.token_to_id(bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
     return tokenizer
 
 
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer with at most `vocab_size` entries and the llava chat template.
+def build_tokenizer(vocab_size: int = 1024, family: str = "llava") -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with at most `vocab_size` entries and the family's chat
+    template: Vicuna's with <s> and </s> (``llava``), ChatML's with <|im_end|> and no bos
+    (``llava-siglip``, as Qwen2's).
 
     The corpus is small, so large vocab sizes stop where the merges run out; the model's
     embedding is then larger than the tokenizer, as in llava-1.5-7b-hf (32064 rows, 32002 tokens).
     """
+    if family == "llava-siglip":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=_train_bpe(vocab_size, CHATML_SPECIAL_TOKENS, bos=None),
+            eos_token=IM_END,
+            pad_token=ENDOFTEXT,
+            extra_special_tokens={"image_token": IMAGE},
+            chat_template=CHATML_TEMPLATE,
+            padding_side="left",
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(vocab_size),
+        tokenizer_object=_train_bpe(vocab_size, SPECIAL_TOKENS, bos=BOS),
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
@@ -243,7 +314,7 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
 def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaConfig:
     """The LlavaConfig of `geometry`, its special-token ids taken from `tokenizer` (default: ours)."""
-    tokenizer = tokenizer or build_tokenizer(geometry.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(geometry.vocab_size, geometry.family)
     if len(tokenizer) > geometry.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model vocab only {geometry.vocab_size}")
     token_ids = {
@@ -251,16 +322,23 @@ def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | N
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision_config = CLIPVisionConfig(
-        hidden_size=geometry.vision_hidden_size,
-        intermediate_size=geometry.vision_intermediate_size,
-        num_hidden_layers=geometry.vision_num_layers,
-        num_attention_heads=geometry.vision_num_heads,
-        image_size=geometry.image_size,
-        patch_size=geometry.patch_size,
-        projection_dim=768,  # as in llava-1.5-7b-hf; unused by the vision tower itself
-    )
-    text_config = LlamaConfig(
+    vision = {
+        "hidden_size": geometry.vision_hidden_size,
+        "intermediate_size": geometry.vision_intermediate_size,
+        "num_hidden_layers": geometry.vision_num_layers,
+        "num_attention_heads": geometry.vision_num_heads,
+        "image_size": geometry.image_size,
+        "patch_size": geometry.patch_size,
+    }
+    if geometry.family == "llava-siglip":
+        # llava-interleave-qwen's tower: no pooling head (LLaVA reads the hidden states).
+        vision_config = SiglipVisionConfig(**vision, vision_use_head=False)
+        text_class = Qwen2Config
+    else:
+        # projection_dim as in llava-1.5-7b-hf; unused by the vision tower itself
+        vision_config = CLIPVisionConfig(**vision, projection_dim=768)
+        text_class = LlamaConfig
+    text_config = text_class(
         vocab_size=geometry.vocab_size,
         hidden_size=geometry.text_hidden_size,
         intermediate_size=geometry.text_intermediate_size,
@@ -285,23 +363,33 @@ def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | N
 
 
 def build_processor(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    """CLIP preprocessing at `geometry.image_size` and `<image>` expansion matching the model."""
+    """The family's preprocessing at `geometry.image_size` and `<image>` expansion matching the
+    model: CLIP's resize and center crop, or SigLIP's squash to a square."""
     side = geometry.image_size
-    # The PIL backend: the default CLIPImageProcessor of transformers 5 needs torchvision.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
+    if geometry.family == "llava-siglip":
+        image_processor = SiglipImageProcessorPil(
+            size={"height": side, "width": side},
+            image_mean=IMAGENET_STANDARD_MEAN,
+            image_std=IMAGENET_STANDARD_STD,
+            do_convert_rgb=True,
+        )
+        extra_tokens, template = 0, CHATML_TEMPLATE  # SigLIP has no CLS token
+    else:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+        extra_tokens, template = 1, CHAT_TEMPLATE  # CLIP's CLS token, dropped again by "default"
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=geometry.patch_size,
         vision_feature_select_strategy=geometry.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=extra_tokens,
+        chat_template=template,
     )
 
 
@@ -338,13 +426,14 @@ def build_random_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    family: str = "llava",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """(model, processor) with random weights, initialised directly on `device` in `dtype`.
 
     Nothing touches the disk, so the 7b shape costs 14 GB of (GPU) memory, not of disk.
     """
-    geometry = PRESETS[preset]
-    tokenizer = build_tokenizer(geometry.vocab_size)
+    geometry = geometry_of(preset, family)
+    tokenizer = build_tokenizer(geometry.vocab_size, family)
     config = build_config(geometry, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):
@@ -354,12 +443,16 @@ def build_random_model(
     return model.eval(), build_processor(geometry, tokenizer)
 
 
+# The real checkpoint each family's tiny one loads like.
+_LOADS_LIKE = {"llava": "llava-hf/llava-1.5-7b-hf", "llava-siglip": "llava-hf/llava-interleave-qwen-0.5b-hf"}
+
+
 def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
     return (
-        f"# Random-weight LLaVA ({preset}, seed {seed})\n\n"
+        f"# Random-weight LLaVA ({geometry.family} {preset}, seed {seed})\n\n"
         "Written by `llava_sessions.tiny_model`. The weights are RANDOM: every answer\n"
         "is noise. Only the shapes are meaningful: the checkpoint loads through the same code as\n"
-        "llava-hf/llava-1.5-7b-hf, so it exercises the serving path and gives honest timings.\n\n"
+        f"{_LOADS_LIKE[geometry.family]}, so it exercises the serving path and gives honest timings.\n\n"
         f"- image {geometry.image_size} px, patch {geometry.patch_size} px, "
         f"{geometry.num_image_tokens} image tokens per image\n"
         f"- vision {geometry.vision_num_layers} x {geometry.vision_hidden_size}, "
@@ -367,9 +460,11 @@ def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
     )
 
 
-def _identity(preset: str, seed: int, dtype: torch.dtype, init_device: torch.device) -> dict:
+def _identity(preset: str, seed: int, dtype: torch.dtype, init_device: torch.device, family: str = "llava") -> dict:
     """What determines the checkpoint's bytes: same identity, same files."""
     identity = {"preset": preset, "seed": seed, "dtype": str(dtype).removeprefix("torch.")}
+    if family != "llava":  # LLaVA-1.5 checkpoints keep the identity they always had
+        identity["family"] = family
     if init_device.type != "cpu":  # CPU checkpoints keep the identity they always had
         identity["init_device"] = init_device.type
     return identity
@@ -405,8 +500,10 @@ def write_tiny_llava(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     init_device: str | torch.device = "cpu",
+    family: str = "llava",
 ) -> pathlib.Path:
-    """Write a complete random-weight LLaVA checkpoint (safetensors only) to `out_dir`.
+    """Write a complete random-weight LLaVA checkpoint (safetensors only) of ``family``
+    (FAMILIES: ``llava``, ``llava-siglip``) to `out_dir`.
 
     Deterministic: the same preset, seed, dtype and kind of `init_device` give byte-identical
     weights (CPU and CUDA draw different numbers from one seed). Idempotent: a complete checkpoint
@@ -415,18 +512,19 @@ def write_tiny_llava(
     """
     out_dir = pathlib.Path(out_dir)
     init_device = torch.device(init_device)
-    identity = _identity(preset, seed, dtype, init_device)
+    geometry = geometry_of(preset, family)
+    identity = _identity(preset, seed, dtype, init_device, family)
     if _is_complete(out_dir, identity):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     # Written last, so an interrupted write never passes for a complete checkpoint.
     (out_dir / MARKER_FILE).unlink(missing_ok=True)
-    model, processor = build_random_model(preset, seed, dtype, init_device)
+    model, processor = build_random_model(preset, seed, dtype, init_device, family)
     model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
     processor.save_pretrained(out_dir)
     del model
     if init_device.type == "cuda":
         torch.cuda.empty_cache()  # the weights' blocks go back before anything loads the checkpoint
-    (out_dir / "README.md").write_text(_checkpoint_readme(preset, seed, PRESETS[preset]))
-    _write_marker(out_dir, identity, PRESETS[preset])
+    (out_dir / "README.md").write_text(_checkpoint_readme(preset, seed, geometry))
+    _write_marker(out_dir, identity, geometry)
     return out_dir

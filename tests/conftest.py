@@ -28,6 +28,23 @@ def loaded_tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), torch.device(os.environ.get("LLAVA_SESSIONS_TEST_DEVICE", "cpu")))
 
 
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory):
+    """The SigLIP LLaVA family's tiny checkpoint (llava-interleave-qwen's kind: no CLS, ChatML)."""
+    from llava_sessions.tiny_model import write_tiny_llava
+
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny-siglip"), preset="tiny", family="llava-siglip")
+
+
+@pytest.fixture(scope="session")
+def loaded_siglip(tiny_siglip_dir):
+    import torch
+
+    from llava_sessions.handler.engine.model_loader import load_model
+
+    return load_model(str(tiny_siglip_dir), torch.device(os.environ.get("LLAVA_SESSIONS_TEST_DEVICE", "cpu")))
+
+
 def noise_image(seed: int, size: int = 32):
     """A reproducible RGB noise image (PIL's effect_noise is not seedable)."""
     import numpy as np

@@ -51,13 +51,19 @@ from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import TurnFormatter
-from llava_sessions.handler.engine.runner import StepRunner
+from llava_sessions.handler.engine.runner import ArenaShape, KeptArena, StepRunner
 from llava_sessions.handler.engine.scheduler import Scheduler
 from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
 from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens
 from llava_sessions.handler.engine.state import is_out_of_memory  # noqa: F401 - part of the engine's API
 
 log = logging.getLogger(__name__)
+
+# The kept decode arena: rows a step decodes together (the router's bundles hold at most 8 turns)
+# and slots per row. On a GPU with llava-1.5-7b that is 8 GiB of the budget (about 26 sessions of
+# 620 tokens), kept so CUDA graphs replay.
+KEPT_ARENA_ROWS = 8
+KEPT_ARENA_SLOTS = 2048
 
 
 class SessionEngine:
@@ -67,15 +73,18 @@ class SessionEngine:
         config: ServingConfig,
         clock: Callable[[], float] = time.time,
         host_budget_bytes: int | None = None,
+        keep_arena: bool | None = None,
     ):
         """``host_budget_bytes`` bounds host KV and cold features; None means auto: on CUDA
         half the host's MemAvailable split between the visible GPUs, on CPU 0 (the device
-        is the host, so there are no host tiers and eviction follows dropping KV)."""
+        is the host, so there are no host tiers and eviction follows dropping KV).
+        ``keep_arena``: decode in buffers kept for the engine's life (runner.KeptArena), set
+        aside from the memory budget; None means auto: with CUDA graphs (compiled on CUDA)."""
         self.loaded = loaded
         self.config = config
         self.clock = clock
         self.counters = EngineCounters()
-        self.formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+        self.formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id)
         self._store = SessionStore(config.max_sessions_per_worker)
         self._states: dict[str, SessionState] = {}
         self._memory = KVManager(
@@ -88,7 +97,9 @@ class SessionEngine:
         self._runner = StepRunner(loaded, "on" if compiled else "off")
         self._scheduler = Scheduler(loaded, config, self.formatter, self._store, self._states, self._memory,
                                     self.counters, clock, self._add_images, self._expire)
-        self._executor = Executor(loaded, self._runner, self._memory, self.counters, self._scheduler.fail)
+        self._kept_arena = self._keep_arena(keep_arena)
+        self._executor = Executor(loaded, self._runner, self._memory, self.counters, self._scheduler.fail,
+                                  self._kept_arena)
         self._batch_view_bytes = 0  # KV held by the batched decode view (sessions' KV + padding)
         # One turn at a time per worker; the expiry sweeper waits for it.
         self._lock = threading.RLock()
@@ -116,7 +127,7 @@ class SessionEngine:
                 )
             state = SessionState()
             try:
-                self._memory.make_room(len(images) * self.feature_bytes_per_image, session_id)
+                self._memory.make_room(self._memory.feature_bytes(self.loaded.image_tokens(images)), session_id)
                 self._add_images(state, images)
             except BaseException:
                 self._store.remove(session_id)
@@ -184,7 +195,8 @@ class SessionEngine:
 
     def warm_up(self) -> list[tuple[int, int]]:
         """Compile the decode step's shapes now (config.compile_warmup_s at most), before serving."""
-        done = self._runner.warm_up(max_rows=8, seconds=self.config.compile_warmup_s)
+        done = self._runner.warm_up(max_rows=KEPT_ARENA_ROWS, seconds=self.config.compile_warmup_s,
+                                    kept=self._kept_arena)
         self.counters.step_compiles = self._runner.compiles
         return done
 
@@ -269,6 +281,7 @@ class SessionEngine:
                 **self._memory.tiers(),
                 reserved=self._memory.reserved,
                 batch_view_bytes=self._batch_view_bytes,
+                kept_arena_bytes=self._kept_arena.bytes() if self._kept_arena is not None else 0,
                 memory_budget=self.memory_budget_bytes,
                 host_budget=self.host_budget_bytes,
                 counters=dataclasses.replace(self.counters),
@@ -315,6 +328,24 @@ class SessionEngine:
             self._sweeper = None
 
     # --- internals ---------------------------------------------------------
+
+    def _keep_arena(self, requested: bool | None) -> KeptArena | None:
+        """The kept decode arena (KEPT_ARENA_ROWS rows, up to KEPT_ARENA_SLOTS slots), its bytes set
+        aside from the budget; None when not asked for, or when it would take more than a quarter
+        of the budget (each wave then allocates its own arena, as on a CPU)."""
+        graphs = self._runner.compiled and self.loaded.device.type == "cuda"
+        if not (graphs if requested is None else requested):
+            return None
+        slots = min(self.loaded.max_context, KEPT_ARENA_SLOTS)
+        size = ArenaShape.of(self.loaded).bytes(KEPT_ARENA_ROWS, slots)
+        if size > self._memory.memory_budget_bytes // 4:
+            log.warning("no kept decode arena: %d rows x %d slots would take %d of the %d budget bytes",
+                        KEPT_ARENA_ROWS, slots, size, self._memory.memory_budget_bytes)
+            return None
+        with torch.inference_mode():  # inference tensors, as every KV buffer of the turns
+            kept = KeptArena(self.loaded, KEPT_ARENA_ROWS, slots, static=graphs)
+        self._memory.set_aside(size, "the kept decode arena")
+        return kept
 
     def _add_images(self, state: SessionState, images: Sequence) -> None:
         if not images:

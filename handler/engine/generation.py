@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from llava_sessions.errors import InternalError
 from llava_sessions.handler.engine import kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
 
@@ -45,14 +46,18 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE
 
 
-@torch.inference_mode()
 def encode_images(loaded: LoadedModel, images: list) -> list[torch.Tensor]:
-    """Vision tower + projector once per image; returns one [tokens_per_image, H] tensor each."""
-    pixels = loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    # pixels: [n_images, 3, image_size, image_size]
-    pixels = pixels.to(loaded.device, loaded.dtype)
-    out = loaded.model.get_image_features(pixel_values=pixels, return_dict=True)
-    return [features.contiguous() for features in out.pooler_output]
+    """Vision tower + projector once per image (the family's adapter): one [tokens_i, H] tensor
+    each, its rows the placeholders ``loaded.image_tokens`` promised the prompt for that image."""
+    features = loaded.adapter.encode_images(images)
+    promised = loaded.image_tokens(images)
+    rows = [f.shape[0] for f in features]
+    if rows != promised:
+        raise InternalError(
+            f"the images gave {rows} feature rows where the prompt expands them into {promised} "
+            f"placeholders ({type(loaded.adapter).__name__})"
+        )
+    return features
 
 
 def new_cache(loaded: LoadedModel) -> DynamicCache:

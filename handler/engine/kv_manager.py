@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -80,16 +80,16 @@ class KVManager:
         self._counters = counters
         self._evict = evict
         self._expire = expire
-        self.kv_bytes_per_token, self.feature_bytes_per_image, activation_reserve = sizes(loaded)
+        self.kv_bytes_per_token, self.feature_bytes_per_image_token, activation_reserve = sizes(loaded)
         self.memory_budget_bytes = self._resolve_budget(activation_reserve)
         self.host_budget_bytes = self._resolve_host_budget(host_budget_bytes)
         self.reserved = 0  # device bytes promised to the operation in progress
         self.costs = RestoreCosts.prior(self.kv_bytes_per_token, loaded.device.type)
         self._timings = _Timings(loaded.device)
         log.info(
-            "session memory budget: %d device bytes (%d KV bytes per token, %d feature bytes per image), "
+            "session memory budget: %d device bytes (%d KV bytes per token, %d feature bytes per image token), "
             "%d host bytes for host KV and cold features",
-            self.memory_budget_bytes, self.kv_bytes_per_token, self.feature_bytes_per_image,
+            self.memory_budget_bytes, self.kv_bytes_per_token, self.feature_bytes_per_image_token,
             self.host_budget_bytes,
         )
 
@@ -144,6 +144,11 @@ class KVManager:
             self.reserved += needed
             return True
         return False
+
+    def set_aside(self, nbytes: int, what: str) -> None:
+        """Take ``nbytes`` out of the sessions' budget for good (device memory the engine keeps)."""
+        self.memory_budget_bytes -= nbytes
+        log.info("session memory budget: %d bytes after setting %d aside for %s", self.memory_budget_bytes, nbytes, what)
 
     def release(self) -> None:
         """The operation in progress is over: its reservation goes (its tensors are accounted)."""
@@ -290,6 +295,17 @@ class KVManager:
 
     # --- sizes --------------------------------------------------------------------------
 
+    def feature_bytes(self, image_tokens: Sequence[int]) -> int:
+        """Device bytes of images' features, from each image's token count (its feature rows)."""
+        return sum(image_tokens) * self.feature_bytes_per_image_token
+
+    @property
+    def feature_bytes_per_image(self) -> int | None:
+        """One image's feature bytes where every image takes the same count (LLaVA-1.5, SigLIP
+        LLaVAs); None where the count depends on the image."""
+        tokens = self.loaded.fixed_image_tokens
+        return None if tokens is None else tokens * self.feature_bytes_per_image_token
+
     def _resolve_budget(self, activation_reserve: int) -> int:
         configured = self.config.memory_budget_bytes
         if configured > 0:
@@ -322,18 +338,20 @@ class KVManager:
 
 
 def sizes(loaded: LoadedModel) -> tuple[int, int, int]:
-    """(KV bytes per token, feature bytes per image, activation reserve of one full prefill)."""
+    """(KV bytes per token, feature bytes per image token, activation reserve of one full prefill).
+
+    An image's features are one projected row per image token, as wide as the language model."""
     text = loaded.model.config.get_text_config()
     dtype_bytes = loaded.dtype.itemsize
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     per_token = memory_budget.kv_bytes_per_token(text.num_hidden_layers, kv_heads, head_dim, dtype_bytes)
-    per_image = loaded.tokens_per_image * text.hidden_size * dtype_bytes
+    per_image_token = text.hidden_size * dtype_bytes
     reserve = memory_budget.prefill_activation_bytes(
         loaded.max_context, text.hidden_size, text.intermediate_size, dtype_bytes
     )
-    return per_token, per_image, reserve
+    return per_token, per_image_token, reserve
 
 
 def _offload_kv(state) -> bool:

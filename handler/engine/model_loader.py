@@ -1,18 +1,23 @@
-"""Load a LLaVA checkpoint and its processor onto one device.
+"""Load a LLaVA-family checkpoint and its processor onto one device: the one entry for the
+TorchServe handler, the bench and the tests.
 
-The same code path serves the offline tiny model, any local checkpoint and a
-hub id: ``from_pretrained`` with safetensors only (never pickle).
+The checkpoint's ``config.model_type`` picks its family's adapter (handler/engine/models/);
+a type without one is refused with ConfigError. The same code path serves the offline tiny
+models, any local checkpoint and a hub id: ``from_pretrained`` with safetensors only (never
+pickle).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava_sessions.errors import ConfigError
+from llava_sessions.handler.engine import models
+from llava_sessions.handler.engine.models import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +26,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: LlavaForConditionalGeneration
+    model: torch.nn.Module  # a LlavaForConditionalGeneration (or another family's class)
     processor: object  # a LlavaProcessor (tokenizer + image processor)
     device: torch.device
     dtype: torch.dtype
     image_token_id: int
-    tokens_per_image: int
     eos_token_ids: frozenset[int]
     max_context: int  # the language model's position limit
+    adapter: ModelAdapter  # the family's loading, image encoding and tokens per image
 
     @property
     def tokenizer(self):
@@ -37,6 +42,16 @@ class LoadedModel:
     @property
     def image_processor(self):
         return self.processor.image_processor
+
+    def image_tokens(self, images: Sequence) -> list[int]:
+        """The placeholder tokens each image expands to (its feature rows), known before encoding."""
+        return self.adapter.image_tokens(images)
+
+    @property
+    def fixed_image_tokens(self) -> int | None:
+        """The count every image takes in a fixed-size family (LLaVA-1.5: 576); None where it
+        depends on the image."""
+        return self.adapter.fixed_image_tokens
 
 
 def resolve_device(requested: str, gpu_id: int | None) -> torch.device:
@@ -52,45 +67,28 @@ def resolve_device(requested: str, gpu_id: int | None) -> torch.device:
 
 
 def load_model(source: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
-    """Load model and processor from a local directory or hub id onto ``device``."""
+    """Load model and processor from a local directory or hub id onto ``device``, through the
+    adapter of the checkpoint's model type (ConfigError for a type this server does not serve)."""
     torch_dtype = "auto" if dtype == "auto" else _DTYPES[dtype]
-    model = LlavaForConditionalGeneration.from_pretrained(
-        source, dtype=torch_dtype, use_safetensors=True
-    )
-    model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(source)
+    adapter = models.load(source, device, torch_dtype)
+    model, processor = adapter.model, adapter.processor
     config = model.config
-    tokenizer = processor.tokenizer
-    tokens_per_image = _tokens_per_image(config)
-    processor_count = getattr(processor, "num_image_tokens", None)
-    if processor_count is not None and processor_count != tokens_per_image:
-        raise ConfigError(
-            f"processor expands an image into {processor_count} tokens but the model expects "
-            f"{tokens_per_image}; the checkpoint's processor and model configs disagree"
-        )
-    eos = _eos_token_ids(model, tokenizer)
     loaded = LoadedModel(
         model=model,
         processor=processor,
         device=device,
-        dtype=next(model.parameters()).dtype,
+        dtype=adapter.dtype,
         image_token_id=int(config.image_token_id),
-        tokens_per_image=tokens_per_image,
-        eos_token_ids=eos,
-        max_context=int(config.text_config.max_position_embeddings),
+        eos_token_ids=_eos_token_ids(model, processor.tokenizer),
+        max_context=int(config.get_text_config().max_position_embeddings),
+        adapter=adapter,
     )
     log.info(
-        "loaded %s on %s (%s): %d tokens per image, context %d",
-        source, device, loaded.dtype, tokens_per_image, loaded.max_context,
+        "loaded %s (%s) on %s (%s): %s tokens per image, context %d",
+        source, config.model_type, device, loaded.dtype,
+        loaded.fixed_image_tokens or "image-dependent", loaded.max_context,
     )
     return loaded
-
-
-def _tokens_per_image(config) -> int:
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    # The "default" strategy drops the CLS token; "full" keeps it.
-    return patches if config.vision_feature_select_strategy == "default" else patches + 1
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:

@@ -23,13 +23,18 @@ a tenth of that. A template that fails the check renders every turn.
 
 A prompt is text: where it spells a special token ("</s>"), that stays text
 (special_text.py); only the image token is refused, with a pointer to 'images'.
+
+Each image's placeholder becomes as many image tokens as that image has feature rows (the
+caller gives the counts: LLaVA-1.5 576 each, SigLIP LLaVAs 729, a size-dependent count in
+families that tile). An answer's turn ends as the template ends it: eos (written when the
+answer was cut short), then whatever the template writes after it ("\n" for ChatML).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from llava_sessions.errors import InternalError, InvalidRequest
 from llava_sessions.handler.engine.special_text import SpecialText, private_backend
@@ -81,13 +86,14 @@ class Conversation:
 
 
 class TurnFormatter:
-    def __init__(self, tokenizer, image_token_id: int, tokens_per_image: int):
+    def __init__(self, tokenizer, image_token_id: int):
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
-        self.tokens_per_image = tokens_per_image
         self.image_token = tokenizer.decode([image_token_id])
         self.template = getattr(tokenizer, "chat_template", None) or LLAVA_15_TEMPLATE
         self.renders_locally = self._check_local_rendering()
+        # What the template writes after an answer's eos ("\n" after ChatML's <|im_end|>), as ids.
+        self._after_eos = self._find_after_eos()
         # (before, after): a text-only follow-up's turn text is before + prompt + after.
         self.follow_up_frame = self._find_follow_up_frame() if self.renders_locally else None
         # One private copy of the tokenizer's backend serves the follow-up fast path and SpecialText.
@@ -98,27 +104,32 @@ class TurnFormatter:
             log.warning("this tokenizer's special tokens cannot be kept as text in a prompt (special_text.py): "
                         "prompts that spell one are refused with INVALID_REQUEST")
 
-    def user_turn_ids(self, conversation: Conversation, text: str, n_images: int) -> list[int]:
+    def user_turn_ids(self, conversation: Conversation, text: str, image_tokens: Sequence[int]) -> list[int]:
         """Ids of one user turn plus the assistant prompt, image placeholders expanded.
 
-        Special-token spellings in the prompt are text (special_text.py).
+        ``image_tokens``: the turn's images in order, each as the count of tokens its
+        placeholder expands to (its feature rows). Special-token spellings in the prompt are
+        text (special_text.py).
         """
+        n_images = len(image_tokens)
         spelled = self.special_text.spelled(text)
         if self.follow_up_frame is not None and conversation.messages and n_images == 0:
             before, after = self.follow_up_frame
             if spelled is None:
-                return self._expand_images(self._encode_follow_up(before + text + after), 0)
-            return self._literal_ids(before + text + after, len(before), text, spelled, False, 0)
+                return self._expand_images(self._encode_follow_up(before + text + after), ())
+            return self._literal_ids(before + text + after, len(before), text, spelled, False, ())
         history = self._stand_in(conversation.messages) if self.renders_locally else conversation.messages
         first_turn = not conversation.messages
         turn_text = self._turn_text(history, conversation.user_message(text, n_images))
         if spelled is None:
-            return self._expand_images(self.tokenizer(turn_text, add_special_tokens=first_turn)["input_ids"], n_images)
+            return self._expand_images(self.tokenizer(turn_text, add_special_tokens=first_turn)["input_ids"],
+                                       image_tokens)
         start = self._prompt_start(history, text, n_images, turn_text)
-        return self._literal_ids(turn_text, start, text, spelled, first_turn, n_images)
+        return self._literal_ids(turn_text, start, text, spelled, first_turn, image_tokens)
 
     def _literal_ids(
-        self, turn_text: str, start: int | None, text: str, spelled: str, first_turn: bool, n_images: int
+        self, turn_text: str, start: int | None, text: str, spelled: str, first_turn: bool,
+        image_tokens: Sequence[int],
     ) -> list[int]:
         """A turn whose prompt (``text`` at ``start``) spells special tokens, encoded with them as text."""
         if self.image_token in text:
@@ -129,7 +140,7 @@ class TurnFormatter:
                 "as text; write it another way (with a space inside, say)"
             )
         ids = self.special_text.encode(turn_text, start, start + len(text), first_turn)
-        return self._expand_images(ids, n_images)
+        return self._expand_images(ids, image_tokens)
 
     def _prompt_start(self, history: list[dict], text: str, n_images: int, turn_text: str) -> int | None:
         """Where the prompt sits in its turn's text, when the template writes it as it is."""
@@ -222,10 +233,29 @@ class TurnFormatter:
         return direct if all(direct(text) == wrapper(text) for text in texts) else wrapper
 
     def closing_ids(self, answer_ids: list[int], eos_token_ids: frozenset[int]) -> list[int]:
-        """An answer cut short by max_new_tokens still ends its turn with eos, as the template does."""
-        if answer_ids and answer_ids[-1] in eos_token_ids:
+        """What follows an answer in the history: eos when max_new_tokens cut the answer short,
+        then what the template writes after eos ("\n" after ChatML's <|im_end|>, nothing after
+        Vicuna's </s>)."""
+        ended = bool(answer_ids) and answer_ids[-1] in eos_token_ids
+        return ([] if ended else [self.tokenizer.eos_token_id]) + self._after_eos
+
+    def _find_after_eos(self) -> list[int]:
+        """The ids of what the template writes after an answer's eos, found once by rendering an
+        answer; none where the template writes no eos after an answer or rejects the sample."""
+        eos = self.tokenizer.eos_token
+        sample = Conversation()
+        asked = [sample.user_message("question", 0)]
+        try:
+            prompt = self._render(asked, add_generation_prompt=True)
+            answered = self._render(asked + [Conversation.assistant_message(_PROMPT_MARK)], add_generation_prompt=False)
+        except Exception:  # a template that rejects the sample: eos alone closes an answer
             return []
-        return [self.tokenizer.eos_token_id]
+        if not eos or not answered.startswith(prompt) or answered.count(_PROMPT_MARK) != 1:
+            return []
+        closing = answered.split(_PROMPT_MARK)[1]
+        if not closing.startswith(eos) or len(closing) == len(eos):
+            return []
+        return self.tokenizer(closing[len(eos):], add_special_tokens=False)["input_ids"]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
@@ -237,15 +267,17 @@ class TurnFormatter:
             tokenize=False,
         )
 
-    def _expand_images(self, ids: list[int], n_images: int) -> list[int]:
+    def _expand_images(self, ids: list[int], image_tokens: Sequence[int]) -> list[int]:
+        """Image i's placeholder (in order) becomes ``image_tokens[i]`` image tokens."""
         placeholders = sum(1 for i in ids if i == self.image_token_id)
-        if placeholders != n_images:
+        if placeholders != len(image_tokens):
             # Only a prompt that spells the image token itself gets here.
             raise self._image_token_in_prompt()
+        counts = iter(image_tokens)
         expanded: list[int] = []
         for token in ids:
             if token == self.image_token_id:
-                expanded.extend([self.image_token_id] * self.tokens_per_image)
+                expanded.extend([self.image_token_id] * next(counts))
             else:
                 expanded.append(token)
         return expanded

@@ -93,8 +93,12 @@ class Scheduler:
                     f"this turn would bring the session to {total_images} images; "
                     f"a session holds at most {self.config.max_images_per_session}"
                 )
-            n_images = state.pending_images + len(images)
-            turn_ids = self.formatter.user_turn_ids(state.conversation, request.prompt, n_images)
+            # Each image's placeholder count: the rows of those encoded at open (not yet in the
+            # history), and the adapter's count for this turn's own (generation.encode_images checks it).
+            new_tokens = self.loaded.image_tokens(images)
+            image_tokens = [len(f) for f in state.features[len(state.features) - state.pending_images:]] + new_tokens
+            n_images = len(image_tokens)
+            turn_ids = self.formatter.user_turn_ids(state.conversation, request.prompt, image_tokens)
             context = len(state.token_ids) + len(turn_ids)
             if context + 1 > self.loaded.max_context:
                 raise PromptTooLong(
@@ -104,7 +108,7 @@ class Scheduler:
             max_new = min(request.params.max_new_tokens, self.loaded.max_context - context)
             # Worst case before running: the KV grows by what it lacks plus every decoded token,
             # new images add features, and cold features come back to the device.
-            needed = len(images) * self._memory.feature_bytes_per_image
+            needed = self._memory.feature_bytes(new_tokens)
             if state.features_on_host:
                 needed += state.feature_bytes()
             growth = kv_growth_tokens(state.cache, context - cached_tokens(state), max_new, 0)

@@ -67,14 +67,16 @@ def reference_run(loaded: LoadedModel, image_b64: str, prompts: list[str], max_n
     # budget (spare slots are only kept while a quarter of it is free).
     engine = SessionEngine(loaded, ServingConfig(max_sessions_per_worker=2, kv_headroom_tokens=0))
     formatter = engine.formatter
-    opened = engine.open_session([decode_image(image_b64)])
+    opened_with = [decode_image(image_b64)]
+    opened = engine.open_session(opened_with)
     bytes_after_open = engine.bytes_held()
     conversation, history, turns, question_tokens = Conversation(), [], [], []
     for k, prompt in enumerate(prompts):
-        n_images = (1 if k == 0 else 0) + len(sent[k])
-        turn_ids = formatter.user_turn_ids(conversation, prompt, n_images)
-        result = engine.turn(opened.session_id, prompt, SamplingParams(per_turn[k]),
-                             images=[decode_image(image) for image in sent[k]])
+        sent_now = [decode_image(image) for image in sent[k]]
+        placed = (opened_with if k == 0 else []) + sent_now  # the images this turn's placeholders stand for
+        n_images = len(placed)
+        turn_ids = formatter.user_turn_ids(conversation, prompt, loaded.image_tokens(placed))
+        result = engine.turn(opened.session_id, prompt, SamplingParams(per_turn[k]), images=sent_now)
         context = history + turn_ids
         if len(context) != result.prompt_tokens:
             raise AssertionError(
@@ -102,7 +104,9 @@ class InProcess:
         self.device = loaded.device
         images = [decode_image(image) for image in self.images_b64]
         self.pixels = self._preprocess(images)  # kept by (c)
-        self.features = torch.cat(generation.encode_images(loaded, images), dim=0)  # kept by (d)
+        encoded = generation.encode_images(loaded, images)
+        self.image_rows = [features.shape[0] for features in encoded]  # each image's placeholders
+        self.features = torch.cat(encoded, dim=0)  # kept by (d)
 
     # --- (b) and (c) -----------------------------------------------------------
 
@@ -113,7 +117,11 @@ class InProcess:
     def _images_in(self, context_ids: list[int]) -> int:
         """How many of the conversation's images a history holds (the first ones: they come in order)."""
         placeholders = sum(1 for t in context_ids if t == self.loaded.image_token_id)
-        return placeholders // self.loaded.tokens_per_image
+        images = 0
+        while placeholders > 0 and images < len(self.image_rows):
+            placeholders -= self.image_rows[images]
+            images += 1
+        return images
 
     @torch.inference_mode()
     def _generate(self, context_ids: list[int], pixels: torch.Tensor, max_new_tokens: int) -> list[int]:

@@ -458,17 +458,21 @@ def long_conversation_plan(loaded, max_new_tokens: int) -> stats.LongPlan | None
 
     from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
 
-    formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+    image_tokens = loaded.fixed_image_tokens
+    if image_tokens is None:
+        raise NotImplementedError("the long conversation counts every image alike: fixed-size families only")
+    formatter = TurnFormatter(loaded.tokenizer, loaded.image_token_id)
     earlier = Conversation()
     earlier.messages += [earlier.user_message(QUESTIONS[0], 1), Conversation.assistant_message("An answer.")]
 
     @cache
     def text_tokens(question: int, first: bool, n_images: int) -> int:
-        ids = formatter.user_turn_ids(Conversation() if first else earlier, QUESTIONS[question], n_images)
-        return len(ids) - n_images * loaded.tokens_per_image
+        ids = formatter.user_turn_ids(Conversation() if first else earlier, QUESTIONS[question],
+                                      [image_tokens] * n_images)
+        return len(ids) - n_images * image_tokens
 
     return stats.plan_long_conversation(
-        lambda k, n: text_tokens(k % len(QUESTIONS), k == 0, n), loaded.tokens_per_image, loaded.max_context,
+        lambda k, n: text_tokens(k % len(QUESTIONS), k == 0, n), image_tokens, loaded.max_context,
         max_new_tokens, closing_tokens=len(formatter.closing_ids([], loaded.eos_token_ids)))
 
 

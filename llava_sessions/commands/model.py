@@ -10,6 +10,9 @@ from llava_sessions.commands import archive_from_args, model_arguments
 def register(commands) -> None:
     tiny = commands.add_parser("tiny-model", help="write the offline random-weight LLaVA checkpoint")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--family", default="llava", choices=["llava", "llava-siglip"],
+                      help="llava: LLaVA-1.5 (CLIP tower, Vicuna template); llava-siglip: a SigLIP LLaVA "
+                      "such as llava-interleave-qwen (no CLS token, ChatML template)")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_tiny_model)
@@ -26,8 +29,8 @@ def register(commands) -> None:
 def cmd_tiny_model(args) -> int:
     from llava_sessions.tiny_model import write_tiny_llava
 
-    path = write_tiny_llava(args.dir, preset=args.preset, seed=args.seed)
-    print(f"wrote a random-weight LLaVA ({args.preset}, seed {args.seed}) to {path}")
+    path = write_tiny_llava(args.dir, preset=args.preset, seed=args.seed, family=args.family)
+    print(f"wrote a random-weight LLaVA ({args.family} {args.preset}, seed {args.seed}) to {path}")
     return 0
 
 

@@ -125,7 +125,7 @@ def test_followup_turns_reuse_the_kv_cache_and_never_rerun_the_vision_tower(load
     assert second.prompt_tokens > second.cached_tokens
     # The second turn prefilled only what the cache lacked.
     assert engine.counters.prefill_tokens - prefill_after_first == second.prompt_tokens - second.cached_tokens
-    assert first.prompt_tokens >= 2 * loaded_tiny.tokens_per_image
+    assert first.prompt_tokens >= 2 * loaded_tiny.fixed_image_tokens
 
 
 def test_images_sent_in_a_later_turn_are_encoded_once_and_used(loaded_tiny, images, vision_calls):
@@ -135,7 +135,7 @@ def test_images_sent_in_a_later_turn_are_encoded_once_and_used(loaded_tiny, imag
     result = engine.turn(session.session_id, "Compare with this one", GREEDY, images=[images[1]])
     assert vision_calls == [1, 1]
     history = prompt_ids_of_last_turn(engine, session.session_id, result)
-    assert history.count(loaded_tiny.image_token_id) == 2 * loaded_tiny.tokens_per_image
+    assert history.count(loaded_tiny.image_token_id) == 2 * loaded_tiny.fixed_image_tokens
     engine.turn(session.session_id, QUESTIONS[1], GREEDY)
     assert vision_calls == [1, 1]
     assert list(result.token_ids) == stateless_answer(loaded_tiny, history, images, 10)

@@ -123,7 +123,7 @@ def reference(loaded, engine, session_id, result, images):
     """The stateless answer, cut at the first token in the engine's eos set (greedy is prefix-determined)."""
     history = prompt_ids_of_last_turn(engine, session_id, result)
     assert loaded.image_token_id not in result.token_ids  # the placeholder is never generated
-    assert history.count(loaded.image_token_id) == len(images) * loaded.tokens_per_image
+    assert history.count(loaded.image_token_id) == len(images) * loaded.fixed_image_tokens
     answer = stateless_answer(loaded, history, images, len(result.token_ids))
     for i, token in enumerate(answer):
         if token in engine.loaded.eos_token_ids:
@@ -307,7 +307,8 @@ def sizes_of_views(monkeypatch):
 def test_the_batch_padding_is_reserved_or_rows_decode_alone(loaded_tiny, images, monkeypatch, pad_fits):
     probe = make_engine(loaded_tiny)
     short, long = QUESTIONS[3], QUESTIONS[4]
-    contexts = [len(probe.formatter.user_turn_ids(Conversation(), q, 1)) for q in (short, long)]
+    one_image = [loaded_tiny.fixed_image_tokens]
+    contexts = [len(probe.formatter.user_turn_ids(Conversation(), q, one_image)) for q in (short, long)]
     new = 10
     reservations = sum(c + new for c in contexts) * KV_TOKEN
     # The arena, reserved whole (one token of each turn was picked at its prefill).

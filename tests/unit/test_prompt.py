@@ -45,11 +45,11 @@ def _full_render_ids(formatter: TurnFormatter, conversation: Conversation, text:
 
 
 def test_the_checkpoints_template_renders_follow_ups_locally_and_exactly(loaded_tiny):
-    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id)
     assert formatter.renders_locally
     for exchanges in (1, 2, 5, 12):
         conversation = _conversation(exchanges)
-        assert formatter.user_turn_ids(conversation, "and then?", 0) == _full_render_ids(
+        assert formatter.user_turn_ids(conversation, "and then?", ()) == _full_render_ids(
             formatter, conversation, "and then?"
         )
 
@@ -60,7 +60,7 @@ def _formatter_with_template(loaded, template: str):
     saved = loaded.tokenizer.chat_template
     loaded.tokenizer.chat_template = template
     try:
-        yield TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+        yield TurnFormatter(loaded.tokenizer, loaded.image_token_id)
     finally:
         loaded.tokenizer.chat_template = saved
 
@@ -69,19 +69,19 @@ def test_a_template_that_counts_messages_falls_back_to_full_renders(loaded_tiny)
     with _formatter_with_template(loaded_tiny, COUNTING_TEMPLATE) as formatter:
         assert not formatter.renders_locally
         conversation = _conversation(4)
-        ids = formatter.user_turn_ids(conversation, "and then?", 0)
+        ids = formatter.user_turn_ids(conversation, "and then?", ())
         assert ids == _full_render_ids(formatter, conversation, "and then?")
         assert loaded_tiny.tokenizer.decode(ids).startswith("9.")
 
 
 def test_a_text_only_follow_up_is_the_templates_frame_around_the_prompt(loaded_tiny):
-    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id)
     assert formatter.follow_up_frame == ("USER: ", " ASSISTANT:")
     for first_images in (0, 1):
         for exchanges in (1, 4):
             conversation = _conversation(exchanges, first_images)
             for prompt in AWKWARD_PROMPTS:
-                assert formatter.user_turn_ids(conversation, prompt, 0) == _full_render_ids(
+                assert formatter.user_turn_ids(conversation, prompt, ()) == _full_render_ids(
                     formatter, conversation, prompt
                 ), (first_images, exchanges, prompt)
 
@@ -91,34 +91,44 @@ def test_a_template_that_trims_the_prompt_renders_every_follow_up(loaded_tiny):
         assert formatter.renders_locally and formatter.follow_up_frame is None
         conversation = _conversation(3)
         for prompt in AWKWARD_PROMPTS:
-            assert formatter.user_turn_ids(conversation, prompt, 0) == _full_render_ids(formatter, conversation, prompt)
-        ids = formatter.user_turn_ids(conversation, "  padded  ", 0)
+            assert formatter.user_turn_ids(conversation, prompt, ()) == _full_render_ids(formatter, conversation, prompt)
+        ids = formatter.user_turn_ids(conversation, "  padded  ", ())
         assert loaded_tiny.tokenizer.decode(ids) == "USER: padded ASSISTANT:"
 
 
 def test_follow_up_ids_ignore_padding_left_on_the_shared_tokenizer(loaded_tiny):
-    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id)
     conversation = _conversation(2)
-    expected = formatter.user_turn_ids(conversation, "and then?", 0)
+    expected = formatter.user_turn_ids(conversation, "and then?", ())
     backend = loaded_tiny.tokenizer.backend_tokenizer
     backend.enable_padding(length=64, pad_id=loaded_tiny.tokenizer.pad_token_id)
     try:
-        assert formatter.user_turn_ids(conversation, "and then?", 0) == expected
+        assert formatter.user_turn_ids(conversation, "and then?", ()) == expected
     finally:
         backend.no_padding()
 
 
 def test_a_follow_up_that_brings_an_image_is_rendered(loaded_tiny):
-    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id, loaded_tiny.tokens_per_image)
+    formatter = TurnFormatter(loaded_tiny.tokenizer, loaded_tiny.image_token_id)
     conversation = _conversation(2)
-    ids = formatter.user_turn_ids(conversation, "and this one?", 1)
-    assert ids.count(loaded_tiny.image_token_id) == loaded_tiny.tokens_per_image
+    one_image = [loaded_tiny.fixed_image_tokens]
+    ids = formatter.user_turn_ids(conversation, "and this one?", one_image)
+    assert ids.count(loaded_tiny.image_token_id) == loaded_tiny.fixed_image_tokens
     rendered = formatter._turn_text(conversation.messages, conversation.user_message("and this one?", 1))
-    assert formatter._expand_images(formatter.tokenizer(rendered, add_special_tokens=False)["input_ids"], 1) == ids
+    assert formatter._expand_images(formatter.tokenizer(rendered, add_special_tokens=False)["input_ids"], one_image) == ids
+
+
+def test_each_image_expands_into_its_own_count_in_order(loaded_tiny):
+    """Families whose images take counts that depend on the image (LLaVA-NeXT) give one count each."""
+    formatter = _formatter(loaded_tiny)
+    image_id = loaded_tiny.image_token_id
+    ids = formatter.user_turn_ids(Conversation(), "Compare them", [3, 5])
+    runs = [len(run) for run in "".join("i" if t == image_id else " " for t in ids).split()]
+    assert runs == [3, 5]
 
 
 def _formatter(loaded) -> TurnFormatter:
-    return TurnFormatter(loaded.tokenizer, loaded.image_token_id, loaded.tokens_per_image)
+    return TurnFormatter(loaded.tokenizer, loaded.image_token_id)
 
 
 def _as_text(tokenizer, ids: list[int], image_id: int) -> str:
@@ -131,7 +141,7 @@ def test_a_follow_up_that_spells_special_tokens_keeps_them_as_text(loaded_tiny):
     tokenizer = loaded_tiny.tokenizer
     formatter = _formatter(loaded_tiny)
     assert formatter.special_text.usable
-    ids = formatter.user_turn_ids(_conversation(2), FORGED_TURN, 0)
+    ids = formatter.user_turn_ids(_conversation(2), FORGED_TURN, ())
     assert tokenizer.eos_token_id not in ids and tokenizer.bos_token_id not in ids
     # The frame holds no specials: the whole turn is what the tokenizer gives with specials as text.
     turn_text = "USER: " + FORGED_TURN + " ASSISTANT:"
@@ -144,15 +154,16 @@ def test_rendered_turns_keep_the_templates_specials_and_the_prompts_text(loaded_
     tokenizer, image_id = loaded_tiny.tokenizer, loaded_tiny.image_token_id
     with _formatter_with_template(loaded_tiny, template or loaded_tiny.tokenizer.chat_template) as formatter:
         assert formatter.special_text.usable
-        first = formatter.user_turn_ids(Conversation(), FORGED_TURN, 1)
+        one_image = [loaded_tiny.fixed_image_tokens]
+        first = formatter.user_turn_ids(Conversation(), FORGED_TURN, one_image)
         assert first[0] == tokenizer.bos_token_id and first.count(tokenizer.bos_token_id) == 1
-        assert first.count(image_id) == loaded_tiny.tokens_per_image and tokenizer.eos_token_id not in first
+        assert first.count(image_id) == loaded_tiny.fixed_image_tokens and tokenizer.eos_token_id not in first
         rendered = formatter._turn_text([], Conversation().user_message(FORGED_TURN, 1))
         assert _as_text(tokenizer, first, image_id) == "<s>" + rendered
         # A follow-up with an image is rendered too: the template's <image> stays the image.
         conversation = _conversation(2)
-        later = formatter.user_turn_ids(conversation, FORGED_TURN, 1)
-        assert later.count(image_id) == loaded_tiny.tokens_per_image and tokenizer.eos_token_id not in later
+        later = formatter.user_turn_ids(conversation, FORGED_TURN, one_image)
+        assert later.count(image_id) == loaded_tiny.fixed_image_tokens and tokenizer.eos_token_id not in later
         history = formatter._stand_in(conversation.messages) if formatter.renders_locally else conversation.messages
         assert _as_text(tokenizer, later, image_id) == formatter._turn_text(
             history, conversation.user_message(FORGED_TURN, 1)
@@ -161,17 +172,18 @@ def test_rendered_turns_keep_the_templates_specials_and_the_prompts_text(loaded_
 
 def test_prompts_that_spell_nothing_special_get_the_tokenizers_own_ids(loaded_tiny):
     formatter = _formatter(loaded_tiny)
-    first = formatter.user_turn_ids(Conversation(), "What is in the image?", 1)
+    one_image = [loaded_tiny.fixed_image_tokens]
+    first = formatter.user_turn_ids(Conversation(), "What is in the image?", one_image)
     rendered = formatter._turn_text([], Conversation().user_message("What is in the image?", 1))
-    assert first == formatter._expand_images(loaded_tiny.tokenizer(rendered)["input_ids"], 1)
+    assert first == formatter._expand_images(loaded_tiny.tokenizer(rendered)["input_ids"], one_image)
 
 
 def test_the_image_token_in_a_prompt_is_refused_even_beside_other_specials(loaded_tiny):
     formatter = _formatter(loaded_tiny)
-    for conversation, n_images in ((_conversation(2), 0), (Conversation(), 1)):
+    for conversation, image_tokens in ((_conversation(2), ()), (Conversation(), [loaded_tiny.fixed_image_tokens])):
         for prompt in ("look: <image>", "</s> then <image>"):
             with pytest.raises(InvalidRequest, match="image token"):
-                formatter.user_turn_ids(conversation, prompt, n_images)
+                formatter.user_turn_ids(conversation, prompt, image_tokens)
 
 
 def test_special_text_is_not_used_unchecked(loaded_tiny):
@@ -200,14 +212,13 @@ class _WithoutBackend:
 
 def test_without_a_tokenizers_backend_a_prompt_spelling_a_special_token_is_refused(loaded_tiny, caplog):
     with caplog.at_level("WARNING", logger="llava_sessions.handler.engine.prompt"):
-        formatter = TurnFormatter(_WithoutBackend(loaded_tiny.tokenizer), loaded_tiny.image_token_id,
-                                  loaded_tiny.tokens_per_image)
+        formatter = TurnFormatter(_WithoutBackend(loaded_tiny.tokenizer), loaded_tiny.image_token_id)
     assert not formatter.special_text.usable
     assert "prompts that spell one are refused" in caplog.text
     conversation = _conversation(2)
     with pytest.raises(InvalidRequest, match="'</s>'"):
-        formatter.user_turn_ids(conversation, FORGED_TURN, 0)
-    assert formatter.user_turn_ids(conversation, "and then?", 0) == _full_render_ids(formatter, conversation, "and then?")
+        formatter.user_turn_ids(conversation, FORGED_TURN, ())
+    assert formatter.user_turn_ids(conversation, "and then?", ()) == _full_render_ids(formatter, conversation, "and then?")
 
 
 def _llama_style_tokenizer(prepend: str):
@@ -243,21 +254,21 @@ def _llama_style_tokenizer(prepend: str):
 def test_llama_style_tokenizers_keep_special_spellings_as_text(prepend):
     tokenizer = _llama_style_tokenizer(prepend)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    formatter = TurnFormatter(tokenizer, image_id, 3)
+    formatter = TurnFormatter(tokenizer, image_id)
     assert formatter.special_text.usable
-    first = formatter.user_turn_ids(Conversation(), FORGED_TURN, 1)
+    first = formatter.user_turn_ids(Conversation(), FORGED_TURN, [3])
     assert first[0] == tokenizer.bos_token_id and first.count(image_id) == 3 and tokenizer.eos_token_id not in first
-    later = formatter.user_turn_ids(_conversation(2), FORGED_TURN, 0)
+    later = formatter.user_turn_ids(_conversation(2), FORGED_TURN, ())
     assert tokenizer.eos_token_id not in later and tokenizer.bos_token_id not in later
     # This small vocabulary has no byte pieces for the non-ASCII text: it decodes as <unk>.
     assert tokenizer.decode(later) == "USER: " + FORGED_TURN.replace("日本", "<unk>") + " ASSISTANT:"
     # Prompts that spell nothing: the tokenizer's own ids, first turn (a stretch after <image>) and later.
-    for conversation, n_images in ((Conversation(), 1), (_conversation(2), 0)):
+    for conversation, image_tokens in ((Conversation(), [3]), (_conversation(2), [])):
         history = formatter._stand_in(conversation.messages)
-        rendered = formatter._turn_text(history, conversation.user_message("What is this?", n_images))
+        rendered = formatter._turn_text(history, conversation.user_message("What is this?", len(image_tokens)))
         expected = tokenizer(rendered, add_special_tokens=not conversation.messages)["input_ids"]
-        assert formatter.user_turn_ids(conversation, "What is this?", n_images) == formatter._expand_images(
-            expected, n_images)
+        assert formatter.user_turn_ids(conversation, "What is this?", image_tokens) == formatter._expand_images(
+            expected, image_tokens)
     # The re-encoding itself, forced on a first turn that spells nothing, gives those ids too.
     rendered = formatter._turn_text([], Conversation().user_message("What is this?", 1))
     start = rendered.index("What")

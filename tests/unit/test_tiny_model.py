@@ -9,13 +9,16 @@ from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from llava_sessions.tiny_model import (
+    FAMILIES,
     MARKER_FILE,
+    SIGLIP_PRESETS,
     _identity,
     _is_complete,
     PRESETS,
     build_config,
     build_processor,
     build_tokenizer,
+    geometry_of,
     write_tiny_llava,
 )
 
@@ -198,3 +201,90 @@ def test_llava_1_5_7b_preset_has_the_real_shape_and_parameter_count():
     assert (projector.linear_1.in_features, projector.linear_2.out_features) == (1024, 4096)
     # llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters.
     assert sum(parameter.numel() for parameter in model.parameters()) == 7_063_427_072
+
+
+# --- the SigLIP family (llava-interleave-qwen's kind) ------------------------------------------
+
+SIGLIP = SIGLIP_PRESETS["tiny"]
+CHATML_TWO_TURNS_RENDERED = (
+    "<|im_start|>user\n<image>\nWhat is in the picture?<|im_end|>\n"
+    "<|im_start|>assistant\nA dog on a sofa.<|im_end|>\n"
+    "<|im_start|>user\nWhat color is it?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture(scope="module")
+def siglip(tiny_siglip_dir):
+    processor = AutoProcessor.from_pretrained(tiny_siglip_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_siglip_dir).eval()
+    return model, processor
+
+
+def test_siglip_preset_is_a_llava_with_a_siglip_tower_and_a_qwen2_decoder(siglip):
+    model, processor = siglip
+    config = model.config
+    assert (config.model_type, config.vision_config.model_type, config.text_config.model_type) == (
+        "llava", "siglip_vision_model", "qwen2")
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    assert config.text_config.num_key_value_heads < config.text_config.num_attention_heads  # grouped KV
+    assert not config.vision_config.vision_use_head
+    assert (processor.num_additional_image_tokens, processor.vision_feature_select_strategy) == (0, "full")
+    tokenizer = processor.tokenizer
+    assert tokenizer.bos_token is None and tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == config.text_config.eos_token_id
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>"):
+        assert len(tokenizer.tokenize(token)) == 1
+
+
+@pytest.mark.parametrize("size", [(48, 40), (20, 90), (128, 128)])
+def test_siglip_processor_squashes_any_image_to_one_token_per_patch_and_no_cls(siglip, size):
+    model, processor = siglip
+    inputs = image_prompt_inputs(processor, noise_image(0, size=size), "What is in the image?")
+    assert SIGLIP.num_image_tokens == (SIGLIP.image_size // SIGLIP.patch_size) ** 2 == 25
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 25
+    assert inputs["pixel_values"].shape == (1, 3, SIGLIP.image_size, SIGLIP.image_size)
+    features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert [f.shape for f in features] == [(25, model.config.text_config.hidden_size)]
+
+
+def test_siglip_chat_template_is_chatml(siglip):
+    _, processor = siglip
+    for renderer in (processor, processor.tokenizer, build_tokenizer(family="llava-siglip")):
+        assert renderer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True) == (
+            CHATML_TWO_TURNS_RENDERED
+        )
+
+
+def test_siglip_greedy_generation_depends_on_image_and_prompt(siglip):
+    model, processor = siglip
+    inputs = image_prompt_inputs(processor, noise_image(0), "What is in the image?")
+    answer = greedy_answer(model, inputs)
+    assert answer and answer == greedy_answer(model, inputs)
+    assert greedy_answer(model, image_prompt_inputs(processor, noise_image(1), "What is in the image?")) != answer
+    assert greedy_answer(model, image_prompt_inputs(processor, noise_image(0), "Describe the scene.")) != answer
+    assert max(answer) < len(processor.tokenizer), "padded vocab rows must not win the argmax"
+
+
+def test_a_family_is_part_of_the_checkpoints_identity(tiny_siglip_dir, tiny_dir):
+    assert _is_complete(tiny_siglip_dir, _identity("tiny", 0, torch.float32, torch.device("cpu"), "llava-siglip"))
+    assert not _is_complete(tiny_siglip_dir, _identity("tiny", 0, torch.float32, torch.device("cpu")))
+    assert not _is_complete(tiny_dir, _identity("tiny", 0, torch.float32, torch.device("cpu"), "llava-siglip"))
+    assert "llava-interleave-qwen" in (tiny_siglip_dir / "README.md").read_text()
+
+
+def test_tiny_model_command_takes_a_family(tmp_path, monkeypatch, capsys):
+    import llava_sessions.tiny_model as tiny_model
+    from llava_sessions.cli import main
+
+    written = []
+    monkeypatch.setattr(tiny_model, "write_tiny_llava", lambda out, **kw: written.append(kw) or out)
+    assert main(["tiny-model", str(tmp_path / "a"), "--family", "llava-siglip", "--preset", "small"]) == 0
+    assert main(["tiny-model", str(tmp_path / "b")]) == 0
+    assert written == [{"preset": "small", "seed": 0, "family": "llava-siglip"},
+                       {"preset": "tiny", "seed": 0, "family": "llava"}]
+    assert "llava-siglip small" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tiny-model", str(tmp_path / "c"), "--family", "next"])
+    with pytest.raises(ValueError, match="choose one of llava, llava-siglip"):
+        geometry_of("tiny", "next")
+    assert set(FAMILIES) == {"llava", "llava-siglip"}

@@ -21,8 +21,8 @@ import os
 import time
 from http import HTTPStatus
 
-from llava_sessions.config import ServingConfig
-from llava_sessions.errors import InternalError, InvalidRequest, SessionsError, TurnCancelled
+from llava_sessions.config import START_REFUSAL_FILE_ENV, ServingConfig
+from llava_sessions.errors import ConfigError, InternalError, InvalidRequest, SessionsError, TurnCancelled
 from llava_sessions.handler import bundle, image_sources, protocol, router_hop, streaming
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
@@ -44,6 +44,16 @@ class LlavaSessionHandler:
     # --- hook 1: once per worker --------------------------------------------
 
     def initialize(self, context) -> None:
+        try:
+            self._initialize(context)
+        except ConfigError as error:  # refused at start: tell whoever waits for this worker
+            refusal_file = os.environ.get(START_REFUSAL_FILE_ENV)
+            if refusal_file:
+                with open(refusal_file, "a", encoding="utf-8") as f:
+                    f.write(str(error).replace("\n", " ") + "\n")
+            raise
+
+    def _initialize(self, context) -> None:
         # Imported here so this module (and its tests) load without torch.
         from llava_sessions.handler.engine import host_allocator
         from llava_sessions.handler.engine.engine import SessionEngine

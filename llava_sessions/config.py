@@ -19,6 +19,9 @@ from typing import Any, Mapping
 from llava_sessions.errors import ConfigError
 
 ENV_PREFIX = "LLAVA_SESSIONS_"
+# Where a worker that refuses to start (a ConfigError: an unsupported model, a bad setting) writes
+# why, so the process that started TorchServe can stop waiting for it and say so at once.
+START_REFUSAL_FILE_ENV = ENV_PREFIX + "START_REFUSAL_FILE"
 
 MiB = 1024 * 1024
 

@@ -29,6 +29,7 @@ from typing import IO, Any, Mapping
 import requests
 
 from llava_sessions.archive import TEMPLATE_DIR
+from llava_sessions.config import START_REFUSAL_FILE_ENV
 
 CONFIG_TEMPLATE = TEMPLATE_DIR / "config.properties"
 LOG_CONFIG = TEMPLATE_DIR / "log4j2.xml"  # the front end's logging: no per-request chatter
@@ -157,6 +158,7 @@ class TorchServeProcess:
         self.log_dir = self.run_dir / "logs"
         self.console_log = self.log_dir / "torchserve.out"
         self.frontend_status = self.run_dir / "frontend.json"  # written by _LAUNCHER
+        self.start_refusal = self.run_dir / "start-refusal.txt"  # written by a worker that refuses to start
         self._launcher_python = _launcher_python(self.torchserve, default=torchserve is None)
         self._proc: subprocess.Popen | None = None
         self._owner_watch: subprocess.Popen | None = None
@@ -215,6 +217,9 @@ class TorchServeProcess:
             if self._proc.poll() is not None:
                 self._relaunch_or_raise()  # a new launch gets the rest of the time
                 continue
+            refusal = self._start_refusal()
+            if refusal:  # TorchServe would restart the worker for ever; the cause will not change
+                raise TorchServeError(f"the model worker refused to start: {refusal}")
             models = [self._describe_or_none(name) for name in self.model_names]
             if all(m is not None and _all_workers_ready(m) for m in models) and self._front_end_started():
                 self._workers_seen = {name: _serving_pid(m) for name, m in zip(self.model_names, models)}
@@ -367,6 +372,7 @@ class TorchServeProcess:
             d.mkdir(parents=True, exist_ok=True)
         self._write_config()
         self.frontend_status.unlink(missing_ok=True)
+        self.start_refusal.unlink(missing_ok=True)
         self._console = self.console_log.open("ab")
         self._console_offset = self.console_log.stat().st_size
         self.attempts += 1
@@ -444,6 +450,13 @@ class TorchServeProcess:
         if match is None or ADDRESS_IN_USE not in text[match.start():]:
             return None
         return match["host"], int(match["port"])
+
+    def _start_refusal(self) -> str:
+        """Why a worker refused to start (its ConfigError), or ""."""
+        try:
+            return self.start_refusal.read_text(encoding="utf-8").strip().splitlines()[0]
+        except (OSError, IndexError):
+            return ""
 
     def _read_frontend_status(self) -> dict[str, int]:
         try:
@@ -549,6 +562,7 @@ class TorchServeProcess:
             # Bodies reach the handler as raw bytes: our strict JSON parsing, not json.loads'.
             TS_DECODE_INPUT_REQUEST="false",
         )
+        env[START_REFUSAL_FILE_ENV] = str(self.start_refusal)
         env.update(self.extra_env)
         return env
 

@@ -278,7 +278,10 @@ def run(options: Options, log=print) -> dict:
             for r in range(R):
                 conc.append(served.concurrency(client, image_b64, prompts, options.max_new_tokens, options.concurrency))
             long = None
-            if options.long_conversation:
+            if options.long_conversation and loaded.fixed_image_tokens is None:
+                log(f"bench: no long conversation: it plans every image at one token count, and a "
+                    f"{loaded.model.config.model_type} image's count depends on its size")
+            elif options.long_conversation:
                 plan = long_conversation_plan(loaded, options.max_new_tokens)
                 if plan is None:
                     log("bench: no long conversation: one image and one turn do not fit this model's context")
@@ -343,7 +346,11 @@ def run(options: Options, log=print) -> dict:
     shape = preset_of(loaded.model.config) if options.model else options.preset
     own_accounting = accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS) if geometry else None
     seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
-    seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9
+    # Less the decode arena a CUDA-graph worker keeps (engine.KEPT_ARENA_ROWS x KEPT_ARENA_SLOTS of KV).
+    from llava_sessions.handler.engine.engine import KEPT_ARENA_ROWS, KEPT_ARENA_SLOTS
+
+    kept_arena = KEPT_ARENA_ROWS * KEPT_ARENA_SLOTS * seven_b["kv_bytes_per_token"]
+    seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9 - kept_arena
 
     decode_ours = [ours_tps.get(k) for k in range(K)]
     result = {
@@ -418,7 +425,8 @@ def run(options: Options, log=print) -> dict:
             "llava_1_5_7b_fp16_80gb": {
                 **seven_b,
                 "budget_bytes": seven_b_budget,
-                "budget_source": f"{GPU_7B_TOTAL_GB:g} GB GPU minus {GPU_7B_WEIGHTS_GB:g} GB of weights",
+                "budget_source": f"{GPU_7B_TOTAL_GB:g} GB GPU minus {GPU_7B_WEIGHTS_GB:g} GB of weights "
+                                 f"and {kept_arena / 1e9:.1f} GB of kept decode arena",
                 "sessions": stats.sessions_fit(seven_b_budget, seven_b["session_bytes"]),
                 "target_sessions": stats.GPU_7B_HOT_SESSIONS_TARGET,
             },

@@ -10,7 +10,11 @@ One family per real kind of checkpoint (``FAMILIES``), each with its presets:
   template with ``</s>``;
 - ``llava-siglip``: the SigLIP LLaVAs such as llava-hf/llava-interleave-qwen-0.5b-hf, a SigLIP
   tower (no CLS token, strategy "full", last layer), a Qwen2 decoder, the ChatML template
-  with ``<|im_end|>``.
+  with ``<|im_end|>``;
+- ``next``: LLaVA-NeXT (llava-hf/llava-v1.6-mistral-7b-hf), a LlavaNextForConditionalGeneration:
+  a CLIP tower over anyres tiles (``image_grid_pinpoints``; an image's token count depends on
+  its size and shape), a Mistral decoder (grouped KV, no sliding window), the Mistral
+  ``[INST] ... [/INST]`` template with ``</s>``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
@@ -36,12 +44,15 @@ from transformers import (
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 # The PIL backends: transformers 5's default image processors need torchvision.
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 __all__ = [
     "CHAT_TEMPLATE",
     "CHATML_TEMPLATE",
     "FAMILIES",
+    "MISTRAL_TEMPLATE",
+    "NEXT_PRESETS",
     "PRESETS",
     "MARKER_FILE",
     "LlavaGeometry",
@@ -103,6 +114,24 @@ CHATML_TEMPLATE = _EACH_MESSAGE_AS_PARTS + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant' + '\\n' }}{%- endif -%}"
 )
 
+# llava-v1.6-mistral's turn format (Mistral-Instruct's), each answer closed by </s>:
+#   "[INST] <image>\n<prompt> [/INST]<answer></s>[INST] <prompt> [/INST]"
+# The tokenizer writes the <s> that opens the conversation; [/INST] itself asks for the answer.
+MISTRAL_TEMPLATE = _EACH_MESSAGE_AS_PARTS + (
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] + '\n\n' }}{%- endfor -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ '[INST] ' }}"
+    "{%- for part in parts if part['type'] == 'image' -%}{{ '<image>' + '\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{{ '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 # Training text for the toy BPE: plain English in the register of image chat, so common words
 # become single tokens and rare ones split into sensible pieces.
 CORPUS = """\
@@ -152,7 +181,8 @@ inside or outside, in front of or behind something else.
 @dataclass(frozen=True)
 class LlavaGeometry:
     """Every number that shapes a LLaVA model: vision tower, projector, decoder; ``family`` says
-    which kinds (``llava``: CLIP and Llama; ``llava-siglip``: SigLIP and Qwen2)."""
+    which kinds (``llava``: CLIP and Llama; ``llava-siglip``: SigLIP and Qwen2; ``next``:
+    LLaVA-NeXT, CLIP over anyres tiles and Mistral)."""
 
     image_size: int
     patch_size: int
@@ -177,13 +207,16 @@ class LlavaGeometry:
     # on the last token.
     init_std: float = 0.02
     family: str = "llava"
+    # LLaVA-NeXT only: the (height, width) resolutions an image is tiled at (anyres)
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_image_tokens(self) -> int:
         """`<image>` placeholders per image: one per patch, plus CLIP's CLS token unless the
-        "default" strategy drops it (SigLIP has none)."""
+        "default" strategy drops it (SigLIP has none). LLaVA-NeXT: the base tile's count (its
+        config's ``image_seq_length``); an image adds its anyres tiles' rows to it."""
         patches = (self.image_size // self.patch_size) ** 2
-        cls = 1 if self.family == "llava" else 0
+        cls = 0 if self.family == "llava-siglip" else 1
         return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
 
 
@@ -249,8 +282,29 @@ SIGLIP_PRESETS: dict[str, LlavaGeometry] = {
     "small": replace(PRESETS["small"], image_size=384, **_SIGLIP),
 }
 
+# LLaVA-NeXT: a CLIP tower (CLS dropped) over anyres tiles, a Mistral decoder (grouped KV, no
+# sliding window); the Mistral template.
+NEXT_PRESETS: dict[str, LlavaGeometry] = {
+    # 32 px tiles of 16 tokens; images are tiled 1x2, 2x1 or 2x2 by their shape, so images of
+    # other aspect ratios take other counts (up to 16 + 8 x 9 = 88)
+    "tiny": replace(PRESETS["tiny"], family="next", text_num_kv_heads=2, max_position_embeddings=1024,
+                    image_grid_pinpoints=((32, 64), (64, 32), (64, 64))),
+    # the 7B's tiling (336 px tiles, patch 14, its five pinpoints: up to 2,928 tokens per image)
+    # at the small widths
+    "small": replace(PRESETS["small"], family="next", text_num_kv_heads=2, max_position_embeddings=8192,
+                     image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))),
+    # llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14 at 336 px over its five pinpoints,
+    # Mistral-7B (8 KV heads). A 672x672 image is 2,928 tokens, a 336x336 one 1,176.
+    "llava-next-mistral-7b": replace(
+        PRESETS["llava-1.5-7b"], family="next", text_intermediate_size=14336, text_num_kv_heads=8,
+        max_position_embeddings=32768, rms_norm_eps=1e-5,
+        image_grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    ),
+}
+
 # Family -> its presets; `llava-sessions tiny-model --family F --preset P`.
-FAMILIES: dict[str, dict[str, LlavaGeometry]] = {"llava": PRESETS, "llava-siglip": SIGLIP_PRESETS}
+FAMILIES: dict[str, dict[str, LlavaGeometry]] = {"llava": PRESETS, "llava-siglip": SIGLIP_PRESETS,
+                                                 "next": NEXT_PRESETS}
 
 
 def geometry_of(preset: str, family: str = "llava") -> LlavaGeometry:
@@ -286,7 +340,7 @@ def _train_bpe(vocab_size: int, special_tokens: list[str], bos: str | None) -> T
 def build_tokenizer(vocab_size: int = 1024, family: str = "llava") -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer with at most `vocab_size` entries and the family's chat
     template: Vicuna's with <s> and </s> (``llava``), ChatML's with <|im_end|> and no bos
-    (``llava-siglip``, as Qwen2's).
+    (``llava-siglip``, as Qwen2's), Mistral's [INST] with <s> and </s> (``next``).
 
     The corpus is small, so large vocab sizes stop where the merges run out; the model's
     embedding is then larger than the tokenizer, as in llava-1.5-7b-hf (32064 rows, 32002 tokens).
@@ -307,13 +361,16 @@ def build_tokenizer(vocab_size: int = 1024, family: str = "llava") -> PreTrained
         unk_token=UNK,
         pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE},
-        chat_template=CHAT_TEMPLATE,
+        chat_template=MISTRAL_TEMPLATE if family == "next" else CHAT_TEMPLATE,
         padding_side="left",
     )
 
 
-def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | None = None) -> LlavaConfig:
-    """The LlavaConfig of `geometry`, its special-token ids taken from `tokenizer` (default: ours)."""
+def build_config(
+    geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | None = None
+) -> LlavaConfig | LlavaNextConfig:
+    """The LlavaConfig (LlavaNextConfig for ``next``) of `geometry`, its special-token ids taken
+    from `tokenizer` (default: ours)."""
     tokenizer = tokenizer or build_tokenizer(geometry.vocab_size, geometry.family)
     if len(tokenizer) > geometry.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, model vocab only {geometry.vocab_size}")
@@ -334,6 +391,11 @@ def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | N
         # llava-interleave-qwen's tower: no pooling head (LLaVA reads the hidden states).
         vision_config = SiglipVisionConfig(**vision, vision_use_head=False)
         text_class = Qwen2Config
+    elif geometry.family == "next":
+        vision_config = CLIPVisionConfig(**vision, projection_dim=768)
+        text_class = MistralConfig
+        # Mistral's config defaults head_dim to 128 and a 4096-token sliding window: neither here
+        token_ids.update(head_dim=geometry.text_hidden_size // geometry.text_num_heads, sliding_window=None)
     else:
         # projection_dim as in llava-1.5-7b-hf; unused by the vision tower itself
         vision_config = CLIPVisionConfig(**vision, projection_dim=768)
@@ -350,7 +412,7 @@ def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | N
         initializer_range=geometry.init_std,
         **token_ids,
     )
-    return LlavaConfig(
+    common = dict(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.image_token_id,
@@ -360,12 +422,37 @@ def build_config(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast | N
         vision_feature_select_strategy=geometry.vision_feature_select_strategy,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if geometry.family == "next":
+        return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints])
+    return LlavaConfig(**common)
 
 
-def build_processor(geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+def build_processor(
+    geometry: LlavaGeometry, tokenizer: PreTrainedTokenizerFast
+) -> LlavaProcessor | LlavaNextProcessor:
     """The family's preprocessing at `geometry.image_size` and `<image>` expansion matching the
-    model: CLIP's resize and center crop, or SigLIP's squash to a square."""
+    model: CLIP's resize and center crop, SigLIP's squash to a square, or LLaVA-NeXT's anyres
+    tiles (each image resized and padded to its best pinpoint, cut into tiles, plus the whole
+    image as a base tile)."""
     side = geometry.image_size
+    if geometry.family == "next":
+        # PIL backend: transformers 5's default LlavaNextImageProcessor needs torchvision
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+            do_convert_rgb=True,
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=geometry.patch_size,
+            vision_feature_select_strategy=geometry.vision_feature_select_strategy,
+            num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+            chat_template=MISTRAL_TEMPLATE,
+        )
     if geometry.family == "llava-siglip":
         image_processor = SiglipImageProcessorPil(
             size={"height": side, "width": side},
@@ -411,7 +498,8 @@ def _generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
     )
 
 
-def _mute_padding_rows(model: LlavaForConditionalGeneration, num_tokens: int) -> None:
+def _mute_padding_rows(model: LlavaForConditionalGeneration | LlavaNextForConditionalGeneration,
+                       num_tokens: int) -> None:
     """Zero the output rows of ids past the tokenizer (the padded part of the vocab).
 
     Their logits are then 0 while the best of the real, random logits is well above 0, so greedy
@@ -427,7 +515,7 @@ def build_random_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     family: str = "llava",
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+) -> tuple[LlavaForConditionalGeneration | LlavaNextForConditionalGeneration, LlavaProcessor | LlavaNextProcessor]:
     """(model, processor) with random weights, initialised directly on `device` in `dtype`.
 
     Nothing touches the disk, so the 7b shape costs 14 GB of (GPU) memory, not of disk.
@@ -436,15 +524,17 @@ def build_random_model(
     tokenizer = build_tokenizer(geometry.vocab_size, family)
     config = build_config(geometry, tokenizer)
     torch.manual_seed(seed)
+    model_class = LlavaNextForConditionalGeneration if family == "next" else LlavaForConditionalGeneration
     with torch.device(device), _default_dtype(dtype):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     _mute_padding_rows(model, len(tokenizer))
     model.generation_config = _generation_config(tokenizer)
     return model.eval(), build_processor(geometry, tokenizer)
 
 
 # The real checkpoint each family's tiny one loads like.
-_LOADS_LIKE = {"llava": "llava-hf/llava-1.5-7b-hf", "llava-siglip": "llava-hf/llava-interleave-qwen-0.5b-hf"}
+_LOADS_LIKE = {"llava": "llava-hf/llava-1.5-7b-hf", "llava-siglip": "llava-hf/llava-interleave-qwen-0.5b-hf",
+               "next": "llava-hf/llava-v1.6-mistral-7b-hf"}
 
 
 def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
@@ -454,7 +544,10 @@ def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
         "is noise. Only the shapes are meaningful: the checkpoint loads through the same code as\n"
         f"{_LOADS_LIKE[geometry.family]}, so it exercises the serving path and gives honest timings.\n\n"
         f"- image {geometry.image_size} px, patch {geometry.patch_size} px, "
-        f"{geometry.num_image_tokens} image tokens per image\n"
+        f"{geometry.num_image_tokens} image tokens per image"
+        + (f" plus its anyres tiles' (pinpoints {[list(p) for p in geometry.image_grid_pinpoints]})"
+           if geometry.image_grid_pinpoints else "")
+        + "\n"
         f"- vision {geometry.vision_num_layers} x {geometry.vision_hidden_size}, "
         f"text {geometry.text_num_layers} x {geometry.text_hidden_size}, vocab {geometry.vocab_size}\n"
     )
@@ -503,7 +596,7 @@ def write_tiny_llava(
     family: str = "llava",
 ) -> pathlib.Path:
     """Write a complete random-weight LLaVA checkpoint (safetensors only) of ``family``
-    (FAMILIES: ``llava``, ``llava-siglip``) to `out_dir`.
+    (FAMILIES: ``llava``, ``llava-siglip``, ``next``) to `out_dir`.
 
     Deterministic: the same preset, seed, dtype and kind of `init_device` give byte-identical
     weights (CPU and CUDA draw different numbers from one seed). Idempotent: a complete checkpoint

@@ -10,39 +10,53 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def _tiny(tmp_path_factory, name: str, family: str):
+    """``family``'s tiny checkpoint, written once per test run."""
     from llava_sessions.tiny_model import write_tiny_llava
 
-    return write_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), preset="tiny")
+    return write_tiny_llava(tmp_path_factory.mktemp(name), preset="tiny", family=family)
 
 
-@pytest.fixture(scope="session")
-def loaded_tiny(tiny_model_dir):
+def _load(checkpoint):
     import torch
 
     from llava_sessions.handler.engine.model_loader import load_model
 
     # LLAVA_SESSIONS_TEST_DEVICE=cuda:0 runs the engine's tests on a GPU (a check for GPU hosts;
     # CI has none). The default is the CPU, where the tests' exact counters were written.
-    return load_model(str(tiny_model_dir), torch.device(os.environ.get("LLAVA_SESSIONS_TEST_DEVICE", "cpu")))
+    return load_model(str(checkpoint), torch.device(os.environ.get("LLAVA_SESSIONS_TEST_DEVICE", "cpu")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return _tiny(tmp_path_factory, "tiny-llava", "llava")
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_model_dir):
+    return _load(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory):
     """The SigLIP LLaVA family's tiny checkpoint (llava-interleave-qwen's kind: no CLS, ChatML)."""
-    from llava_sessions.tiny_model import write_tiny_llava
-
-    return write_tiny_llava(tmp_path_factory.mktemp("tiny-siglip"), preset="tiny", family="llava-siglip")
+    return _tiny(tmp_path_factory, "tiny-siglip", "llava-siglip")
 
 
 @pytest.fixture(scope="session")
 def loaded_siglip(tiny_siglip_dir):
-    import torch
+    return _load(tiny_siglip_dir)
 
-    from llava_sessions.handler.engine.model_loader import load_model
 
-    return load_model(str(tiny_siglip_dir), torch.device(os.environ.get("LLAVA_SESSIONS_TEST_DEVICE", "cpu")))
+@pytest.fixture(scope="session")
+def tiny_next_dir(tmp_path_factory):
+    """The LLaVA-NeXT family's tiny checkpoint (anyres tiles, Mistral template)."""
+    return _tiny(tmp_path_factory, "tiny-next", "next")
+
+
+@pytest.fixture(scope="session")
+def loaded_next(tiny_next_dir):
+    return _load(tiny_next_dir)
 
 
 def noise_image(seed: int, size: int = 32):

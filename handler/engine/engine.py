@@ -51,7 +51,14 @@ from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import TurnFormatter
-from llava_sessions.handler.engine.runner import ArenaShape, KeptArena, StepRunner
+from llava_sessions.handler.engine.runner import (
+    KEPT_ARENA_ROWS,
+    MIN_KEPT_SLOTS,
+    ArenaShape,
+    KeptArena,
+    StepRunner,
+    kept_arena_slots,
+)
 from llava_sessions.handler.engine.scheduler import Scheduler
 from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
 from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens
@@ -59,11 +66,6 @@ from llava_sessions.handler.engine.state import is_out_of_memory  # noqa: F401 -
 
 log = logging.getLogger(__name__)
 
-# The kept decode arena: rows a step decodes together (the router's bundles hold at most 8 turns)
-# and slots per row. On a GPU with llava-1.5-7b that is 8 GiB of the budget (about 26 sessions of
-# 620 tokens), kept so CUDA graphs replay.
-KEPT_ARENA_ROWS = 8
-KEPT_ARENA_SLOTS = 2048
 
 
 class SessionEngine:
@@ -330,18 +332,19 @@ class SessionEngine:
     # --- internals ---------------------------------------------------------
 
     def _keep_arena(self, requested: bool | None) -> KeptArena | None:
-        """The kept decode arena (KEPT_ARENA_ROWS rows, up to KEPT_ARENA_SLOTS slots), its bytes set
-        aside from the budget; None when not asked for, or when it would take more than a quarter
-        of the budget (each wave then allocates its own arena, as on a CPU)."""
+        """The kept decode arena (runner.kept_arena_slots), its bytes set aside from the budget;
+        None when not asked for, or when an eighth of the budget holds too few slots (each wave
+        then allocates its own arena, as on a CPU)."""
         graphs = self._runner.compiled and self.loaded.device.type == "cuda"
         if not (graphs if requested is None else requested):
             return None
-        slots = min(self.loaded.max_context, KEPT_ARENA_SLOTS)
-        size = ArenaShape.of(self.loaded).bytes(KEPT_ARENA_ROWS, slots)
-        if size > self._memory.memory_budget_bytes // 4:
-            log.warning("no kept decode arena: %d rows x %d slots would take %d of the %d budget bytes",
-                        KEPT_ARENA_ROWS, slots, size, self._memory.memory_budget_bytes)
+        shape = ArenaShape.of(self.loaded)
+        slots = kept_arena_slots(self.loaded.max_context, self._memory.memory_budget_bytes, shape.bytes(1, 1))
+        if not slots:
+            log.warning("no kept decode arena: an eighth of the %d budget bytes holds fewer than %d slots a row",
+                        self._memory.memory_budget_bytes, MIN_KEPT_SLOTS)
             return None
+        size = shape.bytes(KEPT_ARENA_ROWS, slots)
         with torch.inference_mode():  # inference tensors, as every KV buffer of the turns
             kept = KeptArena(self.loaded, KEPT_ARENA_ROWS, slots, static=graphs)
         self._memory.set_aside(size, "the kept decode arena")

@@ -359,6 +359,23 @@ class DecodeArena:
         self._positions[target] = length
 
 
+# The kept decode arena: rows a step decodes together (the router's bundles hold at most 8 turns),
+# and at most this share of the session budget, so hot sessions keep most of it (with a 66 GB
+# budget: llava-1.5-7b 1,792 slots a row, 7 GiB; LLaVA-NeXT-Mistral-7B, a quarter of the KV per
+# token, 7,680 slots, room for a 672x672 image's 2,928 tokens).
+KEPT_ARENA_ROWS = 8
+KEPT_ARENA_SHARE = 8  # an eighth
+MIN_KEPT_SLOTS = 512
+
+
+def kept_arena_slots(max_context: int, budget_bytes: int, kv_bytes_per_token: int) -> int:
+    """Slots a row of the kept arena gets: the model's context, or what an eighth of the budget
+    holds for KEPT_ARENA_ROWS rows, in whole CUDA_SLOT_ALIGN buckets; 0 below MIN_KEPT_SLOTS."""
+    fits = budget_bytes // KEPT_ARENA_SHARE // (KEPT_ARENA_ROWS * kv_bytes_per_token)
+    slots = min(max_context, fits // CUDA_SLOT_ALIGN * CUDA_SLOT_ALIGN)
+    return slots if slots >= MIN_KEPT_SLOTS else 0
+
+
 class KeptArena:
     """Decode-arena buffers the engine keeps for its whole life: per layer, keys and values
     [rows, kv_heads, slots, head_dim], allocated once. A wave whose rows fit decodes in views of

@@ -110,9 +110,13 @@ class InProcess:
 
     # --- (b) and (c) -----------------------------------------------------------
 
-    def _preprocess(self, images: list) -> torch.Tensor:
-        pixels = self.loaded.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.loaded.dtype)
+    def _preprocess(self, images: list) -> dict[str, torch.Tensor]:
+        """The model's image inputs (pixel_values; image_sizes too where the family tiles)."""
+        return self.loaded.adapter.pixel_inputs(images)
+
+    def _kept_pixels(self, n_images: int) -> dict[str, torch.Tensor]:
+        """The kept image inputs of the conversation's first ``n_images`` images."""
+        return {name: value[:n_images] for name, value in self.pixels.items()}
 
     def _images_in(self, context_ids: list[int]) -> int:
         """How many of the conversation's images a history holds (the first ones: they come in order)."""
@@ -124,12 +128,12 @@ class InProcess:
         return images
 
     @torch.inference_mode()
-    def _generate(self, context_ids: list[int], pixels: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def _generate(self, context_ids: list[int], pixels: dict[str, torch.Tensor], max_new_tokens: int) -> list[int]:
         ids = torch.tensor([context_ids], device=self.device)
         out = self.loaded.model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
+            **pixels,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=self.loaded.tokenizer.pad_token_id,
@@ -150,7 +154,7 @@ class InProcess:
     def pixel_cache_ttft(self, k: int) -> tuple[float, int]:
         """(c): kept pixel_values; vision tower and full prefill again; 1 token."""
         turn = self.reference.turns[k]
-        pixels = self.pixels[: self._images_in(turn.context_ids)]
+        pixels = self._kept_pixels(self._images_in(turn.context_ids))
         sync(self.device)
         start = time.perf_counter()
         tokens = self._generate(turn.context_ids, pixels, 1)
@@ -160,7 +164,7 @@ class InProcess:
     def bare_generate_total(self, k: int, new_tokens: int) -> tuple[float, list[int]]:
         """model.generate of ``new_tokens`` tokens (kept pixels) on turn k's history: total seconds."""
         turn = self.reference.turns[k]
-        pixels = self.pixels[: self._images_in(turn.context_ids)]
+        pixels = self._kept_pixels(self._images_in(turn.context_ids))
         sync(self.device)
         start = time.perf_counter()
         tokens = self._generate(turn.context_ids, pixels, new_tokens)

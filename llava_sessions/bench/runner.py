@@ -346,11 +346,14 @@ def run(options: Options, log=print) -> dict:
     shape = preset_of(loaded.model.config) if options.model else options.preset
     own_accounting = accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS) if geometry else None
     seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
-    # Less the decode arena a CUDA-graph worker keeps (engine.KEPT_ARENA_ROWS x KEPT_ARENA_SLOTS of KV).
-    from llava_sessions.handler.engine.engine import KEPT_ARENA_ROWS, KEPT_ARENA_SLOTS
+    # Less the decode arena a CUDA-graph worker keeps (runner.kept_arena_slots).
+    from llava_sessions.handler.engine.runner import KEPT_ARENA_ROWS, kept_arena_slots
 
-    kept_arena = KEPT_ARENA_ROWS * KEPT_ARENA_SLOTS * seven_b["kv_bytes_per_token"]
-    seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9 - kept_arena
+    seven_b_budget = (GPU_7B_TOTAL_GB - GPU_7B_WEIGHTS_GB) * 1e9
+    kept_slots = kept_arena_slots(PRESETS["llava-1.5-7b"].max_position_embeddings, int(seven_b_budget),
+                                  seven_b["kv_bytes_per_token"])
+    kept_arena = KEPT_ARENA_ROWS * kept_slots * seven_b["kv_bytes_per_token"]
+    seven_b_budget -= kept_arena
 
     decode_ours = [ours_tps.get(k) for k in range(K)]
     result = {

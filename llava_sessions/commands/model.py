@@ -10,9 +10,10 @@ from llava_sessions.commands import archive_from_args, model_arguments
 def register(commands) -> None:
     tiny = commands.add_parser("tiny-model", help="write the offline random-weight LLaVA checkpoint")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--family", default="llava", choices=["llava", "llava-siglip"],
+    tiny.add_argument("--family", default="llava", choices=["llava", "llava-siglip", "next"],
                       help="llava: LLaVA-1.5 (CLIP tower, Vicuna template); llava-siglip: a SigLIP LLaVA "
-                      "such as llava-interleave-qwen (no CLS token, ChatML template)")
+                      "such as llava-interleave-qwen (no CLS token, ChatML template); next: LLaVA-NeXT "
+                      "such as llava-v1.6-mistral (anyres tiles, Mistral [INST] template)")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_tiny_model)
@@ -27,8 +28,13 @@ def register(commands) -> None:
 
 
 def cmd_tiny_model(args) -> int:
-    from llava_sessions.tiny_model import write_tiny_llava
+    from llava_sessions.errors import ConfigError
+    from llava_sessions.tiny_model import geometry_of, write_tiny_llava
 
+    try:
+        geometry_of(args.preset, args.family)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     path = write_tiny_llava(args.dir, preset=args.preset, seed=args.seed, family=args.family)
     print(f"wrote a random-weight LLaVA ({args.family} {args.preset}, seed {args.seed}) to {path}")
     return 0

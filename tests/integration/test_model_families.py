@@ -1,5 +1,5 @@
-"""Model families on a real TorchServe: the SigLIP LLaVA served end to end, and a model type
-without an adapter refused when the worker starts (not on its first request)."""
+"""Model families on a real TorchServe: the SigLIP LLaVA and LLaVA-NeXT served end to end, and a
+model type without an adapter refused when the worker starts (not on its first request)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,25 @@ pytestmark = pytest.mark.integration
 MAX_NEW = 6
 
 
-def test_a_siglip_llava_serves_a_conversation_as_the_engine_does(tiny_siglip_dir, loaded_siglip, tmp_path):
+# Wide and tall at open, a square one mid-conversation: SigLIP squashes each to 25 tokens;
+# LLaVA-NeXT tiles each by its shape, so each takes its own count.
+FAMILIES = {"siglip": ("tiny_siglip_dir", "loaded_siglip", [25, 25, 25]),
+            "next": ("tiny_next_dir", "loaded_next", [44, 40, 88])}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_family_serves_a_conversation_as_the_engine_does(family, tmp_path, request):
     from llava_sessions.config import ServingConfig
     from llava_sessions.handler.engine.engine import SessionEngine
     from llava_sessions.handler.engine.generation import SamplingParams
 
-    # Wide and tall at open, a square one mid-conversation: SigLIP squashes each to 25 tokens.
+    checkpoint_fixture, loaded_fixture, counts = FAMILIES[family]
+    checkpoint, loaded = request.getfixturevalue(checkpoint_fixture), request.getfixturevalue(loaded_fixture)
     opened_with = [Image.new("RGB", (48, 30), (200, 40, 10)), Image.new("RGB", (20, 70), (10, 90, 220))]
     later = Image.new("RGB", (50, 50), (30, 160, 60))
+    assert loaded.image_tokens(opened_with + [later]) == counts
     turns = [("What is in the pictures?", []), ("Which one is darker?", []), ("And this one?", [later])]
-    server = start_server(tiny_siglip_dir, tmp_path, workers=1, ttl=600)
+    server = start_server(checkpoint, tmp_path, workers=1, ttl=600)
     try:
         log_before = len(worker_log(server))
         response = invoke(server.url, {"requestType": "NEW_SESSION", "images": [png_b64(i) for i in opened_with]},
@@ -50,14 +59,14 @@ def test_a_siglip_llava_serves_a_conversation_as_the_engine_does(tiny_siglip_dir
         server.stop()
 
     # The processor's own count for the first turn; later turns reuse the cache.
-    processor = loaded_siglip.processor
+    processor = loaded.processor
     messages = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": turns[0][0]}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert served[0]["usage"]["prompt_tokens"] == len(processor(images=opened_with, text=prompt)["input_ids"][0])
     assert served[0]["usage"]["cached_tokens"] == 0
     assert 0 < served[1]["usage"]["cached_tokens"] < served[2]["usage"]["cached_tokens"]
     # An engine in this process, given the same conversation, answers exactly the same.
-    engine = SessionEngine(loaded_siglip, ServingConfig())
+    engine = SessionEngine(loaded, ServingConfig())
     session = engine.open_session(opened_with)
     for (prompt, images), reply in zip(turns, served):
         result = engine.turn(session.session_id, prompt, SamplingParams(MAX_NEW), images=images)
@@ -66,17 +75,17 @@ def test_a_siglip_llava_serves_a_conversation_as_the_engine_does(tiny_siglip_dir
 
 
 def test_a_model_type_without_an_adapter_fails_the_worker_at_start(tiny_model_dir, tmp_path):
-    checkpoint = tmp_path / "llava-next"
+    checkpoint = tmp_path / "llava-onevision"
     shutil.copytree(tiny_model_dir, checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llava_next"}))
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llava_onevision"}))
     archive = build_archive(checkpoint, tmp_path / "store", max_sessions_per_worker=1, session_ttl_s=60)
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         deadline = time.monotonic() + 120
         while "Supported model types" not in ts.log_tail(2000) and time.monotonic() < deadline:
             time.sleep(0.5)
         log = ts.log_tail(2000)
-        assert "ConfigError" in log and "model_type 'llava_next'" in log, log[-3000:]
-        assert "Supported model types: 'llava' (" in log
+        assert "ConfigError" in log and "model_type 'llava_onevision'" in log, log[-3000:]
+        assert "Supported model types: 'llava' (" in log and "'llava_next' (LLaVA-NeXT" in log
         workers = ts.describe(ts.model_names[0])["workers"]
         assert all(worker["status"] != "READY" for worker in workers)

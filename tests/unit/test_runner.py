@@ -176,7 +176,8 @@ def test_a_kept_arena_serves_every_wave_that_fits_and_compiles_nothing_after_war
     config = ServingConfig(compile="on", compile_warmup_s=600, kv_headroom_tokens=0, memory_budget_bytes=budget)
     kept = SessionEngine(loaded_tiny, config, keep_arena=True)
     shape = runner.ArenaShape.of(loaded_tiny)
-    kept_bytes = shape.bytes(8, min(loaded_tiny.max_context, 2048))
+    # An eighth of the budget holds 1,024 slots a row of the tiny model: its whole context (512).
+    kept_bytes = shape.bytes(8, loaded_tiny.max_context)
     assert kept.snapshot().kept_arena_bytes == kept_bytes and kept.memory_budget_bytes == budget - kept_bytes
     assert kept.warm_up() == [1, 2, 4, 8]
     compiles = kept.counters.step_compiles

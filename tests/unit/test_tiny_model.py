@@ -6,11 +6,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
 from llava_sessions.tiny_model import (
     FAMILIES,
     MARKER_FILE,
+    NEXT_PRESETS,
     SIGLIP_PRESETS,
     _identity,
     _is_complete,
@@ -255,8 +262,9 @@ def test_siglip_chat_template_is_chatml(siglip):
         )
 
 
-def test_siglip_greedy_generation_depends_on_image_and_prompt(siglip):
-    model, processor = siglip
+@pytest.mark.parametrize("family", ["siglip", "next_model"])
+def test_each_familys_greedy_generation_depends_on_image_and_prompt(family, request):
+    model, processor = request.getfixturevalue(family)
     inputs = image_prompt_inputs(processor, noise_image(0), "What is in the image?")
     answer = greedy_answer(model, inputs)
     assert answer and answer == greedy_answer(model, inputs)
@@ -283,8 +291,59 @@ def test_tiny_model_command_takes_a_family(tmp_path, monkeypatch, capsys):
     assert written == [{"preset": "small", "seed": 0, "family": "llava-siglip"},
                        {"preset": "tiny", "seed": 0, "family": "llava"}]
     assert "llava-siglip small" in capsys.readouterr().out
+    assert main(["tiny-model", str(tmp_path / "c"), "--family", "next"]) == 0
+    assert written[-1] == {"preset": "tiny", "seed": 0, "family": "next"}
     with pytest.raises(SystemExit):
-        main(["tiny-model", str(tmp_path / "c"), "--family", "next"])
-    with pytest.raises(ValueError, match="choose one of llava, llava-siglip"):
-        geometry_of("tiny", "next")
-    assert set(FAMILIES) == {"llava", "llava-siglip"}
+        main(["tiny-model", str(tmp_path / "d"), "--family", "onevision"])
+    with pytest.raises(ValueError, match="choose one of llava, llava-siglip, next"):
+        geometry_of("tiny", "onevision")
+    assert set(FAMILIES) == {"llava", "llava-siglip", "next"}
+
+
+# --- the LLaVA-NeXT family (llava-v1.6-mistral's kind) ------------------------------------------
+
+NEXT = NEXT_PRESETS["tiny"]
+MISTRAL_TWO_TURNS_RENDERED = (
+    "[INST] <image>\nWhat is in the picture? [/INST]A dog on a sofa.</s>[INST] What color is it? [/INST]"
+)
+
+
+@pytest.fixture(scope="module")
+def next_model(tiny_next_dir):
+    processor = AutoProcessor.from_pretrained(tiny_next_dir)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir).eval()
+    return model, processor
+
+
+def test_next_preset_is_a_llava_next_with_a_clip_tower_and_a_mistral_decoder(next_model, tiny_next_dir):
+    model, processor = next_model
+    config = model.config
+    assert (config.model_type, config.vision_config.model_type, config.text_config.model_type) == (
+        "llava_next", "clip_vision_model", "mistral")
+    assert config.text_config.sliding_window is None
+    assert config.text_config.head_dim == NEXT.text_hidden_size // NEXT.text_num_heads
+    assert config.text_config.num_key_value_heads < config.text_config.num_attention_heads  # grouped KV
+    assert config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64]]
+    assert isinstance(processor, LlavaNextProcessor)
+    assert type(processor.image_processor).__name__ == "LlavaNextImageProcessorPil"  # no torchvision
+    assert processor.image_processor.image_grid_pinpoints == config.image_grid_pinpoints
+    assert (processor.num_additional_image_tokens, processor.vision_feature_select_strategy) == (1, "default")
+    tokenizer = processor.tokenizer
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id == config.text_config.eos_token_id
+    for renderer in (processor, tokenizer, build_tokenizer(family="next")):
+        assert renderer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True) == (
+            MISTRAL_TWO_TURNS_RENDERED
+        )
+    assert "llava-v1.6-mistral-7b-hf" in (tiny_next_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("size", "tokens", "tiles"), [((48, 40), 72, 5), ((20, 90), 34, 3), ((128, 128), 88, 5)])
+def test_next_processor_tiles_an_image_by_its_shape(next_model, size, tokens, tiles):
+    """(height, width) 48x40 tiles 2x2 (+ the base tile), 20x90 1x2; unpadding cuts the padding back out."""
+    model, processor = next_model
+    inputs = image_prompt_inputs(processor, noise_image(0, size=size), "What is in the image?")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == tokens
+    assert inputs["pixel_values"].shape == (1, tiles, 3, NEXT.image_size, NEXT.image_size)
+    features = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    assert [f.shape for f in features.pooler_output] == [(tokens, model.config.text_config.hidden_size)]

@@ -96,25 +96,43 @@ def bench_image_b64(width: int = 640, height: int = 480, seed: int = 0) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def checkpoint_for(options: Options) -> Path:
-    """--model as given, else the preset's random-weight checkpoint (written once to the cache).
+# Bench preset -> (model family, its tiny_model preset). The 7B-class ones have a real
+# checkpoint's exact geometry and are written in float16: about 14-15 GB of disk, once per kind
+# of device.
+BENCH_PRESETS: dict[str, tuple[str, str]] = {
+    "tiny": ("llava", "tiny"),
+    "small": ("llava", "small"),
+    "llava-1.5-7b": ("llava", "llava-1.5-7b"),  # llava-hf/llava-1.5-7b-hf
+    "llava-next-mistral-7b": ("next", "llava-next-mistral-7b"),  # llava-hf/llava-v1.6-mistral-7b-hf
+}
+FLOAT16_PRESETS = ("llava-1.5-7b", "llava-next-mistral-7b")
 
-    The llava-1.5-7b preset is written in float16: about 14 GB of disk, once per kind of device.
-    """
+
+def geometry_for(preset: str):
+    """The tiny_model geometry of a bench preset."""
+    from llava_sessions.tiny_model import geometry_of
+
+    family, name = BENCH_PRESETS[preset]
+    return geometry_of(name, family)
+
+
+def checkpoint_for(options: Options) -> Path:
+    """--model as given, else the preset's random-weight checkpoint (written once to the cache)."""
     from llava_sessions import models
 
     if options.model:
         return models.resolve_model(options.model)
-    if options.preset == "llava-1.5-7b":
+    family, name = BENCH_PRESETS[options.preset]
+    if options.preset in FLOAT16_PRESETS:
         import torch
 
         from llava_sessions.tiny_model import write_tiny_llava
 
-        # Drawn on the GPU when there is one: on a CPU the 7B draw takes minutes.
+        # Drawn on the GPU when there is one: on a CPU a 7B draw takes minutes.
         init_device = "cuda" if torch.cuda.is_available() else "cpu"
-        return write_tiny_llava(models.home() / "models" / f"llava-1.5-7b-llava-seed0-float16-{init_device}",
-                                preset=options.preset, dtype=torch.float16, init_device=init_device)
-    return models.ensure_tiny_model(options.preset)
+        return write_tiny_llava(models.home() / "models" / f"{name}-{family}-seed0-float16-{init_device}",
+                                preset=name, dtype=torch.float16, init_device=init_device, family=family)
+    return models.ensure_tiny_model(name)
 
 
 def resolve_device(requested: str):
@@ -169,11 +187,13 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
-def accounting_for(geometry, dtype_bytes: int, context_tokens: int) -> dict:
-    """features + KV of one session with one image and ``context_tokens`` tokens, from the config."""
+def accounting_for(geometry, dtype_bytes: int, context_tokens: int, image_tokens: int | None = None) -> dict:
+    """features + KV of one session with one image (``image_tokens``, default the geometry's fixed
+    count) and ``context_tokens`` tokens, from the config."""
     head_dim = geometry.text_hidden_size // geometry.text_num_heads
     per_token = kv_bytes_per_token(geometry.text_num_layers, geometry.text_num_kv_heads, head_dim, dtype_bytes)
-    features = geometry.num_image_tokens * geometry.text_hidden_size * dtype_bytes
+    tokens = geometry.num_image_tokens if image_tokens is None else image_tokens
+    features = tokens * geometry.text_hidden_size * dtype_bytes
     return {"kv_bytes_per_token": per_token, "feature_bytes": features,
             "session_bytes": features + per_token * context_tokens}
 
@@ -200,6 +220,7 @@ def run(options: Options, log=print) -> dict:
 
     from llava_sessions.bench import served
     from llava_sessions.bench.inprocess import InProcess, reference_run
+    from llava_sessions.bench.inprocess import decode_image as inprocess_decode_image
     from llava_sessions.handler.engine import host_allocator
     from llava_sessions.handler.engine.model_loader import load_model
     from llava_sessions.tiny_model import PRESETS
@@ -340,11 +361,14 @@ def run(options: Options, log=print) -> dict:
     measured_per_token = (first.bytes_held_after - reference.bytes_after_open) / kv_tokens_after_first
     measured_session = reference.bytes_after_open + measured_per_token * SESSION_CONTEXT_TOKENS
     budget, budget_source = memory_budget(device, options.budget_gb)
-    geometry = PRESETS.get(options.preset) if not options.model else None
+    geometry = geometry_for(options.preset) if not options.model else None
     # The targets are set per model shape and device: --model is held to a preset's targets
     # only when its config has that preset's shape.
     shape = preset_of(loaded.model.config) if options.model else options.preset
-    own_accounting = accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS) if geometry else None
+    # The bench image's own count: a LLaVA-NeXT image's depends on its size.
+    image_tokens = loaded.image_tokens([inprocess_decode_image(image_b64)])[0]
+    own_accounting = (accounting_for(geometry, dtype_bytes, SESSION_CONTEXT_TOKENS, image_tokens)
+                      if geometry else None)
     seven_b = accounting_for(PRESETS["llava-1.5-7b"], 2, SESSION_CONTEXT_TOKENS)
     # Less the decode arena a CUDA-graph worker keeps (runner.kept_arena_slots).
     from llava_sessions.handler.engine.runner import KEPT_ARENA_ROWS, kept_arena_slots

@@ -12,10 +12,11 @@ def register(commands) -> None:
         help="time one multi-turn conversation: our stack over HTTP vs stateless, pixel-cache and floor",
         description="Time one conversation of K turns about one image through (a) our serving stack over "
         "HTTP, (b) a stateless model.generate, (c) the AWS sample's pixel cache and (d) the bare floor, "
-        "on identical token histories. --preset llava-1.5-7b writes a ~14 GB float16 random-weight "
-        "checkpoint to the cache once (for a GPU); --model DIR uses an existing checkpoint instead.",
+        "on identical token histories. --preset llava-1.5-7b or llava-next-mistral-7b writes a ~14-15 GB "
+        "float16 random-weight checkpoint of that exact shape to the cache once (for a GPU); --model DIR "
+        "uses an existing checkpoint instead.",
     )
-    bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b"],
+    bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b", "llava-next-mistral-7b"],  # runner.BENCH_PRESETS
                        help="random-weight model shape; the ratios are held to targets only for small on a "
                        "CPU and llava-1.5-7b on a GPU")
     bench.add_argument("--model", help="existing checkpoint directory (overrides the preset's weights; held to "

@@ -210,3 +210,28 @@ def test_the_long_conversation_ratio_is_stateless_over_ours_of_the_medians():
     assert best["stateless_vs_ours"] == pytest.approx(40.0)
     with pytest.raises(ValueError):
         stats.long_conversation_summary([[0.1]], [])
+
+
+def test_each_bench_preset_has_a_family_geometry_and_the_next_7b_its_real_shape(tmp_path, monkeypatch):
+    """Bench presets name a family's geometry; the 7B-class ones are written in float16 under a
+    name of their family, and a LLaVA-NeXT session is charged its image's own count."""
+    from llava_sessions.bench import runner
+
+    written = {}
+
+    def write(out_dir, preset, dtype, init_device, family):
+        written.update(out_dir=out_dir, preset=preset, dtype=str(dtype), family=family)
+        return out_dir
+
+    monkeypatch.setattr("llava_sessions.tiny_model.write_tiny_llava", write)
+    monkeypatch.setenv("LLAVA_SESSIONS_HOME", str(tmp_path))
+    runner.checkpoint_for(runner.Options(preset="llava-next-mistral-7b"))
+    assert written["preset"] == "llava-next-mistral-7b" and written["family"] == "next"
+    assert written["dtype"] == "torch.float16" and "llava-next-mistral-7b-next-seed0-float16" in str(written["out_dir"])
+    for preset, (family, _) in runner.BENCH_PRESETS.items():
+        assert runner.geometry_for(preset).family == family
+    next_7b = runner.geometry_for("llava-next-mistral-7b")
+    acc = runner.accounting_for(next_7b, 2, 2928 + 44, image_tokens=2928)
+    assert acc["kv_bytes_per_token"] == 131072  # 32 layers x 8 KV heads x 128 x K and V x 2 bytes
+    assert acc["feature_bytes"] == 2928 * 4096 * 2
+

@@ -14,7 +14,12 @@ One family per real kind of checkpoint (``FAMILIES``), each with its presets:
 - ``next``: LLaVA-NeXT (llava-hf/llava-v1.6-mistral-7b-hf), a LlavaNextForConditionalGeneration:
   a CLIP tower over anyres tiles (``image_grid_pinpoints``; an image's token count depends on
   its size and shape), a Mistral decoder (grouped KV, no sliding window), the Mistral
-  ``[INST] ... [/INST]`` template with ``</s>``.
+  ``[INST] ... [/INST]`` template with ``</s>``;
+- ``onevision``: LLaVA-OneVision (llava-hf/llava-onevision-qwen2-0.5b-ov-hf), a
+  LlavaOnevisionForConditionalGeneration: a SigLIP tower over anyres tiles (``anyres_max_9``: a
+  single image tiled by its shape, several in one request untiled), a Qwen2 decoder, its ChatML
+  template with ``<|im_end|>``. Its processor is built without a video processor (that one needs
+  torchvision; images only).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -45,6 +52,7 @@ from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_S
 # The PIL backends: transformers 5's default image processors need torchvision.
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 __all__ = [
@@ -53,6 +61,8 @@ __all__ = [
     "FAMILIES",
     "MISTRAL_TEMPLATE",
     "NEXT_PRESETS",
+    "ONEVISION_PRESETS",
+    "ONEVISION_TEMPLATE",
     "PRESETS",
     "MARKER_FILE",
     "LlavaGeometry",
@@ -70,6 +80,7 @@ SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE]
 # The SigLIP family's tokenizer (Qwen2's specials; like Qwen2 it adds no bos).
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHATML_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE]
+VIDEO = "<video>"  # OneVision's tokenizer has it too (this server takes images only)
 
 MARKER_FILE = "tiny_llava.json"
 
@@ -130,6 +141,22 @@ MISTRAL_TEMPLATE = _EACH_MESSAGE_AS_PARTS + (
     "{{ '</s>' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+)
+
+# llava-onevision-qwen2's ChatML (its chat_template.json): images first, then "\n" + each text;
+# no newline after <|im_end|>. An assistant message renders as "\n" + its text, so a rendered
+# history has one "\n" more before each answer than the generation prompt asked the model for
+# (the engine keeps the ids the model answered after, never a re-render):
+#   "<|im_start|>user\n<image>\n<prompt><|im_end|><|im_start|>assistant\n<answer><|im_end|>"
+ONEVISION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\\n' + content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 # Training text for the toy BPE: plain English in the register of image chat, so common words
@@ -207,7 +234,7 @@ class LlavaGeometry:
     # on the last token.
     init_std: float = 0.02
     family: str = "llava"
-    # LLaVA-NeXT only: the (height, width) resolutions an image is tiled at (anyres)
+    # LLaVA-NeXT and OneVision: the (height, width) resolutions an image is tiled at (anyres)
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     @property
@@ -216,7 +243,7 @@ class LlavaGeometry:
         "default" strategy drops it (SigLIP has none). LLaVA-NeXT: the base tile's count (its
         config's ``image_seq_length``); an image adds its anyres tiles' rows to it."""
         patches = (self.image_size // self.patch_size) ** 2
-        cls = 0 if self.family == "llava-siglip" else 1
+        cls = 0 if self.family in ("llava-siglip", "onevision") else 1
         return patches + cls - (1 if self.vision_feature_select_strategy == "default" else 0)
 
 
@@ -302,9 +329,40 @@ NEXT_PRESETS: dict[str, LlavaGeometry] = {
     ),
 }
 
+# OneVision's 36 pinpoints: every (h, w) in multiples of 384 up to 2304 (6 x 6 tiles).
+_ONEVISION_PINPOINTS = tuple((384 * h, 384 * w) for h in range(1, 7) for w in range(1, 7))
+# LLaVA-OneVision: a SigLIP tower (no CLS, strategy "full", last layer) over anyres tiles, a Qwen2
+# decoder (grouped KV); anyres_max_9 (a tiled image's grid is scaled down past 9 tiles' worth of
+# rows); the ChatML template of llava-onevision-qwen2.
+_ONEVISION = dict(_SIGLIP, family="onevision")
+ONEVISION_PRESETS: dict[str, LlavaGeometry] = {
+    # 40 px tiles of 25 tokens (patch 8); a single image is tiled 1x1, 1x2, 2x1 or 2x2 by its shape,
+    # or 4x4 when large (then scaled down by anyres_max_9); several images take 25 + 1 each
+    "tiny": replace(SIGLIP_PRESETS["tiny"], max_position_embeddings=2048,
+                    image_grid_pinpoints=((40, 40), (40, 80), (80, 40), (80, 80), (160, 160)), **_ONEVISION),
+    # the real tiling (384 px tiles, patch 14: 729 tokens a tile, the 36 pinpoints) at the small widths
+    "small": replace(SIGLIP_PRESETS["small"], max_position_embeddings=16384,
+                     image_grid_pinpoints=_ONEVISION_PINPOINTS, **_ONEVISION),
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP-so400m (27 layers of 1152 less the head: 26
+    # read), Qwen2-0.5B (24 layers x 14 heads, 2 KV heads of 64).
+    "llava-onevision-qwen2-0.5b": LlavaGeometry(
+        image_size=384, patch_size=14, vision_hidden_size=1152, vision_intermediate_size=4304,
+        vision_num_layers=26, vision_num_heads=16, text_hidden_size=896, text_intermediate_size=4864,
+        text_num_layers=24, text_num_heads=14, vocab_size=151936,  # 2 KV heads, as _SIGLIP
+        max_position_embeddings=32768, image_grid_pinpoints=_ONEVISION_PINPOINTS, **_ONEVISION,
+    ),
+}
+
+# video_preprocessor_config.json as llava-onevision-qwen2's (384 px there), never loaded here.
+_ONEVISION_VIDEO = {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor",
+                    "do_resize": True, "size": {"height": 384, "width": 384}, "resample": 3, "do_rescale": True,
+                    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
 # Family -> its presets; `llava-sessions tiny-model --family F --preset P`.
 FAMILIES: dict[str, dict[str, LlavaGeometry]] = {"llava": PRESETS, "llava-siglip": SIGLIP_PRESETS,
-                                                 "next": NEXT_PRESETS}
+                                                 "next": NEXT_PRESETS, "onevision": ONEVISION_PRESETS}
+# The aspect-ratio rule of the OneVision presets (config.json's and the processor's vision_aspect_ratio).
+ONEVISION_ASPECT_RATIO = "anyres_max_9"
 
 
 def geometry_of(preset: str, family: str = "llava") -> LlavaGeometry:
@@ -345,13 +403,14 @@ def build_tokenizer(vocab_size: int = 1024, family: str = "llava") -> PreTrained
     The corpus is small, so large vocab sizes stop where the merges run out; the model's
     embedding is then larger than the tokenizer, as in llava-1.5-7b-hf (32064 rows, 32002 tokens).
     """
-    if family == "llava-siglip":
+    if family in ("llava-siglip", "onevision"):
+        onevision = family == "onevision"
         return PreTrainedTokenizerFast(
-            tokenizer_object=_train_bpe(vocab_size, CHATML_SPECIAL_TOKENS, bos=None),
+            tokenizer_object=_train_bpe(vocab_size, CHATML_SPECIAL_TOKENS + [VIDEO] * onevision, bos=None),
             eos_token=IM_END,
             pad_token=ENDOFTEXT,
-            extra_special_tokens={"image_token": IMAGE},
-            chat_template=CHATML_TEMPLATE,
+            extra_special_tokens={"image_token": IMAGE, **({"video_token": VIDEO} if onevision else {})},
+            chat_template=ONEVISION_TEMPLATE if onevision else CHATML_TEMPLATE,
             padding_side="left",
         )
     return PreTrainedTokenizerFast(
@@ -387,8 +446,8 @@ def build_config(
         "image_size": geometry.image_size,
         "patch_size": geometry.patch_size,
     }
-    if geometry.family == "llava-siglip":
-        # llava-interleave-qwen's tower: no pooling head (LLaVA reads the hidden states).
+    if geometry.family in ("llava-siglip", "onevision"):
+        # llava-interleave-qwen's and OneVision's tower: no pooling head (LLaVA reads the hidden states).
         vision_config = SiglipVisionConfig(**vision, vision_use_head=False)
         text_class = Qwen2Config
     elif geometry.family == "next":
@@ -424,6 +483,12 @@ def build_config(
     )
     if geometry.family == "next":
         return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints])
+    if geometry.family == "onevision":
+        common.pop("image_seq_length")  # OneVision's config has none: the processor's num_image_tokens
+        return LlavaOnevisionConfig(**common, image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
+                                    vision_aspect_ratio=ONEVISION_ASPECT_RATIO,
+                                    video_token_index=tokenizer.convert_tokens_to_ids(VIDEO),
+                                    tie_word_embeddings=False)
     return LlavaConfig(**common)
 
 
@@ -433,8 +498,29 @@ def build_processor(
     """The family's preprocessing at `geometry.image_size` and `<image>` expansion matching the
     model: CLIP's resize and center crop, SigLIP's squash to a square, or LLaVA-NeXT's anyres
     tiles (each image resized and padded to its best pinpoint, cut into tiles, plus the whole
-    image as a base tile)."""
+    image as a base tile; OneVision's the same, but only for a request's single image, several
+    being padded to squares and untiled)."""
     side = geometry.image_size
+    if geometry.family == "onevision":
+        # PIL backend, and no video processor: both of transformers 5's others need torchvision
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": side, "width": side},
+            image_grid_pinpoints=[list(p) for p in geometry.image_grid_pinpoints],
+            image_mean=IMAGENET_STANDARD_MEAN,  # 0.5, as llava-onevision-qwen2's
+            image_std=IMAGENET_STANDARD_STD,
+            do_convert_rgb=True,
+        )
+        # LlavaOnevisionProcessor less its video processor (it needs torchvision), as the adapter loads it
+        from llava_sessions.handler.engine.models.llava_onevision import ImagesOnlyOnevisionProcessor
+
+        return ImagesOnlyOnevisionProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_image_tokens=geometry.num_image_tokens,  # one tile's: SigLIP has no CLS
+            vision_feature_select_strategy=geometry.vision_feature_select_strategy,
+            vision_aspect_ratio=ONEVISION_ASPECT_RATIO,
+            chat_template=ONEVISION_TEMPLATE,
+        )
     if geometry.family == "next":
         # PIL backend: transformers 5's default LlavaNextImageProcessor needs torchvision
         image_processor = LlavaNextImageProcessorPil(
@@ -524,7 +610,8 @@ def build_random_model(
     tokenizer = build_tokenizer(geometry.vocab_size, family)
     config = build_config(geometry, tokenizer)
     torch.manual_seed(seed)
-    model_class = LlavaNextForConditionalGeneration if family == "next" else LlavaForConditionalGeneration
+    model_class = {"next": LlavaNextForConditionalGeneration,
+                   "onevision": LlavaOnevisionForConditionalGeneration}.get(family, LlavaForConditionalGeneration)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
     _mute_padding_rows(model, len(tokenizer))
@@ -534,7 +621,7 @@ def build_random_model(
 
 # The real checkpoint each family's tiny one loads like.
 _LOADS_LIKE = {"llava": "llava-hf/llava-1.5-7b-hf", "llava-siglip": "llava-hf/llava-interleave-qwen-0.5b-hf",
-               "next": "llava-hf/llava-v1.6-mistral-7b-hf"}
+               "next": "llava-hf/llava-v1.6-mistral-7b-hf", "onevision": "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"}
 
 
 def _checkpoint_readme(preset: str, seed: int, geometry: LlavaGeometry) -> str:
@@ -596,7 +683,7 @@ def write_tiny_llava(
     family: str = "llava",
 ) -> pathlib.Path:
     """Write a complete random-weight LLaVA checkpoint (safetensors only) of ``family``
-    (FAMILIES: ``llava``, ``llava-siglip``, ``next``) to `out_dir`.
+    (FAMILIES: ``llava``, ``llava-siglip``, ``next``, ``onevision``) to `out_dir`.
 
     Deterministic: the same preset, seed, dtype and kind of `init_device` give byte-identical
     weights (CPU and CUDA draw different numbers from one seed). Idempotent: a complete checkpoint
@@ -615,6 +702,9 @@ def write_tiny_llava(
     model, processor = build_random_model(preset, seed, dtype, init_device, family)
     model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
     processor.save_pretrained(out_dir)
+    if family == "onevision":
+        # The real checkpoints ship one; loading must not build it (its processor needs torchvision).
+        (out_dir / "video_preprocessor_config.json").write_text(json.dumps(_ONEVISION_VIDEO, indent=2) + "\n")
     del model
     if init_device.type == "cuda":
         torch.cuda.empty_cache()  # the weights' blocks go back before anything loads the checkpoint

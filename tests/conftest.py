@@ -59,6 +59,17 @@ def loaded_next(tiny_next_dir):
     return _load(tiny_next_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_onevision_dir(tmp_path_factory):
+    """The LLaVA-OneVision family's tiny checkpoint (SigLIP over anyres tiles, ChatML; no video)."""
+    return _tiny(tmp_path_factory, "tiny-onevision", "onevision")
+
+
+@pytest.fixture(scope="session")
+def loaded_onevision(tiny_onevision_dir):
+    return _load(tiny_onevision_dir)
+
+
 def noise_image(seed: int, size: int = 32):
     """A reproducible RGB noise image (PIL's effect_noise is not seedable)."""
     import numpy as np

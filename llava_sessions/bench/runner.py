@@ -104,8 +104,10 @@ BENCH_PRESETS: dict[str, tuple[str, str]] = {
     "small": ("llava", "small"),
     "llava-1.5-7b": ("llava", "llava-1.5-7b"),  # llava-hf/llava-1.5-7b-hf
     "llava-next-mistral-7b": ("next", "llava-next-mistral-7b"),  # llava-hf/llava-v1.6-mistral-7b-hf
+    "onevision-0.5b": ("onevision", "llava-onevision-qwen2-0.5b"),  # llava-hf/llava-onevision-qwen2-0.5b-ov-hf
 }
-FLOAT16_PRESETS = ("llava-1.5-7b", "llava-next-mistral-7b")
+FLOAT16_PRESETS = ("llava-1.5-7b", "llava-next-mistral-7b")  # on a CPU too: 14-15 GB in float32 would not do
+FLOAT16_ON_GPU_PRESETS = ("onevision-0.5b",)  # float32 on a CPU, where half precision is slow
 
 
 def geometry_for(preset: str):
@@ -123,15 +125,17 @@ def checkpoint_for(options: Options) -> Path:
     if options.model:
         return models.resolve_model(options.model)
     family, name = BENCH_PRESETS[options.preset]
-    if options.preset in FLOAT16_PRESETS:
+    if options.preset in FLOAT16_PRESETS + FLOAT16_ON_GPU_PRESETS:
         import torch
 
         from llava_sessions.tiny_model import write_tiny_llava
 
         # Drawn on the GPU when there is one: on a CPU a 7B draw takes minutes.
         init_device = "cuda" if torch.cuda.is_available() else "cpu"
-        return write_tiny_llava(models.home() / "models" / f"{name}-{family}-seed0-float16-{init_device}",
-                                preset=name, dtype=torch.float16, init_device=init_device, family=family)
+        half = options.preset in FLOAT16_PRESETS or init_device == "cuda"
+        dtype = torch.float16 if half else torch.float32
+        return write_tiny_llava(models.home() / "models" / f"{name}-{family}-seed0-{str(dtype)[6:]}-{init_device}",
+                                preset=name, dtype=dtype, init_device=init_device, family=family)
     return models.ensure_tiny_model(name)
 
 

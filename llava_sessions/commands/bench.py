@@ -13,10 +13,10 @@ def register(commands) -> None:
         description="Time one conversation of K turns about one image through (a) our serving stack over "
         "HTTP, (b) a stateless model.generate, (c) the AWS sample's pixel cache and (d) the bare floor, "
         "on identical token histories. --preset llava-1.5-7b or llava-next-mistral-7b writes a ~14-15 GB "
-        "float16 random-weight checkpoint of that exact shape to the cache once (for a GPU); --model DIR "
-        "uses an existing checkpoint instead.",
+        "float16 random-weight checkpoint of that exact shape to the cache once (for a GPU), onevision-0.5b "
+        "a ~2 GB one (float32 on a CPU); --model DIR uses an existing checkpoint instead.",
     )
-    bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b", "llava-next-mistral-7b"],  # runner.BENCH_PRESETS
+    bench.add_argument("--preset", default="small", choices=["tiny", "small", "llava-1.5-7b", "llava-next-mistral-7b", "onevision-0.5b"],
                        help="random-weight model shape; the ratios are held to targets only for small on a "
                        "CPU and llava-1.5-7b on a GPU")
     bench.add_argument("--model", help="existing checkpoint directory (overrides the preset's weights; held to "

@@ -10,10 +10,11 @@ from llava_sessions.commands import archive_from_args, model_arguments
 def register(commands) -> None:
     tiny = commands.add_parser("tiny-model", help="write the offline random-weight LLaVA checkpoint")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--family", default="llava", choices=["llava", "llava-siglip", "next"],
+    tiny.add_argument("--family", default="llava", choices=["llava", "llava-siglip", "next", "onevision"],
                       help="llava: LLaVA-1.5 (CLIP tower, Vicuna template); llava-siglip: a SigLIP LLaVA "
                       "such as llava-interleave-qwen (no CLS token, ChatML template); next: LLaVA-NeXT "
-                      "such as llava-v1.6-mistral (anyres tiles, Mistral [INST] template)")
+                      "such as llava-v1.6-mistral (anyres tiles, Mistral [INST] template); onevision: LLaVA-OneVision "
+                      "such as llava-onevision-qwen2 (SigLIP over anyres tiles, ChatML; images only)")
     tiny.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_tiny_model)

@@ -1,4 +1,4 @@
-"""Model families on a real TorchServe: the SigLIP LLaVA and LLaVA-NeXT served end to end, and a
+"""Model families on a real TorchServe: the SigLIP LLaVA, LLaVA-NeXT and LLaVA-OneVision served end to end, and a
 model type without an adapter refused when the worker starts (not on its first request)."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ MAX_NEW = 6
 
 
 # Wide and tall at open, a square one mid-conversation: SigLIP squashes each to 25 tokens;
-# LLaVA-NeXT tiles each by its shape, so each takes its own count.
-FAMILIES = {"siglip": ("tiny_siglip_dir", "loaded_siglip", [25, 25, 25]),
-            "next": ("tiny_next_dir", "loaded_next", [44, 40, 88])}
+# LLaVA-NeXT tiles each by its shape, so each takes its own count; OneVision leaves the two sent
+# together untiled (25 + 1 each) and tiles the one sent alone.
+FAMILIES = {"siglip": ("tiny_siglip_dir", "loaded_siglip", [[25, 25], [25]]),
+            "next": ("tiny_next_dir", "loaded_next", [[44, 40], [88]]),
+            "onevision": ("tiny_onevision_dir", "loaded_onevision", [[26, 26], [135]])}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -36,7 +38,7 @@ def test_a_family_serves_a_conversation_as_the_engine_does(family, tmp_path, req
     checkpoint, loaded = request.getfixturevalue(checkpoint_fixture), request.getfixturevalue(loaded_fixture)
     opened_with = [Image.new("RGB", (48, 30), (200, 40, 10)), Image.new("RGB", (20, 70), (10, 90, 220))]
     later = Image.new("RGB", (50, 50), (30, 160, 60))
-    assert loaded.image_tokens(opened_with + [later]) == counts
+    assert [loaded.image_tokens(opened_with), loaded.image_tokens([later])] == counts
     turns = [("What is in the pictures?", []), ("Which one is darker?", []), ("And this one?", [later])]
     server = start_server(checkpoint, tmp_path, workers=1, ttl=600)
     try:
@@ -62,7 +64,8 @@ def test_a_family_serves_a_conversation_as_the_engine_does(family, tmp_path, req
     processor = loaded.processor
     messages = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": turns[0][0]}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert served[0]["usage"]["prompt_tokens"] == len(processor(images=opened_with, text=prompt)["input_ids"][0])
+    # (the images nested as one prompt's, as apply_chat_template gives them)
+    assert served[0]["usage"]["prompt_tokens"] == len(processor(images=[opened_with], text=prompt)["input_ids"][0])
     assert served[0]["usage"]["cached_tokens"] == 0
     assert 0 < served[1]["usage"]["cached_tokens"] < served[2]["usage"]["cached_tokens"]
     # An engine in this process, given the same conversation, answers exactly the same.
@@ -75,17 +78,18 @@ def test_a_family_serves_a_conversation_as_the_engine_does(family, tmp_path, req
 
 
 def test_a_model_type_without_an_adapter_fails_the_worker_at_start(tiny_model_dir, tmp_path):
-    checkpoint = tmp_path / "llava-onevision"
+    checkpoint = tmp_path / "mllama"
     shutil.copytree(tiny_model_dir, checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llava_onevision"}))
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "mllama"}))
     archive = build_archive(checkpoint, tmp_path / "store", max_sessions_per_worker=1, session_ttl_s=60)
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         deadline = time.monotonic() + 120
         while "Supported model types" not in ts.log_tail(2000) and time.monotonic() < deadline:
             time.sleep(0.5)
         log = ts.log_tail(2000)
-        assert "ConfigError" in log and "model_type 'llava_onevision'" in log, log[-3000:]
+        assert "ConfigError" in log and "model_type 'mllama'" in log, log[-3000:]
         assert "Supported model types: 'llava' (" in log and "'llava_next' (LLaVA-NeXT" in log
+        assert "'llava_onevision' (LLaVA-OneVision" in log
         workers = ts.describe(ts.model_names[0])["workers"]
         assert all(worker["status"] != "READY" for worker in workers)

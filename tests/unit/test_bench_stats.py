@@ -228,6 +228,8 @@ def test_each_bench_preset_has_a_family_geometry_and_the_next_7b_its_real_shape(
     runner.checkpoint_for(runner.Options(preset="llava-next-mistral-7b"))
     assert written["preset"] == "llava-next-mistral-7b" and written["family"] == "next"
     assert written["dtype"] == "torch.float16" and "llava-next-mistral-7b-next-seed0-float16" in str(written["out_dir"])
+    runner.checkpoint_for(runner.Options(preset="onevision-0.5b"))  # on this CPU: float32
+    assert written["family"] == "onevision" and written["dtype"] == "torch.float32"
     for preset, (family, _) in runner.BENCH_PRESETS.items():
         assert runner.geometry_for(preset).family == family
     next_7b = runner.geometry_for("llava-next-mistral-7b")

@@ -293,11 +293,13 @@ def test_tiny_model_command_takes_a_family(tmp_path, monkeypatch, capsys):
     assert "llava-siglip small" in capsys.readouterr().out
     assert main(["tiny-model", str(tmp_path / "c"), "--family", "next"]) == 0
     assert written[-1] == {"preset": "tiny", "seed": 0, "family": "next"}
+    assert main(["tiny-model", str(tmp_path / "d"), "--family", "onevision"]) == 0
+    assert written[-1] == {"preset": "tiny", "seed": 0, "family": "onevision"}
     with pytest.raises(SystemExit):
-        main(["tiny-model", str(tmp_path / "d"), "--family", "onevision"])
-    with pytest.raises(ValueError, match="choose one of llava, llava-siglip, next"):
-        geometry_of("tiny", "onevision")
-    assert set(FAMILIES) == {"llava", "llava-siglip", "next"}
+        main(["tiny-model", str(tmp_path / "e"), "--family", "mllama"])
+    with pytest.raises(ValueError, match="choose one of llava, llava-siglip, next, onevision"):
+        geometry_of("tiny", "mllama")
+    assert set(FAMILIES) == {"llava", "llava-siglip", "next", "onevision"}
 
 
 # --- the LLaVA-NeXT family (llava-v1.6-mistral's kind) ------------------------------------------

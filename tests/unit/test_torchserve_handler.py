@@ -143,7 +143,7 @@ def test_a_cpu_worker_takes_its_share_of_the_cores(tiny_model_dir, monkeypatch):
 
 
 def test_a_model_type_without_an_adapter_is_refused_when_the_worker_starts(tiny_model_dir, tmp_path):
-    """A checkpoint of a family without an adapter (here LLaVA-OneVision) would load into the
+    """A checkpoint of a family without an adapter (here Llama 3.2 Vision's) would load into the
     wrong class with only a warning: the worker refuses it at start, saying what is supported,
     instead of failing every request."""
     import shutil
@@ -151,13 +151,13 @@ def test_a_model_type_without_an_adapter_is_refused_when_the_worker_starts(tiny_
     from llava_sessions.errors import ConfigError
     from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
 
-    checkpoint = tmp_path / "onevision"
+    checkpoint = tmp_path / "mllama"
     shutil.copytree(tiny_model_dir, checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "llava_onevision"}))
+    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "mllama"}))
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
                       model_yaml_config={"handler": {"model": str(checkpoint), "session_ttl_s": 60}})
     worker = LlavaSessionHandler()
-    with pytest.raises(ConfigError, match=r"model_type 'llava_onevision'.*Supported model types: 'llava' \("):
+    with pytest.raises(ConfigError, match=r"model_type 'mllama'.*Supported model types: 'llava' \("):
         worker.initialize(context)
     assert not worker.initialized and worker.engine is None

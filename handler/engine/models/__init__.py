@@ -16,11 +16,12 @@ from llava_sessions.errors import ConfigError
 from llava_sessions.handler.engine.models.base import ModelAdapter
 from llava_sessions.handler.engine.models.llava import LlavaAdapter
 from llava_sessions.handler.engine.models.llava_next import LlavaNextAdapter
+from llava_sessions.handler.engine.models.llava_onevision import LlavaOnevisionAdapter
 
 __all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "load", "supported"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter)
+    adapter.model_type: adapter for adapter in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import ClassVar, Sequence
 
 import torch
+from PIL import Image
 from transformers import AutoProcessor
 
 from llava_sessions.errors import ConfigError
@@ -82,3 +83,21 @@ class ModelAdapter:
         """The count every image takes, for families where it does not depend on the image; None
         where it does (per-image figures then come from ``image_tokens``)."""
         return None
+
+    def tile_size(self) -> tuple[int, int]:
+        """(height, width) of a tile the vision tower sees: what the processor makes of an image of
+        the tower's own size."""
+        side = self.model.config.vision_config.image_size
+        pixels = self.pixel_inputs([Image.new("RGB", (side, side))])["pixel_values"]
+        return int(pixels.shape[-2]), int(pixels.shape[-1])
+
+
+
+def height_width(image) -> tuple[int, int]:
+    """(height, width) of a PIL image or an [H, W, C] / [C, H, W] array, as the processor reads it."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    from transformers.image_utils import get_image_size, infer_channel_dimension_format, to_numpy_array
+
+    array = to_numpy_array(image)
+    return get_image_size(array, infer_channel_dimension_format(array))

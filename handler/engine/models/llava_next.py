@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
 
 from llava_sessions.errors import ConfigError
-from llava_sessions.handler.engine.models.base import ModelAdapter
+from llava_sessions.handler.engine.models.base import ModelAdapter, height_width
 
 
 class LlavaNextAdapter(ModelAdapter):
@@ -47,7 +47,7 @@ class LlavaNextAdapter(ModelAdapter):
                 "processor_config.json must name LlavaNextProcessor"
             )
         # (height, width) of each tile the tower sees: the processor's crop (or resize) size
-        self._tile = self._tile_size()
+        self._tile = self.tile_size()
         self._check()
 
     def pixel_inputs(self, images: Sequence) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ class LlavaNextAdapter(ModelAdapter):
         }
 
     def image_tokens(self, images: Sequence) -> list[int]:
-        return [self._tokens_of(*_height_width(image)) for image in images]
+        return [self._tokens_of(*height_width(image)) for image in images]
 
     def _tokens_of(self, height: int, width: int) -> int:
         """The processor's count for one image (LlavaNextProcessor.replace_image_token's)."""
@@ -69,12 +69,6 @@ class LlavaNextAdapter(ModelAdapter):
         if self.processor.vision_feature_select_strategy == "default":
             count -= 1
         return count
-
-    def _tile_size(self) -> tuple[int, int]:
-        side = self.model.config.vision_config.image_size
-        pixels = self.processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")
-        height, width = pixels["pixel_values"].shape[-2:]
-        return int(height), int(width)
 
     def _check(self) -> None:
         """One image of an awkward shape (tiled, then unpadded): the processor's expansion, the
@@ -94,13 +88,3 @@ class LlavaNextAdapter(ModelAdapter):
                 "config.json: num_additional_image_tokens 1 for a CLIP tower, the same "
                 "vision_feature_select_strategy and image_grid_pinpoints"
             )
-
-
-def _height_width(image) -> tuple[int, int]:
-    """(height, width) of a PIL image or an [H, W, C] / [C, H, W] array, as the processor reads it."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    from transformers.image_utils import get_image_size, infer_channel_dimension_format, to_numpy_array
-
-    array = to_numpy_array(image)
-    return get_image_size(array, infer_channel_dimension_format(array))

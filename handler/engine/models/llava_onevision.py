@@ -41,8 +41,7 @@ from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration, 
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from llava_sessions.errors import ConfigError
-from llava_sessions.handler.engine.models.base import ModelAdapter
-from llava_sessions.handler.engine.models.llava_next import _height_width
+from llava_sessions.handler.engine.models.base import ModelAdapter, height_width
 
 # What LlavaOnevisionProcessor takes from processor_config.json besides its sub-processors.
 _PROCESSOR_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio",
@@ -117,9 +116,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
                 "processor_config.json must name LlavaOnevisionProcessor with num_image_tokens (729 for "
                 "SigLIP at 384 px, patch 14)"
             )
-        side = model.config.vision_config.image_size
-        pixels = self.pixel_inputs([Image.new("RGB", (side, side))])["pixel_values"]
-        self._tile = tuple(int(n) for n in pixels.shape[-2:])  # (height, width) of a tile
+        self._tile = self.tile_size()
         self._check()
 
     @classmethod
@@ -143,7 +140,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         """One request's images as one group: a single image by its size, several 729 + 1 each."""
         if len(images) != 1:
             return [self._untiled_tokens()] * len(images)
-        return [self._tiled_tokens(*_height_width(images[0]))]
+        return [self._tiled_tokens(*height_width(images[0]))]
 
     def _untiled_tokens(self) -> int:
         count = self.processor.num_image_tokens + 1  # + the image_newline row

@@ -250,7 +250,7 @@ def test_onevision_counts_follow_each_requests_images_as_the_processor_does(load
 
 def test_onevision_counts_in_the_0_5b_geometry():
     """llava-onevision-qwen2-0.5b/7b's processor (SigLIP 384 px, patch 14: 729 a tile; 36
-    pinpoints, anyres_max_9): the README's figures, as its expansion writes them."""
+    pinpoints, anyres_max_9): docs/design.md's figures, as its expansion writes them."""
     from PIL import Image as PILImage
 
     from llava_sessions.tiny_model import ONEVISION_PRESETS, build_processor, build_tokenizer

@@ -60,6 +60,17 @@ def write_fake_checkpoint(path: Path) -> Path:
     return path
 
 
+def copy_with(checkpoint: Path, tmp_path: Path, name: str, **changes) -> str:
+    """A copy of ``checkpoint`` (in ``tmp_path``) with keys of its JSON file ``name`` changed."""
+    import shutil
+
+    target = Path(tmp_path) / "changed"
+    shutil.copytree(checkpoint, target)
+    path = target / name
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return str(target)
+
+
 def png_b64(image) -> str:
     """An image as the base64 PNG a client puts in "images"."""
     return b64(encode(image))

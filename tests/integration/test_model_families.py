@@ -3,8 +3,6 @@ model type without an adapter refused when the worker starts (not on its first r
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pytest
@@ -12,7 +10,7 @@ from PIL import Image
 
 from llava_sessions.archive import build_archive
 from llava_sessions.torchserve_process import TorchServeProcess
-from tests.fakes import png_b64
+from tests.fakes import copy_with, png_b64
 from tests.integration.test_serving import CLOSED, invoke, start_server, wait_for_log, worker_log
 
 pytestmark = pytest.mark.integration
@@ -78,10 +76,7 @@ def test_a_family_serves_a_conversation_as_the_engine_does(family, tmp_path, req
 
 
 def test_a_model_type_without_an_adapter_fails_the_worker_at_start(tiny_model_dir, tmp_path):
-    checkpoint = tmp_path / "mllama"
-    shutil.copytree(tiny_model_dir, checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "mllama"}))
+    checkpoint = copy_with(tiny_model_dir, tmp_path, "config.json", model_type="mllama")
     archive = build_archive(checkpoint, tmp_path / "store", max_sessions_per_worker=1, session_ttl_s=60)
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         deadline = time.monotonic() + 120

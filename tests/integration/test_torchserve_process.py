@@ -18,7 +18,7 @@ import requests
 import llava_sessions.torchserve_process as tsp
 from llava_sessions.archive import build_archive
 from llava_sessions.torchserve_process import TorchServeError, TorchServeProcess, group_pids
-from tests.fakes import write_echo_handler, write_fake_checkpoint
+from tests.fakes import copy_with, write_echo_handler, write_fake_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -184,12 +184,7 @@ def test_wait_ready_reports_the_log_when_workers_fail(tmp_path, checkpoint):
 def test_a_worker_that_refuses_to_start_ends_the_wait_at_once_with_its_reason(tmp_path, tiny_model_dir):
     """A ConfigError at start (here a model family without an adapter) will not go away when
     TorchServe restarts the worker: wait_ready says why at once instead of waiting out its timeout."""
-    import shutil
-
-    checkpoint = tmp_path / "unsupported"
-    shutil.copytree(tiny_model_dir, checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "not_a_llava"}))
+    checkpoint = copy_with(tiny_model_dir, tmp_path, "config.json", model_type="not_a_llava")
     archive = build_archive(checkpoint, tmp_path / "store", max_sessions_per_worker=1, session_ttl_s=60)
     with TorchServeProcess(archive, tmp_path / "run") as ts:
         started = time.monotonic()

@@ -10,7 +10,6 @@ each request's images are one group, processed as that request's own prompt woul
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from llava_sessions.handler.engine import generation
 from llava_sessions.handler.engine.engine import SessionEngine
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.model_loader import load_model
+from tests.fakes import copy_with
 
 GREEDY = SamplingParams(max_new_tokens=8)
 # (width, height): wide, tall, square and very wide; SigLIP squashes each to its square input.
@@ -302,15 +302,6 @@ def test_a_onevision_processor_that_disagrees_with_the_model_is_refused_at_load(
 
 
 # --- refusals at load -------------------------------------------------------------------------
-
-
-def copy_with(checkpoint, tmp_path, name: str, **changes) -> str:
-    """A copy of ``checkpoint`` with keys of one of its JSON files changed."""
-    target = tmp_path / "changed"
-    shutil.copytree(checkpoint, target)
-    path = target / name
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    return str(target)
 
 
 @pytest.mark.parametrize("model_type", ["mllama", "my_own_llava"])

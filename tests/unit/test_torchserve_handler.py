@@ -8,7 +8,7 @@ import re
 import pytest
 from ts.context import Context, RequestProcessor
 
-from tests.fakes import png_b64
+from tests.fakes import copy_with, png_b64
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
 
@@ -146,15 +146,10 @@ def test_a_model_type_without_an_adapter_is_refused_when_the_worker_starts(tiny_
     """A checkpoint of a family without an adapter (here Llama 3.2 Vision's) would load into the
     wrong class with only a warning: the worker refuses it at start, saying what is supported,
     instead of failing every request."""
-    import shutil
-
     from llava_sessions.errors import ConfigError
     from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
 
-    checkpoint = tmp_path / "mllama"
-    shutil.copytree(tiny_model_dir, checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps({**config, "model_type": "mllama"}))
+    checkpoint = copy_with(tiny_model_dir, tmp_path, "config.json", model_type="mllama")
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0",
                       model_yaml_config={"handler": {"model": str(checkpoint), "session_ttl_s": 60}})
     worker = LlavaSessionHandler()

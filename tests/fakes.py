@@ -150,3 +150,16 @@ def reset(sock: socket.socket) -> None:
     """Hang up as a killed client does: RST, not FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class GoneAfter:
+    """A client that hangs up after receiving ``n`` tokens: a turn's ``on_token`` and ``cancelled``."""
+
+    def __init__(self, n: int):
+        self.n, self.received = n, 0
+
+    def on_token(self, token: int, last: bool) -> None:
+        self.received += 1
+
+    def __call__(self) -> bool:
+        return self.received >= self.n

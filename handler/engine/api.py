@@ -1,10 +1,12 @@
-"""The engine's public data types: what a caller sends (TurnRequest), gets back (OpenedSession,
-TurnResult) and can observe (EngineCounters, EngineSnapshot, SessionView). Torch-free."""
+"""The engine's public data types: what a caller sends (TurnRequest, Message, ImageInput), gets
+back (OpenedSession, TurnResult) and can observe (EngineCounters, EngineSnapshot, SessionView).
+Torch-free."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from llava_sessions.handler.engine.generation import SamplingParams
@@ -16,6 +18,44 @@ CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """An image with the digest of its content: a session knows an image it already holds by its digest.
+
+    Wherever an image is taken (``open_session``, ``TurnRequest.images``, ``Message.images``) a
+    PIL image or an ImageInput will do; a PIL image's digest is ``pixel_digest(image)``. Digests
+    are compared as strings, so send an image under the same digest each time.
+    """
+
+    digest: str
+    load: Callable[[], Any]  # the decoded image (PIL); called only when the session does not hold it yet
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation sent as ``TurnRequest.history``."""
+
+    role: str  # "system" (first message only), "user" or "assistant"
+    text: str
+    images: Sequence = ()  # user messages only: ImageInput or PIL images, in order
+
+
+def pixel_digest(image) -> str:
+    """A PIL image's digest: sha256 over its mode, size and pixel bytes (and palette: a "P" image's
+    pixels are indices into it), what two images that decode to the same pixels share."""
+    digest = hashlib.sha256(f"{image.mode} {image.size[0]}x{image.size[1]}\n".encode())
+    digest.update(image.tobytes())
+    palette = image.getpalette() if image.mode in ("P", "PA") else None
+    if palette:
+        digest.update(bytes(palette))
+    return "pixels-sha256:" + digest.hexdigest()
+
+
+def image_digest(image) -> str:
+    """An ImageInput's digest, or a PIL image's ``pixel_digest``."""
+    return image.digest if isinstance(image, ImageInput) else pixel_digest(image)
+
+
+@dataclass(frozen=True)
 class OpenedSession:
     session_id: str
     expires_at: float  # epoch seconds
@@ -23,12 +63,39 @@ class OpenedSession:
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One turn for ``SessionEngine.turns``.
+    """One turn for ``SessionEngine.turns``: a new user message (``prompt`` and ``images``) and
+    its answer.
 
     ``on_token`` gets each token of this turn as it is picked. When ``cancelled()`` turns true the
     turn stops at its next token and its session is left as before it (TurnCancelled). Past
     ``deadline`` (a ``time.monotonic()`` value) the turn stops and answers what it has, with
     finish reason "deadline"; the session keeps exactly that answer.
+
+    ``history`` (None: continue the session) is the whole conversation before the new user
+    message: an optional system message first, then user and assistant messages alternating,
+    ending with an assistant message (or empty). The answer is the one a fresh session holding
+    exactly that conversation gives, where a fresh session's ids are built message by message as
+    turns build them (TurnFormatter.extend: a user message's turn ids, an assistant message's
+    template text; images expand by their token counts). What is reused:
+
+    * The session's messages (role, text, image digests; an assistant message's text is the
+      answer text its turn returned) are the start of ``history``: the session's ids are kept
+      as they are (generated tokens included) and only the messages after them, and the new
+      one, are added and prefilled. Images the session was opened with and no turn has used yet
+      belong to the first user message: it must carry them first (by digest).
+    * Otherwise (an earlier message edited, an answer regenerated) the conversation's fresh ids
+      F are served: the session keeps the longest start of its ids that F shares, cut back to
+      the start of the first image whose digest differs and to at most len(F) - 1 (the last
+      token is always fed), with its KV; the rest is dropped and F after it prefilled.
+      ``cached_tokens`` is that length where the KV was on the device.
+
+    ``rewind_to`` (None: keep every turn) keeps only the session's first ``rewind_to`` completed
+    turns and answers this one after them; 0 goes back to right after the open, the open's
+    images kept (a system message that came with a history goes too). Not with ``history``.
+
+    Images held at the same place, or anywhere in the session, by digest are never loaded or
+    encoded again. A turn that fails or is cancelled leaves the session as it was before it,
+    history cut by a rewind or a reconciliation included.
     """
 
     session_id: str
@@ -38,6 +105,8 @@ class TurnRequest:
     on_token: TokenCallback | None = None
     cancelled: CancelCheck | None = None
     deadline: float | None = None
+    history: Sequence[Message] | None = None
+    rewind_to: int | None = None
 
 
 @dataclass(frozen=True)

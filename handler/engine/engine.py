@@ -40,6 +40,8 @@ from llava_sessions.handler.engine.api import (  # noqa: F401 - the engine's pub
     CancelCheck,
     EngineCounters,
     EngineSnapshot,
+    ImageInput,
+    Message,
     OpenedSession,
     SessionView,
     TokenCallback,
@@ -61,7 +63,7 @@ from llava_sessions.handler.engine.runner import (
 )
 from llava_sessions.handler.engine.scheduler import Scheduler
 from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
-from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens
+from llava_sessions.handler.engine.state import ImageSlot, RunningTurn, SessionState, cached_tokens, image_slots
 from llava_sessions.handler.engine.state import is_out_of_memory  # noqa: F401 - part of the engine's API
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,8 @@ class SessionEngine:
     # --- the four operations ---------------------------------------------
 
     def open_session(self, images: Sequence = (), session_id: str | None = None) -> OpenedSession:
+        """Open a session holding ``images`` (PIL images or ImageInput, each loaded and encoded
+        now): they belong to its first user message, before that message's own."""
         if len(images) > self.config.max_images_per_session:
             raise TooManyImages(
                 f"{len(images)} images sent; a session holds at most {self.config.max_images_per_session}"
@@ -129,8 +133,10 @@ class SessionEngine:
                 )
             state = SessionState()
             try:
-                self._memory.make_room(self._memory.feature_bytes(self.loaded.image_tokens(images)), session_id)
-                self._add_images(state, images)
+                slots = image_slots(self.loaded, state, images)
+                self._memory.make_room(self._memory.feature_bytes([slot.tokens for slot in slots]), session_id)
+                self._add_images(state, slots)
+                state.open_images = len(slots)
             except BaseException:
                 self._store.remove(session_id)
                 raise
@@ -350,14 +356,26 @@ class SessionEngine:
         self._memory.set_aside(size, "the kept decode arena")
         return kept
 
-    def _add_images(self, state: SessionState, images: Sequence) -> None:
-        if not images:
+    def _add_images(self, state: SessionState, slots: Sequence[ImageSlot], held: Sequence | None = None) -> None:
+        """Append images to the session's features and digests, in order: a slot the session
+        holds reuses ``held[slot.held]`` (its features when the turn was planned; by default its
+        features now), the others are encoded in one vision tower run, each digest once."""
+        if not slots:
             return
-        state.features.extend(generation.encode_images(self.loaded, list(images)))
-        state.pending_images += len(images)
-        self.counters.vision_tower_runs += 1
-        self.counters.images_encoded += len(images)
-        log.info("vision tower: encoded %d image(s)", len(images))
+        held = state.features if held is None else held
+        new = {}
+        for slot in slots:
+            if slot.held is None:
+                new.setdefault(slot.digest, slot.image)
+        if new:
+            encoded = dict(zip(new, generation.encode_images(self.loaded, list(new.values()))))
+            self.counters.vision_tower_runs += 1
+            self.counters.images_encoded += len(new)
+            log.info("vision tower: encoded %d image(s)", len(new))
+        features = [held[slot.held] if slot.held is not None else encoded[slot.digest] for slot in slots]
+        state.features.extend(features)
+        state.image_digests.extend(slot.digest for slot in slots)
+        state.pending_images += len(slots)
 
     def _expire(self, now: float) -> int:
         expired = [sid for sid in self._store.expired(now) if not self._store.lookup(sid).busy]

@@ -6,13 +6,14 @@ Shapes: B = batch (1 per session here), T = new tokens, H = hidden size, V = voc
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava_sessions.errors import InternalError
+from llava_sessions.errors import InternalError, InvalidRequest
 from llava_sessions.handler.engine import kv_cache
 from llava_sessions.handler.engine.model_loader import LoadedModel
 
@@ -35,11 +36,56 @@ def cache_argument(module: torch.nn.Module, cache) -> dict:
 _CACHE_KEYWORD: dict[type, str] = {}
 
 
+# Stop strings a turn may ask for, and how long each may be: as OpenAI's API allows (4); the
+# length bounds the text searched for them at each token (scheduler.py, StopStrings).
+MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How a turn picks its tokens; the defaults are plain greedy decoding up to max_new_tokens.
+
+    ``top_k`` (0: off) keeps the k most likely tokens (ties with the k-th kept) before top-p
+    and temperature sampling; greedy ignores it, and 1 is greedy. ``repetition_penalty`` (1.0:
+    off) is TGI's and transformers' (the CTRL paper's): for every token id in the turn's context
+    (the session's history and this turn's prompt) or its answer so far, a logit > 0 is divided
+    by it and any other multiplied by it, before greedy or sampling picks. ``stop``: strings
+    that end the turn once the answer's text contains one (finish reason "stop"); the answer's
+    text is cut before it, its tokens all kept (Scheduler._accept and _finish). A lone string
+    counts as a tuple of one, a list as a tuple.
+
+    The new fields are checked here, so an engine caller cannot pass values the engine cannot
+    honour: InvalidRequest, whose message says which field and what it allows. The HTTP layer
+    may check them first, with the same bounds; temperature and top_p are the HTTP layer's to check.
+    """
+
     max_new_tokens: int
     temperature: float = 0.0  # below MIN_TEMPERATURE (0 included): greedy
     top_p: float = 1.0  # any value in (0, 1] keeps at least the most likely token
+    top_k: int = 0  # 0: every token; k: the k most likely (ties with the k-th kept)
+    repetition_penalty: float = 1.0  # 1.0: off; > 0
+    stop: tuple[str, ...] = ()  # at most MAX_STOP_STRINGS, each 1 to MAX_STOP_LENGTH characters
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # OpenAI accepts "stop": "\n" for ["\n"]
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))  # hashable, like the rest
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be a whole number >= 0 (0 keeps every token), got {self.top_k!r}")
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < math.inf:
+            raise InvalidRequest(
+                f"repetition_penalty must be a number greater than 0 (1.0 is no penalty), got {penalty!r}"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop holds at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}; drop some")
+        for text in self.stop:
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_STOP_LENGTH:
+                raise InvalidRequest(
+                    f"each stop string must be text of 1 to {MAX_STOP_LENGTH} characters, got {text!r:.80}"
+                )
 
     @property
     def greedy(self) -> bool:

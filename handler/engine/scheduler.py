@@ -17,14 +17,23 @@ from typing import Callable, Mapping, Sequence
 from transformers import DynamicCache
 
 from llava_sessions.config import ServingConfig
-from llava_sessions.errors import PromptTooLong, SessionBusy, SessionNotFound, TooManyImages, TurnCancelled
+from llava_sessions.errors import PromptTooLong, SessionBusy, SessionNotFound, TurnCancelled
 from llava_sessions.handler.engine import kv_cache, sampling
 from llava_sessions.handler.engine.api import EngineCounters, TurnRequest, TurnResult
+from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
 from llava_sessions.handler.engine.session_store import SessionStore
-from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens, is_out_of_memory
+from llava_sessions.handler.engine.state import (
+    RunningTurn,
+    SessionState,
+    cached_tokens,
+    cut_kv,
+    is_out_of_memory,
+    plan_turn,
+    replace_history,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,48 +90,52 @@ class Scheduler:
         return wave, deferred
 
     def _start_turn(self, slot: int, request: TurnRequest, started: float, may_defer: bool) -> RunningTurn | None:
-        """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now)."""
-        session_id, images = request.session_id, request.images
+        """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now).
+
+        A turn that rewinds its session or brings a history (state.plan_turn) replaces the
+        session's history here, after its reservation: the ids and KV it keeps, then its own
+        ids. The turn's RunningTurn keeps what was replaced, for ``roll_back``.
+        """
+        session_id = request.session_id
         if request.cancelled is not None and request.cancelled():  # gone while it waited: never starts
             raise TurnCancelled()
         record, state = self._checkout(session_id)
         try:
-            total_images = len(state.features) + len(images)
-            if total_images > self.config.max_images_per_session:
-                raise TooManyImages(
-                    f"this turn would bring the session to {total_images} images; "
-                    f"a session holds at most {self.config.max_images_per_session}"
-                )
-            # Each image's placeholder count: the rows of those encoded at open (not yet in the
-            # history), and the adapter's count for this turn's own (generation.encode_images checks it).
-            new_tokens = self.loaded.image_tokens(images)
-            image_tokens = [len(f) for f in state.features[len(state.features) - state.pending_images:]] + new_tokens
-            n_images = len(image_tokens)
-            turn_ids = self.formatter.user_turn_ids(state.conversation, request.prompt, image_tokens)
-            context = len(state.token_ids) + len(turn_ids)
+            # Each image's placeholder count: the rows of those the session holds, and the
+            # adapter's count for new ones (generation.encode_images checks it).
+            plan = plan_turn(self.loaded, self.formatter, self.config.max_images_per_session, state, request)
+            keep = plan.keep(state)
+            context = keep + len(plan.turn_ids)
             if context + 1 > self.loaded.max_context:
                 raise PromptTooLong(
                     f"the conversation would be {context} tokens; this model's context is "
                     f"{self.loaded.max_context}. Open a new session or ask a shorter question"
                 )
             max_new = min(request.params.max_new_tokens, self.loaded.max_context - context)
-            # Worst case before running: the KV grows by what it lacks plus every decoded token,
-            # new images add features, and cold features come back to the device.
-            needed = self._memory.feature_bytes(new_tokens)
+            # Worst case before running: the KV grows by what it lacks (from where the turn cuts
+            # it) plus every decoded token, added images add features (a held one reused in a
+            # new place too: each place is accounted), and cold features come back.
+            needed = self._memory.feature_bytes([slot.tokens for slot in plan.images])
             if state.features_on_host:
                 needed += state.feature_bytes()
-            growth = kv_growth_tokens(state.cache, context - cached_tokens(state), max_new, 0)
+            growth = kv_growth_tokens(state.cache, context - min(cached_tokens(state), keep), max_new, 0)
             needed += growth * self._memory.kv_bytes_per_token
             if not self._memory.make_room(needed, session_id, refuse=not may_defer):
                 record.busy = False  # untouched; it runs in the next wave
                 return None
+            if plan.history is not None:
+                cut_kv(state, keep)  # before bring_back: a host KV comes back only as far as it is kept
             self._memory.bring_back(record, state, context)
             running = RunningTurn(
-                slot, request, record, state, turn_ids, n_images, context, max_new,
+                slot, request, record, state, plan.turn_ids, plan.n_images, context, max_new,
                 features_before=len(state.features), pending_before=state.pending_images, started=started,
             )
+            held = state.features  # the features the plan's held images index (on the device now)
             try:
-                self._add_images(state, images)
+                if plan.history is not None:
+                    running.saved = replace_history(state, plan.history)
+                    running.features_before = len(state.features)
+                self._add_images(state, plan.images, held)
             except BaseException:
                 roll_back(running)
                 raise
@@ -163,7 +176,14 @@ class Scheduler:
         and send it; the rows that go on. A row whose callback fails is rolled back alone."""
         if not rows:
             return []
-        tokens = sampling.pick(logits, [running.request.params for running in rows], self.loaded.image_token_id)
+        # Only turns with a repetition penalty or stop strings have controls (made at their first pick).
+        controls = [controls_for(running, self.loaded.tokenizer, logits) for running in rows]
+        seen = [c.seen if c is not None else None for c in controls]
+        tokens = sampling.pick(logits, [running.request.params for running in rows], self.loaded.image_token_id,
+                               seen=seen)
+        for control, token in zip(controls, tokens):
+            if control is not None:
+                control.saw(token)
         going = []
         # In the turns' own order (an arena's rows move as others leave): callbacks stay in order.
         for running, token in sorted(zip(rows, tokens), key=lambda pair: pair[0].slot):
@@ -179,6 +199,15 @@ class Scheduler:
 
         A turn whose client is gone stops here, its token unsent (``_undo`` follows); one past its
         deadline stops with this token as its last.
+
+        A turn with stop strings stops at the token whose text completes the first of them in the
+        answer's text (decoded with skip_special_tokens): that token is the last ``on_token`` gets,
+        with last=True, and the last of the result's token_ids; the result's text ends before the
+        stop string (``_finish``). A token's text is what the incremental detokenizer gives for it,
+        so a token that ends inside a UTF-8 character completes nothing until the one that finishes
+        the character. A stop string completed by the token that also reaches max_new_tokens stops
+        the turn as "stop". A streamer that must not show the stop string holds back any text that
+        could begin one until a later token rules it out or the turn ends.
         """
         request = running.request
         running.answer.append(token)
@@ -189,7 +218,10 @@ class Scheduler:
         if request.cancelled is not None and request.cancelled():
             running.stopped_by = "cancelled"
             return False
-        if goes_on and request.deadline is not None and time.monotonic() >= request.deadline:
+        control = turn_controls(running)
+        if control is not None and control.stops is not None and control.stops.push(token):
+            running.stopped_by, goes_on = "stop", False
+        elif goes_on and request.deadline is not None and time.monotonic() >= request.deadline:
             running.stopped_by, goes_on = "deadline", False
         if request.on_token is not None:
             request.on_token(token, not goes_on)
@@ -220,11 +252,18 @@ class Scheduler:
             self._store.touch(running.record, self._clock())
 
     def _finish(self, running: RunningTurn) -> TurnResult:
-        """Commit a finished turn to its session's history."""
+        """Commit a finished turn to its session's history.
+
+        A turn stopped by a stop string answers, and records in its conversation, its text cut
+        before the stop string (clients send that text back as the conversation); its history
+        keeps every token it generated, the stop string's too, closed as an answer cut short is.
+        """
         state, answer = running.state, running.answer
         # Between turns a session holds its tokens and at most the spare slots reserved for it.
         kv_cache.trim(state.cache, running.headroom)
         text = self.loaded.tokenizer.decode(answer, skip_special_tokens=True)
+        if running.stopped_by == "stop":
+            text = text_before_stop(text, turn_controls(running).stops)
         if answer and answer[-1] in self.loaded.eos_token_ids:
             finish = "stop"
         else:
@@ -235,6 +274,7 @@ class Scheduler:
         state.token_ids.extend(self.formatter.closing_ids(answer, self.loaded.eos_token_ids))
         state.conversation.messages.append(state.conversation.user_message(running.request.prompt, running.n_images))
         state.conversation.messages.append(Conversation.assistant_message(text))
+        state.turn_ends.append(len(state.token_ids))
         state.pending_images = 0
         return TurnResult(
             text=text,
@@ -249,12 +289,13 @@ class Scheduler:
 
     def _undo(self, running: RunningTurn) -> TurnCancelled:
         """A turn whose client went away: the session is as before it, the history's KV kept
-        (cut back to the history), so the next turn prefills only its own tokens."""
+        (cut back to what the turn kept of the history), so the next turn prefills only the rest."""
         state = running.state
         cache = state.cache
+        kept = len(state.token_ids)  # a rewind or a history may have cut it: the KV holds only these
         roll_back(running)
         if cache is not None:
-            kv_cache.truncate(cache, min(len(state.token_ids), cache.get_seq_length()))
+            kv_cache.truncate(cache, min(kept, cache.get_seq_length()))
             kv_cache.trim(cache, running.headroom)
             state.cache = cache
         self._counters.turns_cancelled += 1
@@ -262,10 +303,16 @@ class Scheduler:
 
 
 def roll_back(running: RunningTurn) -> None:
-    """Leave the session as it was before this turn; the KV is rebuilt next turn."""
+    """Leave the session as it was before this turn, a history it cut or replaced restored; the
+    KV is rebuilt next turn."""
     state = running.state
-    del state.features[running.features_before:]
-    state.pending_images = running.pending_before
+    if running.saved is not None:
+        running.saved.restore(state)
+        running.saved = None
+    else:
+        del state.features[running.features_before:]
+        del state.image_digests[running.features_before:]
+        state.pending_images = running.pending_before
     state.cache = None
 
 
@@ -274,3 +321,82 @@ def kv_growth_tokens(cache: DynamicCache | None, feed: int, max_new: int, headro
     ``max_new - 1`` fed back by decoding, with ``headroom`` spare after (kv_cache.reserve).
     Counted as ``max_new``: the last token is never fed, one to spare."""
     return kv_cache.growth_tokens(cache, feed, max_new, headroom)
+
+
+# --- sampling controls: repetition penalty and stop strings (SamplingParams) --------------
+
+
+class StopStrings:
+    """Finds the first of a turn's stop strings in its answer's text as its tokens come.
+
+    Each token's text comes from the incremental detokenizer (never a broken character, nor a
+    leading space the token would not have in the whole answer), and only where a stop string
+    could end is searched: the token's new text and the (longest stop string - 1) characters
+    before it, which is all that is kept. Per token: the detokenizer's two decodes of a few ids.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.stops = stops
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._keep = max(len(stop) for stop in stops) - 1
+        self._tail = ""  # the answer's text from character _offset on
+        self._offset = 0
+        self.found: int | None = None  # where the first stop string starts in the answer's text
+
+    def push(self, token: int) -> bool:
+        """Add the answer's next token; True when its text completes a stop string."""
+        new = self._detokenizer.push(token)
+        if not new:
+            return False
+        before = len(self._tail)
+        tail = self._tail + new
+        # Not found before: an occurrence ends in the new text, so starts at most len - 1 before it.
+        starts = [at for stop in self.stops if (at := tail.find(stop, max(0, before - len(stop) + 1))) >= 0]
+        if starts:
+            self.found = self._offset + min(starts)
+            return True
+        cut = max(0, len(tail) - self._keep)
+        self._tail, self._offset = tail[cut:], self._offset + cut
+        return False
+
+
+class TurnControls:
+    """A turn's state for its repetition penalty (``seen``: bool [V] on the device) and its stop
+    strings (``stops``), made at its first pick; a turn that uses neither has none."""
+
+    def __init__(self, running: RunningTurn, tokenizer, vocab: int, device):
+        params = running.request.params
+        # Every id of the context the answer is conditioned on (history and this turn's prompt),
+        # as transformers' generate penalises its input_ids.
+        self.seen = (sampling.seen_mask(running.state.token_ids + running.turn_ids, vocab, device)
+                     if params.repetition_penalty != 1.0 else None)
+        self.stops = StopStrings(tokenizer, params.stop) if params.stop else None
+
+    def saw(self, token: int) -> None:
+        """The turn picked ``token``: penalised from the next pick on (a device write, no sync)."""
+        if self.seen is not None:
+            self.seen[token] = True
+
+
+def controls_for(running: RunningTurn, tokenizer, logits) -> TurnControls | None:
+    """The turn's controls, made at its first pick (the logits [B, V] give V and the device);
+    None for a turn with neither a repetition penalty nor stop strings."""
+    params = running.request.params
+    if params.repetition_penalty == 1.0 and not params.stop:
+        return None
+    control = turn_controls(running)
+    if control is None:
+        # Kept on the turn itself, so it goes when the turn does, however it ends.
+        control = running.controls = TurnControls(running, tokenizer, logits.shape[-1], logits.device)
+    return control
+
+
+def turn_controls(running: RunningTurn) -> TurnControls | None:
+    return running.controls
+
+
+def text_before_stop(text: str, stops: StopStrings) -> str:
+    """The answer's text cut before the first stop string in it (the earliest start among them)."""
+    starts = [at for stop in stops.stops if (at := text.find(stop)) >= 0]
+    # Where the whole decode and the detokenizer's pieces disagree, the detokenizer's place.
+    return text[: min(starts)] if starts else text[: stops.found]

@@ -11,6 +11,7 @@ from llava_sessions.config import ServingConfig
 from llava_sessions.errors import TurnCancelled
 from llava_sessions.handler.engine.engine import SessionEngine, TurnRequest
 from llava_sessions.handler.engine.generation import SamplingParams
+from tests.fakes import GoneAfter
 
 LONG = SamplingParams(max_new_tokens=24)
 SHORT = SamplingParams(max_new_tokens=6)
@@ -18,19 +19,6 @@ SHORT = SamplingParams(max_new_tokens=6)
 
 def make_engine(loaded):
     return SessionEngine(loaded, ServingConfig(max_sessions_per_worker=16))
-
-
-class GoneAfter:
-    """A client that hangs up after receiving ``n`` tokens."""
-
-    def __init__(self, n: int):
-        self.n, self.received = n, 0
-
-    def on_token(self, token: int, last: bool) -> None:
-        self.received += 1
-
-    def __call__(self) -> bool:
-        return self.received >= self.n
 
 
 def twins(engine, images):

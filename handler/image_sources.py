@@ -21,6 +21,7 @@ name the host or bucket but never the path, query or image bytes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import binascii
 import http.client
 import io
@@ -108,6 +109,28 @@ def load_images(
         )
         for ref in refs
     ]
+
+
+class SourcedImage:
+    """An image's bytes, read now, with their digest; decoded only if ``load`` is called.
+
+    A session knows an image it already holds by this digest (the engine's ImageInput), so a
+    conversation resent whole does not decode (or, with a digest match, encode) its images again.
+    """
+
+    def __init__(self, data: bytes, config: ServingConfig):
+        self.digest = hashlib.sha256(data).hexdigest()
+        self._data, self._config = data, config
+
+    def load(self) -> Image.Image:
+        return decode_image(self._data, self._config)
+
+
+def read_images(refs: Sequence[str], config: ServingConfig, *, s3_client_factory: S3ClientFactory | None = None,
+                http_get: HttpGet | None = None, allow_loopback_for_tests: bool = False) -> list[SourcedImage]:
+    """Read several references' bytes in order (one S3 client serves them all), decoding none."""
+    shared_s3 = _once(s3_client_factory or _default_s3_factory(config))
+    return [SourcedImage(_read_bytes(ref, config, shared_s3, http_get, allow_loopback_for_tests), config) for ref in refs]
 
 
 # --- where the bytes come from ---------------------------------------------------

@@ -13,8 +13,9 @@ from typing import Any
 class PendingRequest:
     idx: int  # its place in the batch (TorchServe's request index)
     member: int | None = None  # its place in that request, when the request is a bundle
-    request: Any = None  # protocol.OpenSession | Turn | CloseSession, once parsed
+    request: Any = None  # a handler/requests.py request, once parsed
     stream: Any = None  # streaming.TokenStream of a streamed turn
-    turn: Any = None  # the engine's TurnRequest, for a turn
+    turn: Any = None  # the engine's TurnRequest, for a turn (a one-shot's too)
+    outcome: Any = None  # the engine's TurnResult or exception, once it ran
     hop: Any = None  # router_hop.Hop: its id at the router, when the router received it
     reply: Any = None  # replies.Reply, set once it is answered

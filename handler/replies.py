@@ -52,5 +52,7 @@ def http_status(error: SessionsError) -> int:
     return STATUS_BY_CODE.get(error.code, 500)
 
 
-def error_reply(error: SessionsError) -> Reply:
-    return Reply(http_status(error), error.to_dict())
+def error_reply(error: SessionsError, dialect=None) -> Reply:
+    """The error as JSON with its status, in the request's dialect's shape (native without one)."""
+    status = http_status(error)
+    return Reply(status, error.to_dict() if dialect is None else dialect.error_body(error, status))

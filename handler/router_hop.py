@@ -35,6 +35,7 @@ INTERNAL_PREFIX = "x-llava-sessions-"
 SECRET_HEADER = "X-Llava-Sessions-Router-Secret"
 REQUEST_ID_HEADER = "X-Llava-Sessions-Request-Id"
 RECEIVED_AT_HEADER = "X-Llava-Sessions-Received-At"  # epoch seconds, when the router read the request
+DIALECT_HEADER = "X-Llava-Sessions-Dialect"  # the dialect the route implies (/v1/chat/completions: openai)
 
 # A cancellation is remembered this long, for a request that reaches its worker after it.
 CANCEL_MEMORY_S = 600.0
@@ -73,6 +74,7 @@ class Hop:
 
     request_id: str | None
     received_at: float  # epoch seconds
+    dialect: str | None = None  # the dialect its route implies, if any
 
     @classmethod
     def of(cls, headers: Mapping, trusted: bool) -> "Hop":
@@ -83,13 +85,15 @@ class Hop:
             received_at = float(header(headers, RECEIVED_AT_HEADER) or "")
         except ValueError:
             received_at = time.time()
-        return cls(header(headers, REQUEST_ID_HEADER), received_at)
+        return cls(header(headers, REQUEST_ID_HEADER), received_at, header(headers, DIALECT_HEADER))
 
     def headers(self, secret: str) -> dict[str, str]:
         """The router's side: the headers that say this, with the secret."""
         sent = {SECRET_HEADER: secret, RECEIVED_AT_HEADER: f"{self.received_at:.6f}"}
         if self.request_id is not None:
             sent[REQUEST_ID_HEADER] = self.request_id
+        if self.dialect is not None:
+            sent[DIALECT_HEADER] = self.dialect
         return sent
 
 

@@ -1,22 +1,20 @@
-"""Token streaming for one turn: TGI's event framing and the per-request TorchServe sink.
+"""Token streaming for one turn: events in the turn's dialect, and the per-request TorchServe sink.
 
-Events are framed (``llava_sessions.wire.event``) as Text Generation Inference frames them on
-SageMaker, one per generated token, each followed by a blank line::
+The dialect frames the events (handler/dialects/): native and TGI turns get TGI's, one per
+generated token, each followed by a blank line::
 
     data:{"token": {"id": 7, "text": " cat", "special": false}, "generated_text": null}
 
-The last event also carries the whole answer, our usage and TGI's details::
+with the whole answer, TGI's details and our usage on the last; OpenAI turns get
+``chat.completion.chunk`` events ending with ``data: [DONE]``. An error after the stream
+started ends it with the dialect's error event; an error before anything was sent is an
+ordinary JSON error with its status (the adapter's business).
 
-    data:{"token": {...}, "generated_text": "...", "details": {"finish_reason": "eos_token",
-          "generated_tokens": 12}, "usage": {"prompt_tokens": ..., "cached_tokens": ..., "completion_tokens": ...}}
-
-An error after the stream started ends it with TGI's error event,
-``data:{"error": "...", "error_type": "INTERNAL_ERROR"}``. An error before anything
-was sent is an ordinary JSON error with its status (the adapter's business).
-
-Each token's event is sent the moment the engine picks the token, so a stream's first
-event leaves as soon as the prefill is done. The turn's last token (the engine says
-which) rides on the final event, which the adapter returns from ``handle()``.
+Each token's event is sent the moment the engine picks the token, so a stream's first event
+leaves as soon as the prefill is done, except text that may be the start of one of the turn's
+stop strings: it waits until the next token shows it is not (the engine stops at the token
+that completes one, and the answer ends before it). The turn's last token (the engine says
+which) rides on the final events, which the adapter returns from ``handle()``.
 Torch-free; TorchServe is imported only when a chunk is sent.
 """
 
@@ -28,79 +26,72 @@ from typing import Callable, Iterable, Mapping
 from llava_sessions import wire
 from llava_sessions.errors import SessionsError
 from llava_sessions.handler import bundle
+from llava_sessions.handler.dialects.base import StreamEvents
 from llava_sessions.handler.engine.detokenizer import IncrementalDetokenizer
 from llava_sessions.handler.replies import Reply, http_status
 
 CONTENT_TYPE = wire.EVENT_CONTENT_TYPE
 
-# The engine's finish reasons in TGI's words.
-TGI_FINISH_REASON = {"stop": "eos_token", "length": "length"}
-
-
-# --- events (framed by wire.event) --------------------------------------------------
-
-
-def token_event(token_id: int, text: str, special: bool) -> dict:
-    return {"token": {"id": token_id, "text": text, "special": special}, "generated_text": None}
-
-
-def final_event(token: dict | None, result) -> dict:
-    """The last event: its token (if any), the whole answer, details and usage of a TurnResult."""
-    return {
-        "token": token,
-        "generated_text": result.text,
-        "details": {
-            "finish_reason": TGI_FINISH_REASON.get(result.finish_reason, result.finish_reason),
-            "generated_tokens": result.completion_tokens,
-        },
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "cached_tokens": result.cached_tokens,
-            "completion_tokens": result.completion_tokens,
-        },
-    }
-
-
-def error_event(error: SessionsError) -> dict:
-    return wire.error_event(error.message, error.code)
-
-
-# --- one streamed turn ------------------------------------------------------------
-
 
 class TokenStream:
-    """Turns the engine's token ids into events and hands them to ``send``, one chunk each.
+    """Turns the engine's token ids into the dialect's events and hands them to ``send``.
 
     ``on_token`` is the engine's callback. ``started`` tells whether anything was sent:
     until then, an error may still be answered as a plain JSON error.
     """
 
-    def __init__(self, tokenizer, special_ids: Iterable[int], send: Callable[[str], None]):
+    def __init__(self, tokenizer, special_ids: Iterable[int], send: Callable[[str], None],
+                 events: StreamEvents, stops: tuple[str, ...] = ()):
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self._special_ids = frozenset(special_ids)
         self._send = send
-        self._pending: dict | None = None  # the last token's event, sent by final_reply
+        self._events = events
+        self._stops = stops
+        self._text = ""  # the answer's text so far
+        self._sent = 0  # how much of it went out
+        self._last: int | None = None  # the last token, sent by final_reply
         self.started = False
 
     def on_token(self, token_id: int, last: bool) -> None:
-        event = token_event(int(token_id), self._detokenizer.push(token_id), token_id in self._special_ids)
+        token_id = int(token_id)
+        self._text += self._detokenizer.push(token_id)
         if last:  # it goes with the answer, from final_reply
-            self._pending = event
+            self._last = token_id
             return
-        self._send(wire.event(event))
+        safe = len(self._text) - _held_back(self._text, self._stops)
+        event = self._events.token(token_id, self._text[self._sent:safe], token_id in self._special_ids)
+        self._sent = max(self._sent, safe)
+        if event is None:
+            return
+        if not self.started:
+            event = (self._events.first() or "") + event
+        self._send(event)
         self.started = True
 
     def final_reply(self, result) -> Reply:
-        token = self._pending
-        if token is not None:
-            token["token"]["text"] += self._detokenizer.flush()
-            token = token["token"]
-        return Reply(200, wire.event(final_event(token, result)), content_type=CONTENT_TYPE)
+        """The last events: the answer's text not yet sent (the engine's text is the truth: it
+        ends before a stop string), the finish and usage."""
+        rest = result.text[self._sent:] if result.text.startswith(self._text[:self._sent]) else ""
+        head = "" if self.started else (self._events.first() or "")
+        special = self._last is not None and self._last in self._special_ids
+        body = head + self._events.final(self._last, rest, special, result)
+        return Reply(200, body, content_type=CONTENT_TYPE)
 
     def error_reply(self, error: SessionsError) -> Reply:
         """The stream's last event. Its status never reaches the client (the headers went out
         with the first chunk) but is kept for logs and metrics."""
-        return Reply(http_status(error), wire.event(error_event(error)), content_type=CONTENT_TYPE)
+        return Reply(http_status(error), self._events.error(error), content_type=CONTENT_TYPE)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    held = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held
 
 
 class TorchServeSink:

@@ -26,6 +26,7 @@ from llava_sessions.errors import ConfigError, InternalError, InvalidRequest, Se
 from llava_sessions.handler import bundle, image_sources, protocol, router_hop, streaming
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
+from llava_sessions.handler.requests import CloseSession, OneShot, OpenSession, Turn
 from llava_sessions.wire import CLOSED_SESSION_HEADER, SESSION_HEADER, format_session_header
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,11 @@ class LlavaSessionHandler:
         for item in items:
             if item.reply is not None:
                 continue
-            if isinstance(item.request, protocol.Turn):
+            if isinstance(item.request, (Turn, OneShot)):
                 waiting.append(item)
                 continue
-            if isinstance(item.request, protocol.CloseSession) and any(
-                w.request.session_id == item.request.session_id for w in waiting
+            if isinstance(item.request, CloseSession) and any(
+                w.turn.session_id == item.request.session_id for w in waiting
             ):
                 self._run_waiting(waiting)
                 waiting = []
@@ -183,7 +184,7 @@ class LlavaSessionHandler:
         trusted = router_hop.from_router(headers, self.router_secret)
         self._guarded(item, self._prepare, item, row, headers, sink, trusted)
         if item.reply is None:
-            if isinstance(item.request, protocol.Turn):
+            if isinstance(item.request, (Turn, OneShot)):
                 self._run_waiting([item])
             else:
                 self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream, item.hop)))
@@ -194,23 +195,36 @@ class LlavaSessionHandler:
 
         ``trusted``: the request came from this start's router, so its hop headers count."""
         item.hop = router_hop.Hop.of(headers, trusted)
-        item.request = self.decode_request(row, headers)
+        item.request = self.decode_request(row, headers, item.hop.dialect)
         item.stream = self._token_stream(item.request, sink)
-        if isinstance(item.request, protocol.Turn):
+        if isinstance(item.request, Turn):
             item.turn = self.turn_request(item.request, item.stream, item.hop)
+        elif isinstance(item.request, OneShot):
+            item.turn = self.one_shot_request(item.request, item.stream, item.hop)
 
     def _run_waiting(self, waiting: list[PendingRequest]) -> None:
+        """Run the turns and answer each."""
+        self._execute(waiting)
+        for item in waiting:
+            if isinstance(item.outcome, Exception):
+                self._fail(item, item.outcome)
+            else:
+                self._guarded(item, self._respond, item, item.outcome)
+
+    def _execute(self, waiting: list[PendingRequest]) -> None:
+        """Run the turns together; each item's ``outcome`` is its result or exception."""
         if not waiting:
             return
         try:
             outcomes = self.run_batch([item.turn for item in waiting])
         except Exception as error:  # the engine itself failed: every turn of the batch fails
             outcomes = [error] * len(waiting)
+        finally:
+            for item in waiting:
+                if isinstance(item.request, OneShot):  # answered: nothing is kept
+                    self._forget(item.turn.session_id)
         for item, outcome in zip(waiting, outcomes):
-            if isinstance(outcome, Exception):
-                self._fail(item, outcome)
-            else:
-                self._guarded(item, self._respond, item, outcome)
+            item.outcome = outcome
 
     def _respond(self, item: PendingRequest, result) -> None:
         item.reply = self.encode_response(item.request, result, item.stream)
@@ -226,52 +240,51 @@ class LlavaSessionHandler:
         if not isinstance(error, SessionsError):
             log.error("request failed", exc_info=error)
             error = InternalError("the server failed to process this request; it has been logged")
-        item.reply = self._error_reply(error, item.stream)
+        dialect = getattr(item.request, "dialect", None)
+        if item.stream is not None and item.stream.started:  # the stream's last event instead
+            item.reply = item.stream.error_reply(error)
+        else:
+            item.reply = error_reply(error, dialect)
 
     def _token_stream(self, request, sink) -> streaming.TokenStream | None:
-        """The token stream of a native turn that asked for one; the AWS sample's dialect never streams."""
-        if sink is None or not isinstance(request, protocol.Turn):
-            return None
-        if not request.stream or request.style != protocol.NATIVE:
+        """The token stream of a turn that asked for one (its dialect frames the events)."""
+        turn = request.turn if isinstance(request, OneShot) else request
+        if sink is None or not isinstance(turn, Turn) or not turn.stream:
             return None
         loaded = self.engine.loaded
         special_ids = set(loaded.eos_token_ids) | set(loaded.tokenizer.all_special_ids)
-        return streaming.TokenStream(loaded.tokenizer, special_ids, sink)
-
-    @staticmethod
-    def _error_reply(error: SessionsError, stream: streaming.TokenStream | None) -> Reply:
-        """A JSON error with its status; once tokens went out, the stream's last event instead."""
-        if stream is not None and stream.started:
-            return stream.error_reply(error)
-        return error_reply(error)
+        return streaming.TokenStream(loaded.tokenizer, special_ids, sink, turn.dialect.stream_events(turn), turn.stop)
 
     # --- hook 2: parse --------------------------------------------------------
 
-    def decode_request(self, row: dict, headers: dict):
-        return protocol.parse_request(_body_bytes(row), headers, self.config)
+    def decode_request(self, row: dict, headers: dict, hint: str | None = None):
+        """``hint``: the dialect the router's route implies (``/v1/chat/completions``)."""
+        return protocol.parse_request(_body_bytes(row), headers, self.config, hint)
 
     # --- hook 3: run on the engine -------------------------------------------
 
     def run(self, request, stream: streaming.TokenStream | None = None, hop: router_hop.Hop | None = None):
         """Open or close a session; a lone turn runs as a batch of one."""
         hop = hop or router_hop.Hop(None, time.time())
-        if isinstance(request, protocol.OpenSession):
-            images = image_sources.load_images(request.images, self.config)
-            opened = self.engine.open_session(images)
+        if isinstance(request, OpenSession):
+            opened = self.engine.open_session(self._image_inputs(request.images))
             first = self._answer_first_question(request, opened.session_id, hop)
             if self._client_gone(hop):  # nobody will learn the id: the session would only wait for its TTL
                 self.engine.close_session(opened.session_id)
                 raise TurnCancelled("the client closed the connection; the session it opened was closed again")
             return opened, first
-        if isinstance(request, protocol.Turn):
-            [outcome] = self.run_batch([self.turn_request(request, stream, hop)])
-            if isinstance(outcome, Exception):
-                raise outcome
-            return outcome
+        if isinstance(request, (Turn, OneShot)):
+            item = PendingRequest(0, request=request, stream=stream, hop=hop)
+            item.turn = (self.turn_request(request, stream, hop) if isinstance(request, Turn)
+                         else self.one_shot_request(request, stream, hop))
+            self._execute([item])
+            if isinstance(item.outcome, Exception):
+                raise item.outcome
+            return item.outcome
         self.engine.close_session(request.session_id)
         return None
 
-    def _answer_first_question(self, request: protocol.OpenSession, session_id: str, hop: router_hop.Hop):
+    def _answer_first_question(self, request: OpenSession, session_id: str, hop: router_hop.Hop):
         """The open's own question, as the session's first turn; None when it brought none.
 
         If it fails the session is closed again: the client gets an error, not the id.
@@ -284,16 +297,27 @@ class LlavaSessionHandler:
             self.engine.close_session(session_id)
             raise
 
-    def turn_request(self, request: protocol.Turn, stream: streaming.TokenStream | None = None,
-                     hop: router_hop.Hop | None = None):
-        """The engine's TurnRequest for a parsed turn: its images loaded, its stream's callback,
-        whether its client is gone, and (not streamed) its deadline."""
+    def one_shot_request(self, request: OneShot, stream: streaming.TokenStream | None = None,
+                         hop: router_hop.Hop | None = None):
+        """The engine's TurnRequest of a one-shot answer, on a session opened for it alone
+        (``_run_waiting`` forgets it once answered)."""
+        turn = request.turn
+        images, history = self._image_inputs(turn.images), self._history(turn.history)  # read before opening
+        opened = self.engine.open_session()
+        return self.turn_request(dataclasses.replace(turn, session_id=opened.session_id), stream, hop,
+                                 (images, history))
+
+    def turn_request(self, request: Turn, stream: streaming.TokenStream | None = None,
+                     hop: router_hop.Hop | None = None, read=None):
+        """The engine's TurnRequest for a parsed turn: its images read (``read``: already), its
+        stream's callback, whether its client is gone, and (not streamed) its deadline."""
         from llava_sessions.handler.engine.engine import TurnRequest
         from llava_sessions.handler.engine.generation import SamplingParams
 
         hop = hop or router_hop.Hop(None, time.time())
-        images = image_sources.load_images(request.images, self.config)
-        params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p)
+        images, history = read or (self._image_inputs(request.images), self._history(request.history))
+        params = SamplingParams(request.max_new_tokens, request.temperature, request.top_p, top_k=request.top_k,
+                                repetition_penalty=request.repetition_penalty, stop=request.stop)
         on_token = stream.on_token if stream is not None else None
         cancelled = None
         if self.cancellations is not None and hop.request_id is not None:
@@ -302,7 +326,29 @@ class LlavaSessionHandler:
         if stream is None and self.config.turn_deadline_s > 0:
             # When the router received it, on this process's monotonic clock.
             deadline = time.monotonic() + hop.received_at + self.config.turn_deadline_s - time.time()
-        return TurnRequest(request.session_id, request.prompt, params, tuple(images), on_token, cancelled, deadline)
+        return TurnRequest(request.session_id, request.prompt, params, tuple(images), on_token, cancelled, deadline,
+                           history=history, rewind_to=request.rewind_to)
+
+    def _image_inputs(self, refs) -> list:
+        """The images of ``refs``, read now and decoded only when their session lacks them."""
+        from llava_sessions.handler.engine.api import ImageInput
+
+        return [ImageInput(image.digest, image.load) for image in image_sources.read_images(refs, self.config)]
+
+    def _history(self, history) -> tuple | None:
+        """A chat body's conversation before its question, as the engine's messages."""
+        if history is None:
+            return None
+        from llava_sessions.handler.engine.api import Message
+
+        return tuple(Message(m.role, m.text, tuple(self._image_inputs(m.images))) for m in history)
+
+    def _forget(self, session_id: str) -> None:
+        """Close a session that was only for one answer, if it is still open."""
+        try:
+            self.engine.close_session(session_id)
+        except SessionsError:
+            pass
 
     def _client_gone(self, hop: router_hop.Hop) -> bool:
         return self.cancellations is not None and self.cancellations.is_cancelled(hop.request_id)
@@ -319,35 +365,18 @@ class LlavaSessionHandler:
     # --- hook 4: render -------------------------------------------------------
 
     def encode_response(self, request, result, stream: streaming.TokenStream | None = None) -> Reply:
-        if isinstance(request, protocol.OpenSession):
+        """The answer in the request's dialect; an open's session travels in the header."""
+        dialect = request.dialect
+        if isinstance(request, OpenSession):
             opened, first = result
             header = format_session_header(opened.session_id, opened.expires_at)
-            answer = None if first is None else self._turn_body(first, request.style)
-            return Reply(
-                200,
-                protocol.open_response(opened.session_id, opened.expires_at, request.style, answer),
-                {SESSION_HEADER: header},
-            )
-        if isinstance(request, protocol.Turn):
+            body = dialect.open_body(opened.session_id, opened.expires_at, first, request.first_turn)
+            return Reply(200, body, {SESSION_HEADER: header})
+        if isinstance(request, (Turn, OneShot)):
             if stream is not None:
                 return stream.final_reply(result)
-            return Reply(200, self._turn_body(result, request.style))
-        return Reply(
-            200,
-            protocol.close_response(request.session_id, request.style),
-            {CLOSED_SESSION_HEADER: request.session_id},
-        )
-
-    @staticmethod
-    def _turn_body(result, style: str) -> dict:
-        return protocol.turn_response(
-            result.text,
-            prompt_tokens=result.prompt_tokens,
-            cached_tokens=result.cached_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason,
-            style=style,
-        )
+            return Reply(200, dialect.turn_body(result, request.turn if isinstance(request, OneShot) else request))
+        return Reply(200, dialect.close_body(request.session_id), {CLOSED_SESSION_HEADER: request.session_id})
 
     def _send(self, context, idx: int, reply: Reply) -> None:
         context.set_response_status(reply.status, _phrase(reply.status), idx)

@@ -53,6 +53,7 @@ from llava_sessions.wire import (
     SESSION_HEADER,
     is_valid_session_id,
     parse_session_header,
+    requested_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,12 @@ class AffinityRouter(HttpProxyServer):
         max_waiting: int = MAX_WAITING,
         secret: str | None = None,
         model_names: list[str] | None = None,
+        served_model: str | None = None,
     ):
         """``secret``: shared with the workers (router_hop.py; None: a new one, which no worker
         knows). ``model_names``: the TorchServe model of each backend, to tell a worker that a
-        client went away (None: from the backend URLs' last segment)."""
+        client went away (None: from the backend URLs' last segment). ``served_model``: the name
+        ``/v1/models`` gives (None: the first model's)."""
         if not backends:
             raise ValueError("backends must name at least one inference URL")
         if routes is not None and routes.n_backends != len(backends):
@@ -179,6 +182,8 @@ class AffinityRouter(HttpProxyServer):
         self.max_body_bytes = self.config.max_request_bytes
         self.secret = secret or router_hop.new_secret()
         self.model_names = model_names or [url.rstrip("/").rsplit("/", 1)[-1] for url in self.backends]
+        self.served_model = served_model or self.model_names[0]
+        self._started_at = time.time()
         self.routes = routes if routes is not None else SessionRoutes(len(backends))
         if max_bundle < 1 or max_waiting < 0:
             raise ValueError(f"max_bundle must be at least 1 and max_waiting at least 0, got {max_bundle}, {max_waiting}")
@@ -233,6 +238,9 @@ class AffinityRouter(HttpProxyServer):
         app.on_response_prepare.append(_no_server_header)
         app.router.add_get("/ping", self._ping)
         app.router.add_post("/invocations", self._invocations)
+        # OpenAI's routes, for the openai client: the same answers, the body read as OpenAI's.
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
         return app
 
     # --- handlers -------------------------------------------------------------
@@ -253,14 +261,22 @@ class AffinityRouter(HttpProxyServer):
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def _invocations(self, request: web.Request) -> web.StreamResponse:
+    async def _models(self, request: web.Request) -> web.Response:
+        """OpenAI's model list: the one model this endpoint serves (any name is accepted in a body)."""
+        model = {"id": self.served_model, "object": "model", "created": int(self._started_at), "owned_by": "llava-sessions"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._invocations(request, dialect="openai")
+
+    async def _invocations(self, request: web.Request, dialect: str | None = None) -> web.StreamResponse:
         if self._drain is not None:
             self._drain.refused += 1
             raise WorkerUnavailable(f"{_SHUTTING_DOWN}; retry (a session it held is gone once it stops)")
         _refuse_internal(request.headers)
         received_at = time.time()
         body = await self._read_body(request)
-        exchange = _Exchange(request, body, router_hop.Hop(router_hop.new_request_id(), received_at))
+        exchange = _Exchange(request, body, router_hop.Hop(router_hop.new_request_id(), received_at, dialect))
         task = asyncio.current_task()
         self._in_flight[task] = exchange
         try:
@@ -596,14 +612,20 @@ def _refuse_internal(headers: CIMultiDictProxy) -> None:
         )
 
 
-def _header_session_id(headers: CIMultiDictProxy) -> str | None:
-    """The session named by the header; None for absent, empty or NEW_SESSION (an open)."""
-    values = {value.strip() for value in headers.getall(SESSION_HEADER, [])}  # any name case
+def _header_session_value(headers: CIMultiDictProxy) -> str:
+    """The session header as the client meant it ("" when absent)."""
+    values = {requested_session_id(value) for value in headers.getall(SESSION_HEADER, [])}  # any name case
     if len(values) > 1:
         raise InvalidRequest(
             f"the {SESSION_HEADER} header was sent more than once with different values; send it once"
         )
-    value = values.pop() if values else ""
+    return values.pop() if values else ""
+
+
+def _header_session_id(headers: CIMultiDictProxy) -> str | None:
+    """The session named by the header; None for absent, empty (a one-shot, or a body-only open)
+    or NEW_SESSION (an open)."""
+    value = _header_session_value(headers)
     if value in ("", NEW_SESSION):
         return None
     return _checked_session_id(value, f"the {SESSION_HEADER} header")
@@ -645,9 +667,13 @@ def _torchserve_message(payload: bytes) -> str:
 
 
 def _error_code(payload: bytes) -> str | None:
+    """The stable code of our handler's error body, in any dialect's shape: ``{"error": {"code"}}``
+    (native, OpenAI) or TGI's ``{"error": ..., "error_type"}``; None for TorchServe's own."""
     try:
-        error = json.loads(payload)["error"]
-        return error["code"] if isinstance(error, dict) else None
+        body = json.loads(payload)
+        error = body["error"]
+        code = error["code"] if isinstance(error, dict) else body["error_type"]
+        return code if isinstance(code, str) else None
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
 
@@ -664,6 +690,8 @@ def _upstream_headers(headers: CIMultiDictProxy, session_id: str | None) -> CIMu
     forwarded.setdefault("Content-Type", "application/json")
     if session_id is not None:
         forwarded[SESSION_HEADER] = session_id
+    elif _header_session_value(headers) == NEW_SESSION:  # an open; no header at all is a one-shot answer
+        forwarded[SESSION_HEADER] = NEW_SESSION
     return forwarded
 
 
@@ -806,7 +834,8 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         error = MethodNotAllowed(f"this path takes {allowed} only")
         return _error_response(error, {"Allow": allowed})
     except web.HTTPNotFound:
-        return _error_response(RouteNotFound("no such path; use POST /invocations or GET /ping"))
+        return _error_response(RouteNotFound(
+            "no such path; use POST /invocations, POST /v1/chat/completions, GET /v1/models or GET /ping"))
 
 
 def _error_response(error: SessionsError, headers: dict[str, str] | None = None) -> web.Response:

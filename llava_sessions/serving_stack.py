@@ -70,6 +70,7 @@ class ServingStack:
                 config=self.config,
                 secret=self.secret,
                 model_names=self.torchserve.model_names,
+                served_model=self.torchserve.model_prefix,
             )
             self.router.start()
         except BaseException:

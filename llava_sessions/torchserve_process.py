@@ -141,6 +141,7 @@ class TorchServeProcess:
     ):
         self.archive = Path(archive).resolve()
         self.run_dir = Path(run_dir).resolve()
+        self.model_prefix = model_prefix  # the models' common name (each copy is <prefix>-<i>)
         self.model_names = [f"{model_prefix}-{i}" for i in range(copies)]
         self.max_request_bytes = max_request_bytes  # None: config.properties' max_request_size
         self.host = host

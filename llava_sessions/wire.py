@@ -97,6 +97,17 @@ def parse_session_header(value: object) -> tuple[str, float] | None:
     return session_id, moment.timestamp()
 
 
+def requested_session_id(value: str) -> str:
+    """A request's session header as the client meant it: blanks stripped, and a pasted open
+    answer (``<id>; Expires=...``, what the open's header carried) taken for its id."""
+    value = value.strip()
+    if ";" in value:
+        parsed = parse_session_header(value)
+        if parsed is not None:
+            return parsed[0]
+    return value
+
+
 def _attribute(part: str) -> tuple[str, str]:
     name, _, text = part.partition("=")
     return name.strip().lower(), text.strip()
@@ -108,6 +119,9 @@ EVENT_CONTENT_TYPE = "text/event-stream"
 EVENT_PREFIX = "data:"
 EVENT_END = "\n\n"  # each event ends with a blank line
 _PREFIX = EVENT_PREFIX.encode()
+# The end of an OpenAI stream: not JSON, so parsers skip it (EventParser).
+DONE = "[DONE]"
+DONE_EVENT = EVENT_PREFIX + " " + DONE + EVENT_END
 # error_type of an error event that names none.
 DEFAULT_ERROR_TYPE = "INTERNAL_ERROR"
 
@@ -137,7 +151,8 @@ class EventParser:
     """Server-sent events out of byte chunks split anywhere: ``feed`` each chunk, then ``end``.
 
     Each ``data:`` line (one optional space after the colon, CRLF or LF) is one event. Blank
-    lines, comments (``:...``) and other SSE fields (``event:``, ``id:``) are skipped. A
+    lines, comments (``:...``), other SSE fields (``event:``, ``id:``) and OpenAI's closing
+    ``data: [DONE]`` are skipped. A
     ``data:`` line that is not a JSON object raises MalformedEvent.
     """
 
@@ -193,6 +208,8 @@ def _parse_line(line: bytes) -> dict | None:
     payload = line[len(_PREFIX):]
     if payload.startswith(b" "):
         payload = payload[1:]
+    if payload.strip() == DONE.encode():
+        return None  # OpenAI's end of stream: nothing more follows
     try:
         parsed = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

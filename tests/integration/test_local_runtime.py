@@ -168,3 +168,38 @@ def test_the_snippet_local_prints_works_without_aws_credentials(runtime, monkeyp
     closed = client.invoke_endpoint(EndpointName=ENDPOINT, SessionId=session, ContentType="application/json",
                                     Body=json.dumps({"requestType": "CLOSE"}))
     assert closed["ClosedSessionId"] == session
+
+
+def test_openai_and_tgi_bodies_through_boto3(smr, runtime):
+    """The bodies LMI, TGI and vLLM endpoints take, sent with unmodified boto3: an OpenAI
+    conversation opens a session (NewSessionId) and follows up whole; a TGI body streams in it
+    with the seed articles' framing; without a SessionId each is a one-shot answer."""
+    picture = "data:image/png;base64," + png_b64(image(6))
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}},
+                                          {"type": "text", "text": "What is in the picture?"}]}]
+    body = {"model": "llava", "messages": first, "max_tokens": MAX_NEW, "temperature": 0}
+    response, opened = invoke(smr, body, "NEW_SESSION")
+    sid = NEW_SESSION_ID.match(response["NewSessionId"]).group(1)
+    assert opened["object"] == "chat.completion" and bound(runtime)[sid] in (0, 1)
+    answer = opened["choices"][0]["message"]["content"]
+
+    whole = {**body, "messages": first + [{"role": "assistant", "content": answer},
+                                          {"role": "user", "content": "What colour is it?"}]}
+    _, follow_up = invoke(smr, whole, sid)
+    assert follow_up["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+    tgi = {"inputs": "And its size?", "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
+    streamed = smr.invoke_endpoint_with_response_stream(
+        EndpointName=ENDPOINT, SessionId=sid, ContentType="application/json", Body=json.dumps({**tgi, "stream": True}))
+    parts = b"".join(event["PayloadPart"]["Bytes"] for event in streamed["Body"])
+    events = [json.loads(line[len("data:"):]) for line in parts.decode().splitlines() if line]
+    assert "".join(event["token"]["text"] for event in events) == events[-1]["generated_text"]
+    assert events[-1]["usage"]["cached_tokens"] > follow_up["usage"]["prompt_tokens"] - 1
+
+    before = bound(runtime)
+    _, one_shot = invoke(smr, tgi)
+    assert one_shot[0]["details"]["generated_tokens"] > 0 and bound(runtime) == before  # nothing kept
+    _, one_shot = invoke(smr, body)
+    assert one_shot["choices"][0]["message"]["content"] == answer  # the same question, fresh
+    response, _ = invoke(smr, {"requestType": "CLOSE"}, sid)
+    assert response["ClosedSessionId"] == sid

@@ -1,4 +1,5 @@
-"""Unit tests for llava_sessions.handler.protocol: parsing, ids and response shapes.
+"""Unit tests for llava_sessions.handler.protocol and the native and AWS-sample dialects:
+parsing, ids and response shapes (test_dialects.py: OpenAI and TGI).
 
 The id rule, the header names and the Expires format are llava_sessions.wire's (test_wire.py).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,23 +17,18 @@ from llava_sessions.config import ServingConfig
 from llava_sessions.errors import InvalidRequest, SessionNotFound, SessionsError
 from llava_sessions import wire
 from llava_sessions.handler.engine.session_store import new_session_id
-from llava_sessions.handler.protocol import (
-    AWS_SAMPLE,
-    NATIVE,
-    NEW_SESSION,
-    SESSION_HEADER,
-    CloseSession,
-    OpenSession,
-    Turn,
-    close_response,
-    error_response,
-    open_response,
-    parse_request,
-    turn_response,
-)
+from llava_sessions.handler.dialects import AWS_SAMPLE, NATIVE
+from llava_sessions.handler.protocol import NEW_SESSION, SESSION_HEADER, parse_request
+from llava_sessions.handler.requests import CloseSession, OneShot, OpenSession, Turn
 
 CONFIG = ServingConfig()
 SID = "sess-0123456789abcdef0123456789abcdef"
+def result(text, prompt_tokens, cached_tokens, completion_tokens, finish_reason="stop"):
+    """A TurnResult's fields, as the dialects read them."""
+    return SimpleNamespace(text=text, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                           completion_tokens=completion_tokens, finish_reason=finish_reason)
+
+
 SAGEMAKER_PATTERN = re.compile(r"^(NEW_SESSION)$|^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
 
 
@@ -64,12 +61,12 @@ def test_header_names_and_new_session_literal_are_the_wires():
 @pytest.mark.parametrize("session_header", [None, "", "  ", NEW_SESSION, f" {NEW_SESSION} "])
 def test_native_open_with_no_session_in_header(session_header):
     assert parse({"requestType": "NEW_SESSION", "images": ["aGk="]}, session_header) == OpenSession(
-        images=("aGk=",), style=NATIVE
+        images=("aGk=",), dialect=NATIVE
     )
 
 
 def test_native_open_without_images():
-    assert parse({"requestType": "NEW_SESSION"}, NEW_SESSION) == OpenSession(images=(), style=NATIVE)
+    assert parse({"requestType": "NEW_SESSION"}, NEW_SESSION) == OpenSession(images=(), dialect=NATIVE)
 
 
 def test_native_open_may_bring_the_first_question():
@@ -77,7 +74,7 @@ def test_native_open_may_bring_the_first_question():
                      "max_new_tokens": 7, "temperature": 0.5}, NEW_SESSION)
     assert request.images == ("aGk=",)
     assert request.first_turn == Turn(session_id="", prompt="What is it?", max_new_tokens=7, temperature=0.5,
-                                      top_p=1.0, images=(), stream=False, style=NATIVE)
+                                      top_p=1.0, images=(), stream=False, dialect=NATIVE)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -91,8 +88,7 @@ def test_native_open_question_mistakes(body, message):
 
 
 def test_open_response_carries_the_first_answer():
-    answer = turn_response("A cat.", prompt_tokens=30, cached_tokens=0, completion_tokens=3)
-    body = open_response(SID, 0, NATIVE, answer)
+    body = NATIVE.open_body(SID, 0, result("A cat.", 30, 0, 3), None)
     assert body["session_id"] == SID and body["generated_text"] == "A cat." and body["usage"]["prompt_tokens"] == 30
 
 
@@ -121,7 +117,7 @@ def test_native_turn_with_every_field():
         top_p=0.9,
         images=("s3://bucket/a.png", "https://h/b.jpg"),
         stream=True,
-        style=NATIVE,
+        dialect=NATIVE,
     )
 
 
@@ -168,17 +164,51 @@ def test_ambiguous_or_non_text_session_header_is_refused(headers):
     assert error_code({"prompt": "hi"}, headers=headers) == "INVALID_REQUEST"
 
 
-@pytest.mark.parametrize("session_header", [None, "", NEW_SESSION])
-def test_native_turn_without_a_session_says_open_first(session_header):
-    with pytest.raises(InvalidRequest, match="open a session first"):
-        parse({"prompt": "hi"}, session_header)
+@pytest.mark.parametrize("session_header", [None, "", "  "])
+def test_native_turn_without_a_session_is_a_one_shot(session_header):
+    request = parse({"prompt": "hi", "images": ["aGk="]}, session_header)
+    assert isinstance(request, OneShot)
+    assert (request.turn.prompt, request.turn.images, request.dialect) == ("hi", ("aGk=",), NATIVE)
+
+
+def test_native_turn_with_new_session_header_opens_with_it_as_first_turn():
+    request = parse({"prompt": "hi", "images": ["aGk="], "max_new_tokens": 5}, NEW_SESSION)
+    assert isinstance(request, OpenSession) and request.images == ("aGk=",)
+    assert (request.first_turn.prompt, request.first_turn.max_new_tokens) == ("hi", 5)
+    with pytest.raises(InvalidRequest, match="cannot stream an open"):
+        parse({"prompt": "hi", "stream": True}, NEW_SESSION)
+
+
+def test_a_pasted_open_header_value_counts_as_its_id():
+    assert parse({"prompt": "hi"}, f"{SID}; Expires=2030-01-01T00:00:00Z").session_id == SID
+
+
+def test_native_rewind_needs_a_count_and_a_session():
+    assert parse({"prompt": "hi", "rewind_to": 2}, SID).rewind_to == 2
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(InvalidRequest, match="rewind_to"):
+            parse({"prompt": "hi", "rewind_to": bad}, SID)
+    with pytest.raises(InvalidRequest, match="needs a session"):
+        parse({"prompt": "hi", "rewind_to": 1})
+
+
+def test_a_form_encoded_body_is_refused_for_its_content_type():
+    with pytest.raises(InvalidRequest, match="application/x-www-form-urlencoded.*application/json"):
+        parse_request(b"", {"Content-Type": "application/x-www-form-urlencoded"}, CONFIG)
+
+
+def test_a_body_of_no_dialect_names_them_all():
+    with pytest.raises(InvalidRequest) as info:
+        parse({"question": "hi"}, SID)
+    for marker in ("prompt", "messages", "inputs", "type"):
+        assert marker in info.value.message
 
 
 # --- native dialect: close -----------------------------------------------------------
 
 
 def test_native_close():
-    assert parse({"requestType": "CLOSE"}, SID) == CloseSession(session_id=SID, style=NATIVE)
+    assert parse({"requestType": "CLOSE"}, SID) == CloseSession(session_id=SID, dialect=NATIVE)
 
 
 @pytest.mark.parametrize("session_header", [None, "", NEW_SESSION])
@@ -380,7 +410,7 @@ def test_valid_session_ids(session_id):
         "caf\u00e9",
         "a;b",
         "new_session",
-        f"{SID}; Expires=2024-01-01T00:00:00Z",
+        f"{SID}; Expires=soon",  # not a pasted open header: no valid Expires
     ],
 )
 def test_invalid_session_ids(session_id):
@@ -414,7 +444,7 @@ def test_sample_start_session(session_header):
     # dataclass_json's to_json() sends the optional session_id as null.
     body = {"type": "start_session", "path": "https://images.example.com/cat.jpg", "session_id": None}
     assert parse(body, session_header) == OpenSession(
-        images=("https://images.example.com/cat.jpg",), style=AWS_SAMPLE
+        images=("https://images.example.com/cat.jpg",), dialect=AWS_SAMPLE
     )
 
 
@@ -447,7 +477,7 @@ def test_sample_text_prompt_takes_the_id_from_header_or_body(session_header, bod
         top_p=1.0,
         images=(),
         stream=False,
-        style=AWS_SAMPLE,
+        dialect=AWS_SAMPLE,
     )
 
 
@@ -462,7 +492,8 @@ def test_sample_text_prompt_accepts_generation_options():
         "stream": True,
     }
     turn = parse(body, SID)
-    assert (turn.max_new_tokens, turn.temperature, turn.top_p, turn.stream) == (9, 0.2, 0.5, True)
+    # The sample's answers never stream: "stream" is accepted and the answer comes whole.
+    assert (turn.max_new_tokens, turn.temperature, turn.top_p, turn.stream) == (9, 0.2, 0.5, False)
 
 
 @pytest.mark.parametrize(
@@ -493,7 +524,7 @@ def test_sample_refusals(body, session_header, message):
 @pytest.mark.parametrize("session_header, body_id", [(SID, None), (None, SID), (SID, SID)])
 def test_sample_close_session(session_header, body_id):
     body = {"type": "close_session", "session_id": body_id}
-    assert parse(body, session_header) == CloseSession(session_id=SID, style=AWS_SAMPLE)
+    assert parse(body, session_header) == CloseSession(session_id=SID, dialect=AWS_SAMPLE)
 
 
 def test_sample_round_trip_like_the_notebook():
@@ -501,7 +532,7 @@ def test_sample_round_trip_like_the_notebook():
     opened = parse(
         json.dumps({"type": "start_session", "path": "https://h/x.jpg", "session_id": None}), NEW_SESSION
     )
-    reply = open_response(SID, 1_700_000_000, style=opened.style)
+    reply = opened.dialect.open_body(SID, 1_700_000_000, None, None)
     assert reply == {"session_id": SID}
 
     for prompt in ("describe the picture", "is there a mountain in the picture, describe it"):
@@ -511,31 +542,28 @@ def test_sample_round_trip_like_the_notebook():
             ),
             reply["session_id"],
         )
-        assert (turn.session_id, turn.prompt, turn.style) == (SID, prompt, AWS_SAMPLE)
-        answer = turn_response(
-            "A cat.", prompt_tokens=600, cached_tokens=590, completion_tokens=3, style=turn.style
-        )
+        assert (turn.session_id, turn.prompt, turn.dialect) == (SID, prompt, AWS_SAMPLE)
+        answer = turn.dialect.turn_body(result("A cat.", 600, 590, 3), turn)
         assert answer == {"response_text": "A cat."}
 
     closed = parse(json.dumps({"type": "close_session", "session_id": SID}), SID)
-    assert close_response(closed.session_id, style=closed.style) == {"success": True}
+    assert closed.dialect.close_body(closed.session_id) == {"success": True}
 
 
 def test_native_round_trip():
     opened = parse({"requestType": "NEW_SESSION", "images": ["aGk="]}, NEW_SESSION)
-    assert open_response(SID, 1_700_000_000, style=opened.style) == {
+    assert opened.dialect.open_body(SID, 1_700_000_000, None, None) == {
         "session_id": SID,
         "expires_at": "2023-11-14T22:13:20Z",
     }
     turn = parse({"prompt": "hi"}, SID)
-    assert turn_response(
-        "Hello.", prompt_tokens=10, cached_tokens=4, completion_tokens=2, style=turn.style
-    ) == {
+    assert turn.dialect.turn_body(result("Hello.", 10, 4, 2), turn) == {
         "generated_text": "Hello.",
+        "finish_reason": "stop",
         "usage": {"prompt_tokens": 10, "cached_tokens": 4, "completion_tokens": 2},
     }
     closed = parse({"requestType": "CLOSE"}, SID)
-    assert close_response(closed.session_id, style=closed.style) == {"session_id": SID, "closed": True}
+    assert closed.dialect.close_body(closed.session_id) == {"session_id": SID, "closed": True}
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -543,7 +571,7 @@ def test_native_round_trip():
 
 def test_error_response_uses_the_error_dict():
     error = SessionNotFound("no session with that id on this worker; open a new one")
-    assert error_response(error) == {
+    assert NATIVE.error_body(error, 404) == AWS_SAMPLE.error_body(error, 404) == {
         "error": {
             "code": "SESSION_NOT_FOUND",
             "message": "no session with that id on this worker; open a new one",
@@ -551,24 +579,11 @@ def test_error_response_uses_the_error_dict():
     }
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda: open_response(SID, 0, style="other"),
-        lambda: turn_response("x", prompt_tokens=1, cached_tokens=0, completion_tokens=1, style="other"),
-        lambda: close_response(SID, style="other"),
-    ],
-)
-def test_unknown_style_is_a_programming_error(call):
-    with pytest.raises(ValueError):
-        call()
-
-
 def test_responses_are_json_serialisable():
     for body in (
-        open_response(SID, 0),
-        turn_response("x", prompt_tokens=1, cached_tokens=0, completion_tokens=1),
-        close_response(SID),
-        error_response(InvalidRequest("x")),
+        NATIVE.open_body(SID, 0, None, None),
+        NATIVE.turn_body(result("x", 1, 0, 1), None),
+        NATIVE.close_body(SID),
+        NATIVE.error_body(InvalidRequest("x"), 400),
     ):
         json.dumps(body, allow_nan=False)

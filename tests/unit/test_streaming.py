@@ -13,9 +13,9 @@ from types import SimpleNamespace
 from ts.context import Context, RequestProcessor
 from ts.protocol.otf_message_handler import create_predict_response
 
-from llava_sessions import wire
 from llava_sessions.errors import InternalError, SessionNotFound
 from llava_sessions.handler import streaming
+from llava_sessions.handler.dialects.base import TgiEvents
 from llava_sessions.handler.engine import generation
 from llava_sessions.tiny_model import build_tokenizer
 from tests.fakes import png_b64
@@ -35,28 +35,45 @@ def parse_events(text: str) -> list[dict]:
 
 
 def test_frames_are_tgi_events():
-    text = wire.event(streaming.token_event(7, "猫 \"x\"\n", False))
+    events = TgiEvents()
+    text = events.token(7, "猫 \"x\"\n", False)
     assert text.startswith('data:{"token": {"id": 7') and text.endswith("}\n\n") and text.count("\n") == 2
     assert parse_events(text) == [{"token": {"id": 7, "text": "猫 \"x\"\n", "special": False}, "generated_text": None}]
     result = SimpleNamespace(text="hi", finish_reason="stop", prompt_tokens=9, cached_tokens=4, completion_tokens=2)
-    assert streaming.final_event({"id": 2, "text": "", "special": True}, result) == {
+    assert parse_events(events.final(2, "", True, result)) == [{
         "token": {"id": 2, "text": "", "special": True},
         "generated_text": "hi",
         "details": {"finish_reason": "eos_token", "generated_tokens": 2},
         "usage": {"prompt_tokens": 9, "cached_tokens": 4, "completion_tokens": 2},
-    }
-    assert streaming.final_event(None, SimpleNamespace(**{**vars(result), "finish_reason": "length"}))[
-        "details"]["finish_reason"] == "length"
-    assert parse_events(wire.event(streaming.error_event(InternalError("boom")))) == [
-        {"error": "boom", "error_type": "INTERNAL_ERROR"}
-    ]
+    }]
+    [last] = parse_events(events.final(None, "", False, SimpleNamespace(**{**vars(result), "finish_reason": "length"})))
+    assert last["details"]["finish_reason"] == "length" and last["token"] is None
+    assert parse_events(events.error(InternalError("boom"))) == [{"error": "boom", "error_type": "INTERNAL_ERROR"}]
+
+
+def test_a_stream_holds_back_what_may_start_a_stop_string():
+    tokenizer = build_tokenizer()
+    ids = tokenizer.encode("tea and cake", add_special_tokens=False)
+    # The engine stops at the token that completes the stop string: that one is the last.
+    last = next(k for k in range(len(ids)) if " and c" in tokenizer.decode(ids[: k + 1]))
+    sent: list[str] = []
+    stream = streaming.TokenStream(tokenizer, set(), sent.append, TgiEvents(), stops=(" and c",))
+    for token_id in ids[:last]:
+        stream.on_token(token_id, False)
+    stream.on_token(ids[last], True)
+    streamed = "".join(e["token"]["text"] for chunk in sent for e in parse_events(chunk))
+    assert "tea".startswith(streamed)  # " and" could have been the stop's start: held back
+    result = SimpleNamespace(text="tea", finish_reason="stop", prompt_tokens=5, cached_tokens=0,
+                             completion_tokens=last + 1)
+    [final] = parse_events(stream.final_reply(result).body)
+    assert streamed + final["token"]["text"] == "tea" and final["generated_text"] == "tea"
 
 
 def test_token_stream_sends_each_token_at_once_and_the_last_with_the_answer():
     tokenizer = build_tokenizer()
     ids = tokenizer.encode("tea 🍵 ok", add_special_tokens=False) + [tokenizer.eos_token_id]
     sent: list[str] = []
-    stream = streaming.TokenStream(tokenizer, {tokenizer.eos_token_id}, sent.append)
+    stream = streaming.TokenStream(tokenizer, {tokenizer.eos_token_id}, sent.append, TgiEvents())
     for count, token_id in enumerate(ids):
         last = count == len(ids) - 1
         stream.on_token(token_id, last)

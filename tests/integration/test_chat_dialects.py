@@ -145,6 +145,10 @@ def test_openai_errors_keep_our_codes(client):
     with pytest.raises(openai.BadRequestError) as info:
         ask(client, [{"role": "tool", "content": "x"}, question("hi")])
     assert info.value.body["code"] == "INVALID_REQUEST"
+    oversized = "data:image/png;base64," + "A" * (9 * 1024 * 1024)  # over the router's 8 MiB body limit
+    with pytest.raises(openai.APIStatusError) as info:
+        ask(client, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": oversized}}]}])
+    assert info.value.status_code == 413 and info.value.body["code"] == "REQUEST_TOO_LARGE"
     with pytest.raises(openai.PermissionDeniedError):  # an image host that is not allow-listed
         client.chat.completions.create(model="llava", max_tokens=MAX_NEW, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},

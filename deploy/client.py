@@ -14,20 +14,35 @@ What it does on the wire (README "Talking to it"; llava_sessions/wire.py holds t
 
 - ``open`` sends ``{"requestType": "NEW_SESSION", "images": [...]}`` through ``invoke_endpoint``
   with ``SessionId="NEW_SESSION"`` and reads ``NewSessionId`` (``<id>; Expires=<UTC time>``).
-- ``ask`` sends the native turn body with ``SessionId=<id>``; ``stream`` sends it with
+- ``ask(text)`` sends the native turn body with ``SessionId=<id>``; ``stream`` sends it with
   ``"stream": true`` through ``invoke_endpoint_with_response_stream`` and splits TGI's
   ``data:`` events out of the ``PayloadPart`` bytes.
+- ``ask(messages=...)`` / ``stream(messages=...)`` send OpenAI's Chat Completions body
+  (``{"messages", "max_tokens", "temperature", "top_p", "stream", "stream_options"}``) with
+  ``SessionId=<id>``, the messages as they are, images as ``image_url`` parts (data URLs, or
+  ``s3://`` / ``https://``); the answer is a ``chat.completion`` or ``chat.completion.chunk``
+  events. Only the new user message continues the session; earlier messages make the body the
+  whole conversation, which the server reconciles with what the session holds (it keeps the
+  longest common prefix and prefills the rest). A conversation that departs from the session's
+  (an edited message, a regenerated answer) is answered as a fresh session with it would answer,
+  and ``history`` becomes that conversation. The open's images lead its first user message, where
+  the session holds them, unless the messages carry them there already. The client's default is
+  greedy on both paths (it sends ``"temperature": 0`` unless told otherwise).
 - ``close`` sends ``{"requestType": "CLOSE"}`` and checks ``ClosedSessionId``.
 
-Replay. The client keeps the conversation (each turn's prompt, images and generation settings,
-and the answer). When a turn finds the session gone (``SESSION_NOT_FOUND``: expiry, a replaced
-instance, scale-in; or SageMaker's own "session expired/invalid" ValidationError), the client
-opens a new session with the same images, sends every earlier prompt again, then retries the
-failed turn. The server only accepts user prompts and generates the answers itself (there is
-no way to hand it an assistant message), so earlier answers are regenerated, not injected.
-With greedy decoding (temperature 0, the default) they come out the same; when one differs,
-the client warns (``ReplayDivergenceWarning``), records it in ``Session.divergences`` and keeps
-the new answer, because that is what the new session now holds.
+A lost session. The client keeps the conversation (each turn's prompt, images and generation
+settings, and the answer). When a turn finds the session gone (``SESSION_NOT_FOUND``: expiry, a
+replaced instance, scale-in; or SageMaker's own "session expired/invalid" ValidationError):
+
+- a session driven by ``messages`` is reopened in one request: the whole conversation and the
+  turn as an OpenAI body with ``SessionId=NEW_SESSION`` (the server prefills it and answers; a
+  stream, which an open cannot be, opens an empty session and streams the whole conversation in
+  it). The earlier answers travel as they were given, so nothing diverges.
+- a session driven only by native turns is replayed: a new session with the same images, every
+  earlier prompt sent again, then the failed turn. The server generates those answers itself,
+  token for token as it holds them; with greedy decoding (temperature 0, the default) they come
+  out the same, and when one differs the client warns (``ReplayDivergenceWarning``), records it
+  in ``Session.divergences`` and keeps the new answer, because that is what the new session holds.
 
 Images too large for SageMaker's 6 MB request limit travel through S3 (``s3_staging``); the
 endpoint must allow that bucket (``LLAVA_SESSIONS_S3_ALLOWED_BUCKETS``) and its role read it.
@@ -49,7 +64,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -315,6 +330,13 @@ def _image_type(data: bytes) -> tuple[str, str]:
     return ".bin", "application/octet-stream"
 
 
+def _data_url_head(data: bytes) -> str:
+    """``data:<type>;base64,`` for an image's bytes (the endpoint takes any ``image/`` type and
+    reads the bytes)."""
+    mime = _image_type(data)[1]
+    return f"data:{mime if mime.startswith('image/') else 'image/octet-stream'};base64,"
+
+
 def _split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"s3_staging must be an s3://bucket/prefix/ URI, got {uri!r}")
@@ -326,72 +348,170 @@ def _split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-# --- messages (OpenAI style) -------------------------------------------------------------
+# --- messages (OpenAI Chat Completions) ---------------------------------------------------
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass
-class _MessageTurn:
-    prompt: str
+class _Message:
+    """One message as the server reads it: consecutive messages of one role joined (texts by a
+    blank line, a message's text parts by a newline, as handler/dialects/openai.py does)."""
+
+    role: str  # "system" (also for "developer"), "user" or "assistant"
+    text: str
     images: list[_Image]
-    answer: str | None = None
 
 
-def _turns_from_messages(messages: Sequence[Mapping[str, Any]]) -> list[_MessageTurn]:
-    """User messages become turns (consecutive ones merge); an assistant message is the answer to the turn before it."""
+@dataclass
+class _Given:
+    """The caller's messages: as they go on the wire (image parts' URLs still _Image objects, filled
+    in by _chat_body) and as the server will read them (``conversation``)."""
+
+    wire: list[dict]
+    conversation: list[_Message]
+
+
+def _read_messages(messages: Sequence[Mapping[str, Any]]) -> _Given:
+    """Check the caller's messages and load their images; refused (ValueError) where they do not
+    make a conversation that ends with the user's question."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    turns: list[_MessageTurn] = []
+    wire_messages: list[dict] = []
+    conversation: list[_Message] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message:
             raise ValueError(f"messages[{index}] must be an object with 'role' and 'content'")
-        role = message["role"]
-        texts, images = _content_parts(message.get("content"), index)
-        if role == "user":
-            if turns and turns[-1].answer is None:
-                turns[-1].prompt = "\n\n".join(t for t in (turns[-1].prompt, *texts) if t)
-                turns[-1].images.extend(images)
-            else:
-                turns.append(_MessageTurn("\n\n".join(texts), images))
-        elif role == "assistant":
-            if not turns or turns[-1].answer is not None:
-                raise ValueError(f"messages[{index}]: an assistant message must follow a user message")
-            if images:
-                raise ValueError(f"messages[{index}]: an assistant message cannot hold images")
-            turns[-1].answer = "".join(texts)
-        elif role in ("system", "developer"):
+        role = _ROLES.get(message["role"]) if isinstance(message["role"], str) else None
+        if role is None:
             raise ValueError(
-                f"messages[{index}]: the endpoint has no system prompt; put the instructions in the first user message"
+                f"messages[{index}]: role must be 'system', 'developer', 'user' or 'assistant', got {message['role']!r}"
             )
+        wire_message = dict(message)
+        text, images, wire_message["content"] = _content(message.get("content"), index)
+        if images and role != "user":
+            raise ValueError(f"messages[{index}]: only user messages may carry images")
+        wire_messages.append(wire_message)
+        if conversation and conversation[-1].role == role:
+            last = conversation[-1]
+            last.text = "\n\n".join(t for t in (last.text, text) if t)
+            last.images.extend(images)
         else:
-            raise ValueError(f"messages[{index}]: role must be 'user' or 'assistant', got {role!r}")
-    if turns[-1].answer is not None:
-        raise ValueError("the last message must be the user's: it is the prompt to answer")
-    for index, turn in enumerate(turns):
-        if not turn.prompt.strip():
-            raise ValueError(f"user turn {index} has no text; the endpoint needs a prompt with every turn")
-    return turns
+            conversation.append(_Message(role, text, images))
+    if any(m.role == "system" for m in conversation[1:]):
+        raise ValueError("a system (or developer) message must come first")
+    talk = conversation[1:] if conversation[0].role == "system" else conversation
+    if not talk or talk[-1].role != "user":
+        raise ValueError("the last message must be the user's: it is the question to answer")
+    if talk[0].role != "user":
+        raise ValueError("an assistant message must follow a user message")
+    for message in talk:
+        if message.role == "user" and not message.text.strip() and not message.images:
+            raise ValueError("a user message is empty; give it text or an image_url part")
+    return _Given(wire_messages, conversation)
 
 
-def _content_parts(content: Any, index: int) -> tuple[list[str], list[_Image]]:
+def _content(content: Any, index: int) -> tuple[str, list[_Image], Any]:
+    """(text, images, content for the wire): a string passes as it is; image_url parts take the
+    image (anything ``images=`` accepts) as a loaded _Image, made a wire reference later."""
     if isinstance(content, str):
-        return [content], []
+        return content, [], content
     if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
         raise ValueError(f"messages[{index}].content must be a string or a list of parts")
     texts: list[str] = []
     images: list[_Image] = []
+    parts: list[Any] = []
     for part in content:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
-            texts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise ValueError(f"messages[{index}]: a text part's text must be a string")
+            texts.append(text)
+            parts.append(dict(part))
         elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, Mapping) else url
-            if not isinstance(url, str) or not url:
+            given = part.get("image_url")
+            url = given.get("url") if isinstance(given, Mapping) else given
+            if url is None or (isinstance(url, str) and not url):
                 raise ValueError(f"messages[{index}]: an image_url part needs image_url.url")
-            images.append(_load_image(url))
+            image = _load_image(url)
+            images.append(image)
+            options = {k: v for k, v in given.items() if k != "url"} if isinstance(given, Mapping) else {}
+            parts.append({**part, "image_url": {**options, "url": image}})
         else:
             raise ValueError(f"messages[{index}]: parts must be {{'type': 'text'}} or {{'type': 'image_url'}}, got {kind!r}")
-    return texts, images
+    return "\n".join(texts), images, parts
+
+
+def _image_part(image: _Image) -> dict:
+    return {"type": "image_url", "image_url": {"url": image}}
+
+
+def _user_message(text: str, images: Sequence[_Image]) -> dict:
+    """A user message for the wire: its images, then its text (where the server puts them)."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [_image_part(image) for image in images]
+    if text:
+        parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def _chat_params(params: Mapping[str, Any], stream: bool) -> dict:
+    """The session's generation settings in OpenAI's names. Greedy unless told otherwise, as on
+    every path of this client (an OpenAI body would default to temperature 1)."""
+    out: dict[str, Any] = {}
+    if "max_new_tokens" in params:
+        out["max_tokens"] = params["max_new_tokens"]
+    out["temperature"] = params.get("temperature", 0)
+    if "top_p" in params:
+        out["top_p"] = params["top_p"]
+    if stream:
+        out["stream"] = True
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+def _usage(value: Any) -> dict | None:
+    """A turn's usage in one shape whatever the dialect: prompt_tokens, cached_tokens,
+    completion_tokens (OpenAI's ``prompt_tokens_details.cached_tokens`` brought up)."""
+    if not isinstance(value, Mapping):
+        return None
+    if "prompt_tokens_details" not in value and "total_tokens" not in value:
+        return dict(value)
+    details = value.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    return {"prompt_tokens": value.get("prompt_tokens"), "cached_tokens": cached,
+            "completion_tokens": value.get("completion_tokens")}
+
+
+def _answer(result: dict) -> tuple[str, dict | None, dict | None]:
+    """(text, usage, details) of a turn's JSON answer: a ``chat.completion`` or a native one."""
+    if "choices" in result:
+        choices = result.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], Mapping) else {}
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(text, str):
+            raise SessionError("BAD_RESPONSE", None, f"the chat completion has no message content: {str(result)[:200]}")
+        return text, _usage(result.get("usage")), {"finish_reason": choice.get("finish_reason")}
+    text = result.get("generated_text")
+    if not isinstance(text, str):
+        raise SessionError("BAD_RESPONSE", None, f"the turn's answer has no generated_text: {str(result)[:200]}")
+    return text, _usage(result.get("usage")), None
+
+
+def _event_failure(event: dict) -> tuple[str, str] | None:
+    """(code, message) of a stream's error event: OpenAI's ``{"error": {"code", "message"}}`` or TGI's."""
+    error = event.get("error")
+    if isinstance(error, Mapping):
+        code = error.get("code") or error.get("type") or wire.DEFAULT_ERROR_TYPE
+        return str(code), str(error.get("message", ""))
+    return wire.event_error(event)
 
 
 # --- the conversation record --------------------------------------------------------------
@@ -399,15 +519,27 @@ def _content_parts(content: Any, index: int) -> tuple[list[str], list[_Image]]:
 
 @dataclass
 class TurnRecord:
-    """One turn of the conversation as the client keeps it for replay."""
+    """One turn of the conversation as the client keeps it (to reopen a lost session with it)."""
 
     prompt: str
-    images: tuple[str, ...]  # as sent: base64 or s3:// / https:// references
+    images: tuple[str, ...]  # as sent: base64, data: URLs, or s3:// / https:// references
     image_keys: tuple[str, ...]  # content identities, to recognise the same images again
     params: dict  # generation fields as sent (max_new_tokens, temperature, top_p)
     answer: str | None = None
     complete: bool = False  # False: still streaming (a turn not delivered whole leaves the history)
     usage: dict | None = None
+    sources: tuple[_Image, ...] = field(default=(), repr=False, compare=False)  # the images as given
+
+
+@dataclass
+class _Planned:
+    """A turn ready to send: its record, its body for the session as it is (streamed or not), and,
+    for a whole conversation, the turns and system message the new turn follows."""
+
+    turn: TurnRecord
+    body: Callable[[bool], dict]
+    earlier: list[TurnRecord] | None = None  # None: the turn follows the session's history
+    system: str | None = None
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -577,8 +709,9 @@ def _generation_params(max_new_tokens, temperature, top_p) -> dict:
 class Session:
     """One open conversation. Not thread-safe: one turn at a time.
 
-    ``id`` and ``expires_at`` change when the session is reopened by a replay; ``reopened``
-    counts those, ``divergences`` lists replayed answers that came out different.
+    ``history`` holds the conversation's turns (``system`` its system message, if ``messages``
+    gave one); ``id`` and ``expires_at`` change when the session is reopened after a loss;
+    ``reopened`` counts those, ``divergences`` lists replayed answers that came out different.
     """
 
     def __init__(self, client: SessionClient, images: list[_Image], params: dict):
@@ -587,6 +720,7 @@ class Session:
         self.id: str | None = None
         self.expires_at: datetime | None = None
         self.history: list[TurnRecord] = []
+        self.system: str | None = None
         self.reopened = 0
         self.divergences: list[Divergence] = []
         self.last_reopen_reason: str | None = None
@@ -599,6 +733,9 @@ class Session:
         self._images = images
         self._image_refs: tuple[str, ...] = ()
         self._active_stream: TurnStream | None = None
+        # Once driven by messages, the conversation is its messages' texts: a lost session is
+        # reopened with the whole conversation in one request rather than replayed turn by turn.
+        self._by_messages = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"expires {self.expires_at:{wire.EXPIRES_FORMAT}}" if self.expires_at else "open"
@@ -628,9 +765,15 @@ class Session:
         temperature: float | None = None,
         top_p: float | None = None,
     ) -> str:
-        """Send one turn and return the answer (``last_usage`` holds its token counts)."""
-        prompt, new_images, params = self._prepare(text, images, messages, max_new_tokens, temperature, top_p)
-        return self._ask_turn(prompt, new_images, params)
+        """Send one turn and return the answer (``last_usage`` holds its token counts).
+
+        ``text`` (and ``images``): the next question, a native turn. ``messages``: OpenAI chat
+        messages, sent as they are (images become ``image_url`` parts): only the new user
+        message continues the session; a whole conversation is reconciled by the server, which
+        answers it as a fresh session with that conversation would (an edited or regenerated
+        history included), and ``history`` becomes that conversation.
+        """
+        return self._ask(self._plan(text, images, messages, max_new_tokens, temperature, top_p))
 
     def stream(
         self,
@@ -642,21 +785,20 @@ class Session:
         temperature: float | None = None,
         top_p: float | None = None,
     ) -> TurnStream:
-        """Send one turn now; iterate the result for the answer's token texts as they come.
+        """Send one turn now (as ``ask`` does); iterate the result for the answer's token texts.
 
         Stopping early (``close()``, or starting the next turn) hangs up: the server stops the
-        turn and does not keep it, and it leaves ``history`` too. Only answers delivered whole
-        are part of the conversation.
+        turn and does not keep it, and ``history`` stays as before it. Only answers delivered
+        whole are part of the conversation.
         """
-        prompt, new_images, params = self._prepare(text, images, messages, max_new_tokens, temperature, top_p)
-        turn_stream = TurnStream(self, prompt, new_images, params)
+        turn_stream = TurnStream(self, self._plan(text, images, messages, max_new_tokens, temperature, top_p))
         turn_stream._start()
         self._active_stream = turn_stream
         return turn_stream
 
     def messages(self) -> list[dict]:
         """The conversation so far, OpenAI style (text only; images are not repeated)."""
-        out: list[dict] = []
+        out: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
         for turn in self.history:
             out.append({"role": "user", "content": turn.prompt})
             if turn.answer is not None:
@@ -690,7 +832,7 @@ class Session:
 
     # internals: preparing a turn ---------------------------------------------------------------
 
-    def _prepare(self, text, images, messages, max_new_tokens, temperature, top_p):
+    def _plan(self, text, images, messages, max_new_tokens, temperature, top_p) -> _Planned:
         if self.closed:
             raise SessionError("SESSION_CLOSED", None, f"session {self.id} is closed; open a new one")
         if self._active_stream is not None:
@@ -700,59 +842,126 @@ class Session:
         if messages is None:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError("ask/stream need the prompt text (or messages=[...])")
-            return text, [_load_image(image) for image in _as_image_list(images)], params
+            turn = self._new_turn(text, [_load_image(image) for image in _as_image_list(images)], params)
+            return _Planned(turn, lambda stream: self._turn_body(turn.prompt, turn.images, params, stream))
         if text is not None or _as_image_list(images):
             raise ValueError("give either text (and images) or messages, not both")
-        turns = _turns_from_messages(messages)
-        for earlier in self._new_turns_from(turns[:-1]):
-            self._ask_turn(earlier.prompt, earlier.images, params, expected=earlier.answer)
-        return turns[-1].prompt, turns[-1].images, params
+        return self._plan_messages(_read_messages(messages), params)
 
-    def _new_turns_from(self, earlier: list[_MessageTurn]) -> list[_MessageTurn]:
-        """Which of the messages' earlier turns the session still lacks.
+    def _plan_messages(self, given: _Given, params: dict) -> _Planned:
+        """The caller's messages as they go (the open's images leading the first user message of a
+        whole conversation, where the session holds them), and the turns they make."""
+        conversation, wire_messages = given.conversation, given.wire
+        whole = len(conversation) > 1  # any earlier message: the whole conversation
+        first_user = next(m for m in conversation if m.role == "user")
+        open_keys = [image.key for image in self._images]
+        if whole and open_keys:
+            if [image.key for image in first_user.images[: len(open_keys)]] == open_keys:
+                first_user.images = first_user.images[len(open_keys):]  # given already: the record leaves them out
+            else:
+                index = next(i for i, m in enumerate(wire_messages) if _ROLES.get(m["role"]) == "user")
+                content = wire_messages[index]["content"]
+                text_parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+                wire_messages[index] = {**wire_messages[index],
+                                        "content": [_image_part(image) for image in self._images] + text_parts}
+        body, refs = self._chat_body(wire_messages, params)
+        self._by_messages = True
 
-        No earlier turns: the last user message is simply the next turn. Otherwise the messages
-        must start with this session's whole conversation (same prompts and images); the rest
-        are sent as turns before the last one.
-        """
-        if not earlier:
-            return []
-        known = self.history
-        if len(earlier) < len(known):
-            raise ValueError(
-                f"messages hold {len(earlier)} earlier turn(s) but this session has {len(known)}: send the whole "
-                f"conversation, or only the new user message"
-            )
-        for index, (message_turn, turn) in enumerate(zip(earlier, known)):
-            if message_turn.prompt != turn.prompt or tuple(i.key for i in message_turn.images) != turn.image_keys:
-                raise ValueError(
-                    f"messages differ from this session's conversation at user turn {index}; the endpoint cannot "
-                    f"rewrite history: open a new session for a different conversation"
-                )
-        for index, (message_turn, turn) in enumerate(zip(earlier, known)):
-            if message_turn.answer is not None and turn.complete and message_turn.answer != turn.answer:
-                warnings.warn(
-                    f"messages give a different answer for turn {index} than the session holds; the endpoint "
-                    f"cannot take assistant text, so the session's own answer stays in its context",
-                    ReplayDivergenceWarning, stacklevel=4,
-                )
-        return earlier[len(known):]
+        def record(message: _Message, answer: str | None = None) -> TurnRecord:
+            return TurnRecord(prompt=message.text, images=tuple(refs[i.key] for i in message.images),
+                              image_keys=tuple(i.key for i in message.images), params=dict(params),
+                              answer=answer, complete=answer is not None, sources=tuple(message.images))
 
-    def _refs(self, images: list[_Image], extra_bytes: int) -> tuple[str, ...]:
-        """Wire references: base64 inline while the body stays under the limit, else S3."""
+        turn = record(conversation[-1])
+        if not whole:
+            return _Planned(turn, body)
+        system = conversation[0].text if conversation[0].role == "system" else None
+        talk = conversation[1:-1] if system is not None else conversation[:-1]
+        earlier, reusing = [], system == self.system
+        for index in range(0, len(talk), 2):
+            made = record(talk[index], talk[index + 1].text)
+            old = self.history[index // 2] if reusing and index // 2 < len(self.history) else None
+            reusing = old is not None and old.complete and (old.prompt, old.image_keys, old.answer) == (
+                made.prompt, made.image_keys, made.answer)
+            earlier.append(old if reusing else made)  # a turn the session holds keeps its usage
+        return _Planned(turn, body, earlier, system)
+
+    def _new_turn(self, prompt: str, images: list[_Image], params: dict) -> TurnRecord:
+        overhead = len(json.dumps(self._turn_body(prompt, (), params, stream=True)).encode("utf-8")) + 16
+        refs = self._refs(images, overhead) if images else ()
+        return TurnRecord(prompt=prompt, images=refs, image_keys=tuple(i.key for i in images), params=dict(params),
+                          sources=tuple(images))
+
+    def _turn_body(self, prompt: str, refs: tuple[str, ...], params: dict, stream: bool = False) -> dict:
+        body: dict[str, Any] = {"prompt": prompt, **params}
+        if refs:
+            body["images"] = list(refs)
+        if stream:
+            body["stream"] = True
+        return body
+
+    def _chat_body(self, messages: list[dict], params: dict) -> tuple[Callable[[bool], dict], dict[str, str]]:
+        """An OpenAI body for ``messages`` (image_url parts holding _Image objects): its images made
+        wire references together (inline data URLs while the body stays under the limit, else
+        S3), so the body fits. Returns (body for stream or not, reference by image key)."""
+        slots: list[tuple[dict, _Image]] = []
+        filled: list[dict] = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    url = part.get("image_url") if isinstance(part, Mapping) and part.get("type") == "image_url" else None
+                    if isinstance(url, Mapping) and isinstance(url.get("url"), _Image):
+                        image_url = {**url, "url": ""}
+                        slots.append((image_url, url["url"]))
+                        part = {**part, "image_url": image_url}
+                    parts.append(part)
+                message = {**message, "content": parts}
+            filled.append(message)
+        refs: dict[str, str] = {}
+        if slots:
+            probe = {"messages": filled, **_chat_params(params, stream=True)}
+            overhead = len(json.dumps(probe, separators=(",", ":")).encode("utf-8")) + 16
+            made = self._refs([image for _, image in slots], overhead, data_urls=True)
+            for (image_url, image), ref in zip(slots, made):
+                image_url["url"] = ref
+                refs[image.key] = ref
+        return (lambda stream: {"messages": filled, **_chat_params(params, stream)}), refs
+
+    def _whole_body(self, planned: _Planned) -> Callable[[bool], dict]:
+        """The turn with the whole conversation before it, as a chat body (a lost session's reopen)."""
+        if planned.earlier is not None:
+            return planned.body
+        messages: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
+        turns = [*self.history, planned.turn]
+        for index, turn in enumerate(turns):
+            messages.append(_user_message(turn.prompt, [*(self._images if index == 0 else ()), *turn.sources]))
+            if turn is not planned.turn:
+                messages.append({"role": "assistant", "content": turn.answer or ""})
+        return self._chat_body(messages, planned.turn.params)[0]
+
+    def _refs(self, images: list[_Image], extra_bytes: int, data_urls: bool = False) -> tuple[str, ...]:
+        """Wire references: base64 inline (as data: URLs with ``data_urls``) while the body stays
+        under the limit, else S3."""
         limit = self.client.max_body_bytes
         refs: list[str | None] = [image.ref if image.ref is not None else self._staged_by_key.get(image.key)
                                   for image in images]
+
+        def inline_size(i: int) -> int:
+            return images[i].inline_size + (len(_data_url_head(images[i].data)) if data_urls else 0)
+
         size = extra_bytes + sum(len(ref) + 3 for ref in refs if ref is not None)
         pending = [i for i, ref in enumerate(refs) if ref is None]
-        size += sum(images[i].inline_size + 3 for i in pending)
+        size += sum(inline_size(i) + 3 for i in pending)
         # Largest first to S3 until the rest fits inline.
-        for i in sorted(pending, key=lambda i: images[i].inline_size, reverse=True):
+        for i in sorted(pending, key=inline_size, reverse=True):
             if size <= limit:
                 break
             refs[i] = self._stage(images[i], size)
-            size += len(refs[i]) - images[i].inline_size
-        return tuple(ref if ref is not None else base64.b64encode(images[i].data).decode("ascii")
+            size += len(refs[i]) - inline_size(i)
+        return tuple(ref if ref is not None else
+                     (_data_url_head(images[i].data) if data_urls else "") + base64.b64encode(images[i].data).decode("ascii")
                      for i, ref in enumerate(refs))
 
     def _stage(self, image: _Image, body_size: int) -> str:
@@ -801,47 +1010,32 @@ class Session:
         self.id, self.expires_at = parse_new_session_id(response.get("NewSessionId"))
         _drain(response)
 
-    def _turn_body(self, prompt: str, refs: tuple[str, ...], params: dict, stream: bool = False) -> dict:
-        body: dict[str, Any] = {"prompt": prompt, **params}
-        if refs:
-            body["images"] = list(refs)
-        if stream:
-            body["stream"] = True
-        return body
-
-    def _new_turn(self, prompt: str, images: list[_Image], params: dict) -> TurnRecord:
-        overhead = len(json.dumps(self._turn_body(prompt, (), params, stream=True)).encode("utf-8")) + 16
-        refs = self._refs(images, overhead) if images else ()
-        return TurnRecord(prompt=prompt, images=refs, image_keys=tuple(i.key for i in images), params=dict(params))
-
-    def _ask_turn(self, prompt: str, images: list[_Image], params: dict, expected: str | None = None) -> str:
-        turn = self._new_turn(prompt, images, params)
+    def _ask(self, planned: _Planned) -> str:
         try:
-            response = self._with_recovery(
-                lambda: self.client._invoke(self._turn_body(prompt, turn.images, params), self.id))
+            response = self._with_recovery(lambda: self.client._invoke(planned.body(False), self.id),
+                                           resend=lambda: self._resend(planned))
             result = _json_body(response)
         except KeyboardInterrupt:
             # Stopped waiting: hang up, so the server stops the turn and does not keep it either.
             self.client._hang_up()
             raise
-        answer = result.get("generated_text")
-        if not isinstance(answer, str):
-            raise SessionError("BAD_RESPONSE", None, f"the turn's answer has no generated_text: {str(result)[:200]}")
-        turn.answer, turn.complete, turn.usage = answer, True, result.get("usage")
-        self.history.append(turn)
-        self.last_usage, self.last_details = turn.usage, None
-        if expected is not None and expected != answer:
-            warnings.warn(
-                f"messages give a different answer for turn {len(self.history) - 1} than the endpoint generated; "
-                f"the endpoint cannot take assistant text, so its own answer stays in the session's context",
-                ReplayDivergenceWarning, stacklevel=4,
-            )
+        answer, usage, details = _answer(result)
+        turn = planned.turn
+        turn.answer, turn.complete, turn.usage = answer, True, usage
+        if planned.earlier is not None:
+            self.history, self.system = [*planned.earlier, turn], planned.system
+        else:
+            self.history.append(turn)
+        self.last_usage, self.last_details = usage, details
         return answer
 
-    def _with_recovery(self, send: Callable[[], Any], reason: str | None = None) -> Any:
-        """Run one request; when the session is gone, reopen, replay and run it again.
+    def _with_recovery(self, send: Callable[[], Any], reason: str | None = None,
+                       resend: Callable[[], Any] | None = None) -> Any:
+        """Run one request; when the session is gone, reopen it and run the request again.
 
         ``reason``: the session is known to be gone already; recover before sending.
+        ``resend``: for a session driven by messages, opens a new session with the whole
+        conversation and sends the turn in it (``_resend``); others are replayed turn by turn.
         """
         replay = self.client.replay
         if reason is None and self.id is None:  # an earlier reopen failed halfway
@@ -855,6 +1049,8 @@ class Session:
             try:
                 if reason is not None:
                     recoveries += 1
+                    if resend is not None and self._by_messages:
+                        return self._reopen(reason, resend)
                     self._recover(reason)
                     reason = None
                 return self._busy_wait(send)
@@ -885,6 +1081,44 @@ class Session:
     def _expired(self) -> bool:
         return self.expires_at is not None and datetime.now(UTC) >= self.expires_at
 
+    def _reopen(self, reason: str, resend: Callable[[], Any]) -> Any:
+        """A new session that holds the whole conversation, prefilled by the server in the
+        request that asks the turn; the answer is the one a fresh session gives."""
+        self.last_reopen_reason = reason
+        self.id, self.expires_at = None, None
+        try:
+            response = resend()
+        except BaseException:
+            self._abandon_half_built()
+            raise
+        self.reopened += 1
+        log.info("session lost (%s); reopened as %s with the whole conversation (%d turn(s))", reason,
+                 _short_id(self.id), len(self.history))
+        return response
+
+    def _resend(self, planned: _Planned) -> Any:
+        """The whole conversation and the turn in one open (SessionId NEW_SESSION), answered at once."""
+        body = self._whole_body(planned)(False)
+        response = self._busy_wait(lambda: self.client._invoke(body, NEW_SESSION))
+        self.id, self.expires_at = parse_new_session_id(response.get("NewSessionId"))
+        return response
+
+    def _resend_stream(self, planned: _Planned) -> Any:
+        """An open cannot stream: an empty session, then the whole conversation streamed in it."""
+        body = self._whole_body(planned)(True)
+        response = self.client._invoke({"requestType": NEW_SESSION}, NEW_SESSION)
+        self.id, self.expires_at = parse_new_session_id(response.get("NewSessionId"))
+        _drain(response)
+        return self._busy_wait(lambda: self.client._invoke_stream(body, self.id))
+
+    def _abandon_half_built(self) -> None:
+        half_built, self.id, self.expires_at = self.id, None, None  # the next turn tries again
+        if half_built is not None:
+            try:
+                self.client._invoke({"requestType": CLOSE}, half_built)
+            except Exception:
+                pass
+
     def _recover(self, reason: str) -> None:
         """A new session with the same images, and every earlier prompt sent again."""
         self.last_reopen_reason = reason
@@ -893,12 +1127,7 @@ class Session:
             self._open()
             self._replay()
         except BaseException:
-            half_built, self.id, self.expires_at = self.id, None, None  # the next turn tries again
-            if half_built is not None:
-                try:
-                    self.client._invoke({"requestType": CLOSE}, half_built)
-                except Exception:
-                    pass
+            self._abandon_half_built()
             raise
         self.reopened += 1
         log.info("session lost (%s); reopened as %s and replayed %d turn(s)", reason, _short_id(self.id),
@@ -925,16 +1154,19 @@ class Session:
 class TurnStream:
     """One streamed turn: iterate for token texts; then ``text``, ``usage``, ``details``."""
 
-    def __init__(self, session: Session, prompt: str, images: list[_Image], params: dict):
+    def __init__(self, session: Session, planned: _Planned):
         self.session = session
         self.text: str | None = None
         self.usage: dict | None = None
         self.details: dict | None = None
         self.done = False
         self._pieces: list[str] = []
-        self._turn = session._new_turn(prompt, images, params)
+        self._planned = planned
+        self._turn = planned.turn
+        self._before: tuple[list[TurnRecord], str | None] | None = None
         self._response: dict | None = None
         self._events: Iterator[dict] | None = None
+        self._finish_reason: str | None = None
         self._yielded = False
         self._restarts = 0
 
@@ -948,17 +1180,23 @@ class TurnStream:
         self.close()
 
     def _start(self, reason: str | None = None) -> None:
-        session = self.session
-        body = session._turn_body(self._turn.prompt, self._turn.images, self._turn.params, stream=True)
+        session, planned = self.session, self._planned
+        body = planned.body(True)
         try:
             self._response = session._with_recovery(
-                lambda: session.client._invoke_stream(body, session.id), reason)
+                lambda: session.client._invoke_stream(body, session.id), reason,
+                resend=lambda: session._resend_stream(planned))
         except KeyboardInterrupt:
             self.done = True  # stopped waiting: hang up; the server does not keep the turn
             session.client._hang_up()
             raise
         self._events = iter_events(payload_chunks(self._response["Body"]))
-        session.history.append(self._turn)  # it leaves again unless delivered whole (close, _fail)
+        # The turn is in the history while it streams; it leaves again unless delivered whole (close, _fail).
+        self._before = (session.history, session.system)
+        if planned.earlier is not None:
+            session.history, session.system = [*planned.earlier, self._turn], planned.system
+        else:
+            session.history = [*session.history, self._turn]
 
     def __next__(self) -> str:
         if self.done or self._events is None:
@@ -967,34 +1205,54 @@ class TurnStream:
             try:
                 event = next(self._events)
             except StopIteration:
+                if self._finish_reason is not None:  # a chat stream's end without its usage chunk
+                    self._finish("".join(self._pieces), None)
+                    raise StopIteration from None
                 self._fail(SessionError("STREAM_INCOMPLETE", None, "the stream ended before its final event"))
             except SessionError as error:
                 if not self._yielded and _is_session_lost(error) and self._restart(error):
                     continue
                 self._fail(error)
-            failure = wire.event_error(event)
+            failure = _event_failure(event)
             if failure is not None:
                 error = SessionError(failure[0], None, failure[1])
                 if not self._yielded and _is_session_lost(error) and self._restart(error):
                     continue
                 self._fail(error)
-            token = event.get("token") or {}
-            piece = token.get("text") or ""
-            final = event.get("generated_text")
-            if isinstance(final, str):
-                self._finish(final, event)
-                if piece and not token.get("special"):
-                    self._yielded = True
-                    self._pieces.append(piece)
-                    return piece
-                raise StopIteration
-            if piece and not token.get("special"):
+            piece = self._chat_chunk(event) if "choices" in event else self._tgi_event(event)
+            if piece:
                 self._yielded = True
                 self._pieces.append(piece)
                 return piece
+            if self.done:
+                raise StopIteration
+
+    def _tgi_event(self, event: dict) -> str:
+        """TGI's token event (native turns); the last one carries ``generated_text``."""
+        token = event.get("token") or {}
+        piece = "" if token.get("special") else token.get("text") or ""
+        final = event.get("generated_text")
+        if isinstance(final, str):
+            self._finish(final, _usage(event.get("usage")), event.get("details"))
+        return piece
+
+    def _chat_chunk(self, event: dict) -> str:
+        """A ``chat.completion.chunk``: a content delta, the finish reason, or (no choices) the usage, last."""
+        choices = event.get("choices") or []
+        piece = ""
+        if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+            choice = choices[0]
+            delta = choice.get("delta")
+            piece = (delta.get("content") if isinstance(delta, Mapping) else None) or ""
+            if choice.get("finish_reason") is not None:
+                self._finish_reason = choice["finish_reason"]
+        usage = event.get("usage")
+        if isinstance(usage, Mapping) and not choices:
+            self._finish("".join(self._pieces) + piece, _usage(usage))
+        return piece
 
     def _restart(self, error: SessionError) -> bool:
-        """The session was gone before any token: reopen, replay and send the turn again."""
+        """The session was gone before any token: reopen it and send the turn again."""
         session = self.session
         self._discard_turn()
         self._close_body()
@@ -1004,12 +1262,13 @@ class TurnStream:
         self._start(reason=f"{error.code}: {error.message}")
         return True
 
-    def _finish(self, final: str, event: dict) -> None:
+    def _finish(self, final: str, usage: dict | None, details: dict | None = None) -> None:
         self.done = True
         self._close_body()
         self.text = final
-        self.usage = event.get("usage")
-        self.details = event.get("details")
+        self.usage = usage
+        self.details = details if details is not None or self._finish_reason is None else {
+            "finish_reason": self._finish_reason}
         self._turn.answer, self._turn.complete, self._turn.usage = final, True, self.usage
         self.session.last_usage, self.session.last_details = self.usage, self.details
 
@@ -1022,9 +1281,9 @@ class TurnStream:
         raise error
 
     def _discard_turn(self) -> None:
-        history = self.session.history
-        if history and history[-1] is self._turn:
-            history.pop()
+        session = self.session
+        if session.history and session.history[-1] is self._turn and self._before is not None:
+            session.history, session.system = self._before
 
     def read(self) -> str:
         """Consume the rest of the stream and return the whole answer."""

@@ -3,11 +3,16 @@
 Several sessions spread over both instances take plain and streamed turns; then one instance is
 killed mid-conversation and every session goes on: those it held are reopened on the survivor and
 their conversation replayed (greedy, so the replayed answers equal the answers given before the
-kill). The ``chat`` command runs as a subprocess with its stdin piped.
+kill). The ``chat`` command runs as a subprocess with its stdin piped. A session driven by OpenAI
+``messages`` resends its whole conversation each turn (a regenerated answer included) and is
+reopened with it in one request when lost; each answer equals a one-shot answer of its conversation.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +72,57 @@ def test_chat_command_streams_a_conversation(runtime, tmp_path):
     # No credentials and no region in that environment: a local runtime needs neither.
     assert done.stdout == f"> {expected[0]}\n> > {expected[1]}\n> ", done.stdout
     assert "open until" in done.stderr and "closed" in done.stderr, done.stderr
+    assert runtime.sessions() == {}
+
+
+def one_shot(client: SessionClient, messages: list[dict]) -> str:
+    """The answer a fresh session gives the conversation: an OpenAI body with no SessionId."""
+    body = {"messages": messages, "max_tokens": MAX_NEW, "temperature": 0}
+    response = client.runtime.invoke_endpoint(EndpointName=ENDPOINT, Body=json.dumps(body),
+                                              ContentType="application/json")
+    assert "NewSessionId" not in response
+    return json.loads(response["Body"].read())["choices"][0]["message"]["content"]
+
+
+def test_a_session_driven_by_whole_conversations(runtime):
+    client = make_client(runtime)
+    png = io.BytesIO()
+    noise_image(3, 40).save(png, format="PNG")
+    look = {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()}},
+        {"type": "text", "text": PROMPTS[0]}]}
+    with client.open() as chat:
+        a0 = chat.ask(messages=[look])
+        conversation = [look, {"role": "assistant", "content": a0}, {"role": "user", "content": PROMPTS[1]}]
+        chat.ask(messages=conversation)
+        assert chat.last_usage["cached_tokens"] > 0  # the session's messages were kept, not prefilled again
+        # Regenerate: the same conversation without the answer just given. The server answers it as
+        # a fresh session with that conversation would (greedy): as a one-shot of it does.
+        again = chat.ask(messages=conversation)
+        assert again == one_shot(client, conversation)
+        assert chat.last_usage["cached_tokens"] > 0  # the common prefix was reused
+        assert [turn.answer for turn in chat.history] == [a0, again]
+
+        # Streamed, a regenerate again: the same answer as the one-shot's.
+        streamed = chat.stream(messages=conversation)
+        pieces = list(streamed)
+        assert pieces and "".join(pieces) == streamed.text == again
+        assert streamed.details["finish_reason"] in ("stop", "length") and chat.last_usage["cached_tokens"] > 0
+        # Streamed, the whole conversation and one more question: the session's tokens are kept.
+        conversation += [{"role": "assistant", "content": streamed.text}, {"role": "user", "content": PROMPTS[2]}]
+        extended = chat.stream(messages=conversation)
+        assert "".join(extended) == extended.text and chat.last_usage["cached_tokens"] > 0
+        assert [turn.answer for turn in chat.history] == [a0, again, extended.text]
+
+        # Lost (closed behind the client's back): the next question reopens it with the whole
+        # conversation in one request, and is answered as that conversation's one-shot is.
+        lost = chat.id
+        client._invoke({"requestType": "CLOSE"}, lost)
+        conversation += [{"role": "assistant", "content": extended.text}, {"role": "user", "content": "And now?"}]
+        answer = chat.ask(messages=[conversation[-1]])
+        assert chat.reopened == 1 and chat.id != lost and chat.divergences == []
+        assert answer == one_shot(client, conversation)
+        assert [turn.answer for turn in chat.history] == [a0, again, extended.text, answer]
     assert runtime.sessions() == {}
 
 

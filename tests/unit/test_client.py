@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import struct
@@ -102,6 +103,7 @@ class FakeEndpoint:
         self.stream_error_after: int | None = None  # tokens before a data:{"error"} event
         self.stream_exception: str | None = None  # a ModelStreamError ErrorCode after the first token
         self.diverge = False  # answers get a suffix (a "different instance")
+        self.reconciled: list[str] = []  # per chat turn: "continued", "extended" or "departed"
 
     def attach(self, client, first: bool = False):
         register = client.meta.events.register_first if first else client.meta.events.register
@@ -120,6 +122,8 @@ class FakeEndpoint:
             session_id = session_id.decode()
         body = json.loads(request.body)
         self.requests.append((operation, session_id, body))
+        if "messages" in body:
+            return self._chat(request, operation, session_id, body)
         if body.get("requestType") == "NEW_SESSION":
             assert session_id == "NEW_SESSION" and operation == "invoke"
             self.opened += 1
@@ -175,13 +179,98 @@ class FakeEndpoint:
         chunks = [data[i:i + 13] for i in range(0, len(data), 13)]
         return AWSResponse(request.url, 200, {"Content-Type": "application/vnd.amazon.eventstream"}, FakeRaw(chunks))
 
+    # the OpenAI dialect: a conversation, reconciled with what the session holds
+    def _chat(self, request, operation, session_id, body):
+        messages = chat_conversation(body["messages"])
+        if session_id == "NEW_SESSION" and body.get("stream"):
+            return self._model_error(request, 400, "INVALID_REQUEST", "an open cannot stream", chat=True)
+        if session_id not in (None, "NEW_SESSION") and session_id not in self.sessions:
+            return self._model_error(request, 404, "SESSION_NOT_FOUND", "no such session", chat=True)
+        if session_id not in (None, "NEW_SESSION") and self.busy_once:
+            self.busy_once = False
+            return self._model_error(request, 409, "SESSION_BUSY", "another turn is running", chat=True)
+        session = self.sessions.get(session_id) or {"images": [], "turns": [], "system": None}
+        held = held_conversation(session)
+        if len(messages) == 1:  # only the question: the session as it is
+            how, wanted = "continued", held
+            question = messages[0]
+            question = ("user", question[1], [*session["images"], *question[2]] if not session["turns"] else question[2])
+        else:
+            *wanted, question = messages
+            pending = [digest(ref) for ref in session["images"]] if not session["turns"] else []
+            first = next((m for m in wanted + [question] if m[0] == "user"), None)
+            carries = [digest(ref) for ref in first[2][:len(pending)]] == pending
+            how = "extended" if keyed(wanted[:len(held)]) == keyed(held) and carries else "departed"
+        cached = 0
+        for mine, theirs in zip(keyed(held), keyed(wanted)):
+            if mine != theirs:
+                break
+            cached += 10
+        self.reconciled.append(how)
+        system = wanted[0][1] if wanted and wanted[0][0] == "system" else None
+        talk = [m for m in wanted if m[0] != "system"]
+        turns = [(talk[i][1], talk[i][2], talk[i + 1][1]) for i in range(0, len(talk), 2)]
+        n_images = sum(len(t[1]) for t in turns) + len(question[2])
+        answer = f"answer {len(turns)} to {question[1]} with {n_images} images é日本"
+        if self.diverge:
+            answer += " (other instance)"
+        state = {"images": [], "turns": turns + [(question[1], question[2], answer)], "system": system}
+        usage = {"prompt_tokens": 10 * (len(wanted) + 1), "completion_tokens": 3, "total_tokens": 10 * len(wanted) + 13,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        if operation == "stream":
+            return self._chat_stream(request, session_id, state, body, answer, usage)
+        headers = {}
+        if session_id == "NEW_SESSION":
+            self.opened += 1
+            session_id = f"s{self.opened}"
+            headers["X-Amzn-SageMaker-New-Session-Id"] = f"{session_id}; Expires={EXPIRES}"  # as SageMaker relays it
+        if session_id is not None:
+            self.sessions[session_id] = state
+        return self._json(request, 200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+                         "logprobs": None}],
+            "usage": usage}, headers)
+
+    def _chat_stream(self, request, session_id, state, body, answer, usage):
+        words = answer.split(" ")
+        pieces = [words[0]] + [" " + word for word in words[1:]]
+        head = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": ""}
+        with_usage = (body.get("stream_options") or {}).get("include_usage")
+
+        def chunk(delta, finish=None):
+            return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                        **({"usage": None} if with_usage else {})})
+
+        text = chunk({"role": "assistant", "content": ""})
+        for index, piece in enumerate(pieces):
+            if self.stream_error_after is not None and index == self.stream_error_after:
+                text += sse({"error": {"message": "the turn failed", "type": "server_error", "param": None,
+                                       "code": "INTERNAL_ERROR"}})
+                break
+            text += chunk({"content": piece})
+        else:
+            if session_id is not None:
+                self.sessions[session_id] = state
+            text += chunk({}, "stop")
+            if with_usage:
+                text += sse({**head, "choices": [], "usage": usage})
+            text += b"data: [DONE]\n\n"
+        parts = [text[i:i + 7] for i in range(0, len(text), 7)]
+        data = b"".join(payload_part(part) for part in parts)
+        chunks = [data[i:i + 13] for i in range(0, len(data), 13)]
+        return AWSResponse(request.url, 200, {"Content-Type": "application/vnd.amazon.eventstream"}, FakeRaw(chunks))
+
     def _json(self, request, status, body, headers=None):
         data = json.dumps(body).encode()
         return AWSResponse(request.url, status, {"Content-Type": "application/json", **(headers or {})},
                            FakeRaw([data]))
 
-    def _model_error(self, request, status, code, message):
-        original = json.dumps({"error": {"code": code, "message": message}})
+    def _model_error(self, request, status, code, message, chat=False):
+        error = {"code": code, "message": message}
+        if chat:  # the OpenAI dialect's error body
+            error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        original = json.dumps({"error": error})
         body = {"ErrorCode": "CLIENT_ERROR_FROM_MODEL", "OriginalStatusCode": status, "OriginalMessage": original,
                 "Message": f"Received client error ({status}) from primary with message \"{original}\"",
                 "LogStreamArn": "arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/Endpoints/e"}
@@ -191,6 +280,47 @@ class FakeEndpoint:
 
     def turns(self):
         return [(op, sid, body) for op, sid, body in self.requests if "prompt" in body]
+
+    def chats(self):
+        return [(op, sid, body) for op, sid, body in self.requests if "messages" in body]
+
+
+def digest(ref: str) -> str:
+    """An image's identity as the server sees it: its bytes (inline), or the reference itself (a fake cannot fetch)."""
+    if ref.startswith(("s3://", "https://", "http://")):
+        return ref
+    payload = ref.partition(",")[2] if ref.startswith("data:") else ref
+    return "sha:" + hashlib.sha256(base64.b64decode(payload)).hexdigest()
+
+
+def chat_conversation(messages):
+    """[(role, text, image refs)] as the server reads an OpenAI body: one role's neighbours joined."""
+    out = []
+    for message in messages:
+        role = {"developer": "system"}.get(message["role"], message["role"])
+        content = message["content"]
+        if isinstance(content, str):
+            text, images = content, []
+        else:
+            text = "\n".join(p["text"] for p in content if p["type"] == "text")
+            images = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
+        if out and out[-1][0] == role:
+            last = out.pop()
+            text, images = "\n\n".join(t for t in (last[1], text) if t), last[2] + images
+        out.append((role, text, images))
+    return out
+
+
+def held_conversation(session):
+    """A fake session's messages: the open's images in its first user message once a turn used them."""
+    held = [("system", session["system"], [])] if session.get("system") is not None else []
+    for index, (prompt, images, answer) in enumerate(session["turns"]):
+        held += [("user", prompt, [*(session["images"] if index == 0 else []), *images]), ("assistant", answer, [])]
+    return held
+
+
+def keyed(messages):
+    return [(role, text, [digest(ref) for ref in images]) for role, text, images in messages]
 
 
 @pytest.fixture
@@ -609,64 +739,231 @@ def test_lost_again_during_replay_recovers_a_bounded_number_of_times(endpoint):
     assert [t.prompt for t in chat.history] == ["q1"]
 
 
-# --- messages ---------------------------------------------------------------------------------------
+# --- messages: OpenAI bodies, reconciled by the server -------------------------------------------------
 
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def test_messages_on_a_fresh_session_send_earlier_turns_first(client, endpoint):
+def user(text: str, *images: bytes) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        *({"type": "image_url", "image_url": {"url": data_url(i)}} for i in images)]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_messages_go_as_they_are_and_the_answer_is_a_chat_completion(client, endpoint):
     chat = client.open()
-    messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Look."},
-                                     {"type": "image_url", "image_url": {"url": data_url(PNG)}}]},
-        {"role": "assistant", "content": "answer 0 to Look. with 1 images é日本"},
-        {"role": "user", "content": "And?"},
-    ]
-    assert chat.ask(messages=messages) == "answer 1 to And? with 1 images é日本"
-    sent = [body for _, _, body in endpoint.turns()]
-    assert sent == [{"prompt": "Look.", "images": [base64.b64encode(PNG).decode()]}, {"prompt": "And?"}]
-    # The whole conversation again plus one message: only the new one is sent.
-    messages += [{"role": "assistant", "content": "answer 1 to And? with 1 images é日本"},
-                 {"role": "user", "content": [{"type": "text", "text": "More?"}]}]
+    look = {"role": "user", "content": [{"type": "text", "text": "Look."},
+                                        {"type": "image_url", "image_url": {"url": data_url(PNG), "detail": "low"}}]}
+    first = chat.ask(messages=[look], max_new_tokens=9)
+    assert first == "answer 0 to Look. with 1 images é日本"
+    assert endpoint.chats() == [("invoke", "s1", {"messages": [look], "max_tokens": 9, "temperature": 0})]
+    assert chat.last_usage == {"prompt_tokens": 10, "cached_tokens": 0, "completion_tokens": 3}
+    assert chat.last_details == {"finish_reason": "stop"}
+    [turn] = chat.history
+    assert (turn.prompt, turn.images, turn.answer, turn.complete) == ("Look.", (data_url(PNG),), first, True)
+
+    # The whole conversation again and one more question: one request, the messages as they are.
+    conversation = [look, assistant(first), user("And?")]
+    assert chat.ask(messages=conversation) == "answer 1 to And? with 1 images é日本"
+    assert endpoint.chats()[-1][2] == {"messages": conversation, "temperature": 0}
+    assert len(endpoint.requests) == 3 and endpoint.turns() == []
+    assert endpoint.reconciled == ["continued", "extended"]
+    assert chat.last_usage["cached_tokens"] == 20  # the session's two messages were kept
+    assert chat.history[0] is turn  # the turn the session held stays, with its usage
+    assert [t.prompt for t in chat.history] == ["Look.", "And?"] and all(t.complete for t in chat.history)
+
+
+def test_a_conversation_that_departs_is_answered_as_a_fresh_session_would(client, endpoint):
+    chat = client.open()
+    a0 = chat.ask(messages=[user("q1")])
+    a1 = chat.ask("q2")  # a native turn in between: the same conversation
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        chat.ask(messages=messages)
-    assert [body["prompt"] for _, _, body in endpoint.turns()] == ["Look.", "And?", "More?"]
-    # Only the new user message: the next turn.
-    chat.ask(messages=[{"role": "user", "content": [
-        {"type": "text", "text": "This one?"}, {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
-    assert endpoint.turns()[-1][2] == {"prompt": "This one?", "images": ["https://example.com/a.png"]}
-    assert chat.messages()[-2:] == [{"role": "user", "content": "This one?"},
-                                    {"role": "assistant", "content": "answer 3 to This one? with 2 images é日本"}]
+        warnings.simplefilter("error")  # no warning either: the server takes the conversation as given
+        # Regenerate: the conversation without its last answer.
+        again = chat.ask(messages=[user("q1"), assistant(a0), user("q2")])
+        assert endpoint.reconciled[-1] == "departed" and again == a1
+        assert [(t.prompt, t.answer) for t in chat.history] == [("q1", a0), ("q2", again)]
+        # An edited earlier message, with an answer the endpoint never gave.
+        edited = [user("other"), assistant("made up"), user("q3")]
+        answer = chat.ask(messages=edited)
+    assert answer == "answer 1 to q3 with 0 images é日本" and endpoint.reconciled[-1] == "departed"
+    assert chat.messages() == [*edited, assistant(answer)]
+    assert chat.divergences == [] and chat.reopened == 0 and chat.id == "s1"
 
 
-def test_messages_that_rewrite_history_are_refused(client):
+def test_system_and_developer_messages_go_to_the_server(client, endpoint):
     chat = client.open()
-    chat.ask("q1")
-    chat.ask("q2")
-    with pytest.raises(ValueError, match="differ"):
-        chat.ask(messages=[{"role": "user", "content": "q1"}, {"role": "assistant", "content": chat.history[0].answer},
-                           {"role": "user", "content": "other"}, {"role": "assistant", "content": "y"},
-                           {"role": "user", "content": "q3"}])
-    with pytest.raises(ValueError, match="whole conversation"):
-        chat.ask(messages=[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "x"},
-                           {"role": "user", "content": "q3"}])
+    messages = [{"role": "developer", "content": "Be brief."}, user("hi")]
+    answer = chat.ask(messages=messages)
+    assert endpoint.chats()[-1][2]["messages"] == messages
+    assert chat.system == "Be brief."
+    assert chat.messages() == [{"role": "system", "content": "Be brief."}, user("hi"), assistant(answer)]
+    chat.ask(messages=[*chat.messages(), user("more")])
+    assert endpoint.reconciled == ["extended", "extended"]
+    assert [t.prompt for t in chat.history] == ["hi", "more"]
+
+
+def test_the_opens_images_lead_the_first_user_message_of_a_whole_conversation(client, endpoint):
+    chat = client.open(images=[PNG])
+    a0 = chat.ask(messages=[user("q1")])
+    assert a0 == "answer 0 to q1 with 1 images é日本"
+    assert chat.history[0].images == ()  # the open's images are the session's, not the turn's
+    a1 = chat.ask(messages=[user("q1"), assistant(a0), user("q2")])
+    assert endpoint.chats()[-1][2]["messages"][0] == {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(PNG)}}, {"type": "text", "text": "q1"}]}
+    # Given there already, they are not doubled.
+    with_image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                                              {"type": "text", "text": "q1"}]}
+    chat.ask(messages=[with_image, assistant(a0), user("q2"), assistant(a1), user("q3")])
+    assert endpoint.chats()[-1][2]["messages"][0] == with_image
+    assert endpoint.reconciled == ["continued", "extended", "extended"]
+    assert [t.images for t in chat.history] == [(), (), ()]
+
+
+def test_a_user_message_of_images_only_is_sent(client, endpoint):
+    chat = client.open()
+    only = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}}]}
+    assert chat.ask(messages=[only]) == "answer 0 to  with 1 images é日本"
+    assert chat.history[0].prompt == ""
+
+
+def test_messages_stream_as_chat_completion_chunks(client, endpoint):
+    chat = client.open()
+    first = chat.ask(messages=[user("q1")])
+    turn = chat.stream(messages=[user("q1"), assistant(first), user("q2")], max_new_tokens=20)
+    pieces = list(turn)
+    expected = "answer 1 to q2 with 0 images é日本"
+    assert "".join(pieces) == expected == turn.text and len(pieces) == len(expected.split(" "))
+    assert turn.details == {"finish_reason": "stop"}
+    assert chat.last_usage == turn.usage == {"prompt_tokens": 30, "cached_tokens": 20, "completion_tokens": 3}
+    op, session_id, body = endpoint.chats()[-1]
+    assert (op, session_id) == ("stream", "s1")
+    assert (body["stream"], body["stream_options"], body["max_tokens"]) == (True, {"include_usage": True}, 20)
+    assert [t.answer for t in chat.history] == [first, expected]
+    assert chat.ask("q3") == "answer 2 to q3 with 0 images é日本"  # native turns go on from it
+
+
+def test_a_departing_stream_not_delivered_whole_leaves_the_conversation_as_it_was(client, endpoint):
+    chat = client.open()
+    chat.ask(messages=[{"role": "system", "content": "S"}, user("q1")])
+    before = (list(chat.history), chat.system)
+    other = [user("other"), assistant("x"), user("q2")]
+    turn = chat.stream(messages=other)
+    assert next(turn) == "answer"
+    assert [t.prompt for t in chat.history] == ["other", "q2"] and chat.system is None  # while it streams
+    turn.close()
+    assert (chat.history, chat.system) == before and turn.text is None
+    endpoint.stream_error_after = 2
+    with pytest.raises(SessionError) as caught:
+        chat.stream(messages=other).read()
+    assert (caught.value.code, caught.value.message) == ("INTERNAL_ERROR", "the turn failed")
+    assert (chat.history, chat.system) == before
+
+
+def test_a_lost_session_driven_by_messages_reopens_with_the_whole_conversation_in_one_request(client, endpoint):
+    chat = client.open(images=[PNG])
+    a0 = chat.ask(messages=[{"role": "system", "content": "S"}, user("q1")])
+    endpoint.lose_all()
+    sent = len(endpoint.requests)
+    a1 = chat.ask(messages=[user("q2")])  # only the new message: the client knows the rest
+    assert a1 == "answer 1 to q2 with 1 images é日本"
+    assert [(op, sid) for op, sid, _ in endpoint.requests[sent:]] == [("invoke", "s1"), ("invoke", "NEW_SESSION")]
+    image_q1 = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                                            {"type": "text", "text": "q1"}]}
+    assert endpoint.requests[-1][2] == {"messages": [{"role": "system", "content": "S"}, image_q1, assistant(a0),
+                                                     user("q2")], "temperature": 0}
+    assert chat.reopened == 1 and chat.id == "s2" and "SESSION_NOT_FOUND" in chat.last_reopen_reason
+    assert [(t.prompt, t.answer) for t in chat.history] == [("q1", a0), ("q2", a1)] and chat.system == "S"
+
+    # A native turn of a session driven by messages reopens the same way.
+    endpoint.lose_all()
+    a2 = chat.ask("q3", max_new_tokens=4)
+    assert endpoint.requests[-2][2] == {"prompt": "q3", "max_new_tokens": 4}
+    assert endpoint.requests[-1][1] == "NEW_SESSION"
+    assert endpoint.requests[-1][2]["messages"][-2:] == [assistant(a1), user("q3")]
+    assert endpoint.requests[-1][2]["max_tokens"] == 4
+    # And a whole conversation, here the text-only one chat.messages() gives: the open's image leads it.
+    endpoint.lose_all()
+    a3 = chat.ask(messages=[*chat.messages(), user("q4")])
+    assert endpoint.requests[-1][1] == "NEW_SESSION" and endpoint.requests[-1][2]["messages"][1] == image_q1
+    assert a3 == "answer 3 to q4 with 1 images é日本" and endpoint.reconciled[-1] == "extended"
+    assert chat.reopened == 3 and chat.id == "s4" and chat.divergences == []
+    assert [t.answer for t in chat.history] == [a0, a1, a2, a3]
+
+
+def test_a_lost_session_driven_by_messages_streams_after_an_empty_open(client, endpoint, caplog):
+    caplog.set_level("INFO", logger="llava_sessions.deploy.client")
+    chat = client.open()
+    a0 = chat.ask(messages=[user("q1")])
+    endpoint.lose_all()
+    sent = len(endpoint.requests)
+    assert chat.stream(messages=[user("q2")]).read() == "answer 1 to q2 with 0 images é日本"
+    assert [(op, sid, body.get("requestType")) for op, sid, body in endpoint.requests[sent:]] == [
+        ("stream", "s1", None), ("invoke", "NEW_SESSION", "NEW_SESSION"), ("stream", "s2", None)]
+    assert endpoint.requests[-1][2]["messages"] == [user("q1"), assistant(a0), user("q2")]
+    assert chat.reopened == 1 and [t.prompt for t in chat.history] == ["q1", "q2"]
+    [record] = [r for r in caplog.records if "reopened" in r.getMessage()]
+    assert "reopened as s2... with the whole conversation (1 turn(s))" in record.getMessage()
+    # A native stream of that session reopens the same way, and reads the chat chunks it gets.
+    endpoint.lose_all()
+    turn = chat.stream("q3")
+    assert turn.read() == "answer 2 to q3 with 0 images é日本" and turn.details == {"finish_reason": "stop"}
+    assert endpoint.requests[-1][2]["messages"][-1] == user("q3") and chat.id == "s3"
+    assert [t.prompt for t in chat.history] == ["q1", "q2", "q3"]
+
+
+def test_an_expired_session_driven_by_messages_reopens_before_the_turn(client, endpoint):
+    from datetime import UTC, datetime
+
+    chat = client.open()
+    chat.ask(messages=[user("q1")])
+    chat.expires_at = datetime(2001, 1, 1, tzinfo=UTC)
+    sent = len(endpoint.requests)
+    chat.ask(messages=[user("q2")])
+    assert [sid for _, sid, _ in endpoint.requests[sent:]] == ["NEW_SESSION"]
+    assert "Expires" in chat.last_reopen_reason and chat.id == "s2"
+
+    endpoint.lose_all()
+    off = SessionClient("ep", runtime=client.runtime, replay=False).open()
+    off.ask(messages=[user("q1")])
+    endpoint.lose_all()
+    with pytest.raises(SessionError) as caught:
+        off.ask(messages=[user("q2")])
+    assert caught.value.code == "SESSION_NOT_FOUND" and off.reopened == 0
+
+
+def test_a_busy_session_is_waited_out_for_messages_too(client, endpoint):
+    chat = client.open()
+    endpoint.busy_once = True
+    assert chat.ask(messages=[user("q1")]) == "answer 0 to q1 with 0 images é日本"
+    assert [sid for _, sid, _ in endpoint.chats()] == ["s1", "s1"]
 
 
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty"),
-    ([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}], "system prompt"),
+    ([{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}], "role must be"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message"),
     ([{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}], "must follow"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "s"}, {"role": "user", "content": "x"}],
+     "must come first"),
     ([{"role": "user", "content": [{"type": "audio"}]}], "parts must be"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}}]}], "no text"),
+    ([{"role": "user", "content": []}], "empty"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(PNG)}}]}, {"role": "user", "content": "x"}],
+     "only user messages"),
 ])
-def test_bad_messages(client, messages, match):
+def test_bad_messages(client, endpoint, messages, match):
     chat = client.open()
     with pytest.raises(ValueError, match=match):
         chat.ask(messages=messages)
+    assert endpoint.chats() == []
 
 
 # --- images: inline or through S3 ------------------------------------------------------------------------
@@ -719,6 +1016,35 @@ def test_large_images_go_through_s3(endpoint):
         assert s3.list_objects_v2(Bucket="staging")["KeyCount"] == 1
 
 
+def test_large_images_in_messages_go_through_s3(endpoint):
+    from moto import mock_aws
+
+    big = b"\x89PNG\r\n\x1a\n" + bytes(7_000_000)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="staging")
+        runtime = endpoint.attach(runtime_client(), first=True)
+        client = SessionClient("ep", runtime=runtime, s3=s3, s3_staging="s3://staging/llava")
+        with client.open() as chat:
+            look = user("Look.", big, PNG)
+            a0 = chat.ask(messages=[look])
+            body = endpoint.chats()[-1][2]
+            parts = body["messages"][0]["content"]
+            staged = parts[1]["image_url"]["url"]
+            assert staged.startswith("s3://staging/llava/") and staged.endswith(".png")
+            assert parts[2]["image_url"]["url"] == data_url(PNG) and len(json.dumps(body)) < 10_000
+            assert s3.get_object(Bucket="staging", Key=staged[len("s3://staging/"):])["Body"].read() == big
+            endpoint.lose_all()
+            # The conversation again, then the reopen with it: the staged object each time.
+            chat.ask(messages=[look, assistant(a0), user("More?")])
+            resent, reopen = endpoint.chats()[-2:]
+            assert reopen[1] == "NEW_SESSION" and chat.reopened == 1
+            for _, _, sent in (resent, reopen):
+                assert [p["image_url"]["url"] for p in sent["messages"][0]["content"][1:]] == [staged, data_url(PNG)]
+            assert chat.staged == [staged]
+        assert s3.list_objects_v2(Bucket="staging").get("KeyCount") == 0
+
+
 def test_large_image_without_staging_is_a_clear_error(client, endpoint):
     with pytest.raises(SessionError) as caught:
         client.open(images=[b"\x89PNG" + bytes(4_500_000)])
@@ -726,6 +1052,11 @@ def test_large_image_without_staging_is_a_clear_error(client, endpoint):
     assert endpoint.requests == []
     client.open(images=[b"\x89PNG" + bytes(4_000_000)])  # 5.3 MB of base64: still inline
     assert len(endpoint.requests[-1][2]["images"][0]) > 5_000_000
+    chat = client.open()
+    with pytest.raises(SessionError) as caught:
+        chat.ask(messages=[user("Look.", b"\x89PNG" + bytes(4_500_000))])
+    assert caught.value.code == "REQUEST_TOO_LARGE" and "s3_staging" in caught.value.message
+    assert endpoint.chats() == [] and chat.history == []
 
 
 def test_no_region_needed_for_a_local_runtime(monkeypatch):
@@ -851,13 +1182,16 @@ def test_a_turn_the_user_stopped_waiting_for_is_not_part_of_the_conversation(cli
     def interrupted(body, session_id):
         raise KeyboardInterrupt
 
-    for send in ("_invoke", "_invoke_stream"):
+    asks = [lambda: chat.ask("q2"), lambda: chat.stream("q2"),
+            lambda: chat.ask(messages=[user("other"), assistant("x"), user("q2")]),
+            lambda: chat.stream(messages=[user("other"), assistant("x"), user("q2")])]
+    for index, turn in enumerate(asks):
         with monkeypatch.context() as patch:
-            patch.setattr(client, send, interrupted)
+            patch.setattr(client, "_invoke" if index % 2 == 0 else "_invoke_stream", interrupted)
             with pytest.raises(KeyboardInterrupt):
-                chat.ask("q2") if send == "_invoke" else chat.stream("q2")
+                turn()
     # The server drops a turn whose client hung up; so does the transcript.
-    assert [t.prompt for t in chat.history] == ["q1"] and hung_up == [True, True]
+    assert [t.prompt for t in chat.history] == ["q1"] and hung_up == [True] * 4
 
 
 @pytest.mark.parametrize("stream", [True, False])

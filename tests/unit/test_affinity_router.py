@@ -308,11 +308,15 @@ def test_lower_case_session_header_is_routed_and_resent_in_canonical_case(http, 
     assert fake.seen[-1].headers[SESSION_HEADER.lower()] == session_id
 
 
-@pytest.mark.parametrize("headers", [{}, {SESSION_HEADER: "NEW_SESSION"}, {SESSION_HEADER: ""}, {"x-amzn-sagemaker-session-id": "NEW_SESSION"}])
-def test_absent_empty_and_new_session_headers_open_without_the_header(http, router, fake, headers):
+@pytest.mark.parametrize("headers, forwarded", [
+    ({}, None), ({SESSION_HEADER: ""}, None),
+    # NEW_SESSION travels on: without it a question is a one-shot answer, not an open.
+    ({SESSION_HEADER: "NEW_SESSION"}, "NEW_SESSION"), ({"x-amzn-sagemaker-session-id": "NEW_SESSION"}, "NEW_SESSION"),
+])
+def test_absent_empty_and_new_session_headers_open_on_the_least_loaded_backend(http, router, fake, headers, forwarded):
     session_id, _ = open_session(http, router, **headers)
     assert router.routes.lookup(session_id) == 0
-    assert SESSION_HEADER.lower() not in fake.seen[-1].headers
+    assert fake.seen[-1].headers.get(SESSION_HEADER.lower()) == forwarded
 
 
 def test_unknown_session_is_refused_without_calling_a_backend(http, router, fake):

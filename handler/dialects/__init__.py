@@ -9,6 +9,7 @@ from __future__ import annotations
 from llava_sessions.errors import InvalidRequest
 from llava_sessions.handler.dialects.aws_sample import AWS_SAMPLE
 from llava_sessions.handler.dialects.base import Dialect
+from llava_sessions.handler.dialects.fields import DIALECT_MARKERS
 from llava_sessions.handler.dialects.native import NATIVE
 from llava_sessions.handler.dialects.openai import OPENAI
 from llava_sessions.handler.dialects.tgi import TGI
@@ -27,11 +28,7 @@ def recognise(payload: dict, hint: str | None = None) -> Dialect:
         if dialect.recognises(payload):
             return dialect
     keys = ", ".join(sorted(repr(k)[:40] for k in payload)[:5]) or "none"
-    raise InvalidRequest(
-        f"this body matches no payload dialect (its fields: {keys}); send one of: native "
-        '{"prompt": ...} or {"requestType": "NEW_SESSION"|"CLOSE"}, OpenAI {"messages": [...]}, '
-        'TGI {"inputs": ..., "parameters": {...}}, or the AWS sample {"type": ...}'
-    )
+    raise InvalidRequest(f"this body matches no payload dialect (its fields: {keys}); send one of: {DIALECT_MARKERS}")
 
 
 __all__ = ["AWS_SAMPLE", "DIALECTS", "Dialect", "NATIVE", "OPENAI", "TGI", "recognise"]

@@ -15,11 +15,30 @@ MAX_TOP_K = 1000
 MAX_REPETITION_PENALTY = 10.0
 
 
+# Another dialect's name for a field: what to send instead, where this dialect has it.
+_SAME_AS = {
+    "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "max_new_tokens": "max_tokens",
+    "text": "prompt", "question": "prompt", "inputs": "prompt", "prompt_text": "prompt", "image": "images",
+    "image_url": "images", "path": "images",
+}
+DIALECT_MARKERS = (
+    'native {"prompt": ...} or {"requestType": "NEW_SESSION"|"CLOSE"}, OpenAI {"messages": [...]}, '
+    'TGI {"inputs": ..., "parameters": {...}}, the AWS sample {"type": ...}'
+)
+
+
 def check_fields(payload: dict, allowed: tuple[str, ...], kind: str) -> None:
+    """Refuse fields the request does not take, naming what to send instead and the dialects (a
+    field of another dialect usually means the body was read as the wrong one)."""
     unknown = sorted(set(payload) - set(allowed))
     if unknown:
         names = ", ".join(short(name) for name in unknown[:5])
-        raise InvalidRequest(f"unknown field(s) {names} in a {kind} request; allowed: {', '.join(allowed)}")
+        hints = [f"{short(name)} -> {_SAME_AS[name]!r}" for name in unknown[:5] if _SAME_AS.get(name) in allowed]
+        instead = f" (send {', '.join(hints)})" if hints else ""
+        raise InvalidRequest(
+            f"unknown field(s) {names} in a {kind} request{instead}; allowed: {', '.join(allowed)}. "
+            f"The dialects are recognised by their fields: {DIALECT_MARKERS}"
+        )
 
 
 def text(value: Any, field: str, config: ServingConfig, allow_empty: bool = False) -> str:

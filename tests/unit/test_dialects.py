@@ -231,3 +231,15 @@ def test_tgi_errors_are_tgis():
 def test_every_dialect_answers_errors_as_json():
     for dialect in (NATIVE, OPENAI, TGI):
         json.dumps(dialect.error_body(SessionsError("boom"), 500), allow_nan=False)
+
+
+@pytest.mark.parametrize("body, header, hint", [
+    ({"prompt": "hi", "max_tokens": 5}, SID, "'max_tokens' -> 'max_new_tokens'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5}, None, "'max_new_tokens' -> 'max_tokens'"),
+    ({"inputs": "hi", "parameters": {}, "max_new_tokens": 5}, None, "allowed: inputs, parameters, stream"),
+])
+def test_an_unknown_field_names_the_field_to_use_and_the_dialects(body, header, hint):
+    with pytest.raises(InvalidRequest) as info:
+        parse(body, header)
+    assert hint in info.value.message
+    assert all(marker in info.value.message for marker in ('"messages"', '"inputs"', '"prompt"', '"type"'))

@@ -30,6 +30,13 @@ NO_STREAMED_OPEN = (
 TGI_FINISH_REASON = {"stop": "eos_token", "length": "length"}
 
 
+def tgi_finish_reason(result) -> str:
+    """TGI's finish reason: ``eos_token``, ``stop_sequence`` (a stop string), ``length``."""
+    if getattr(result, "stop_sequence", False):
+        return "stop_sequence"
+    return TGI_FINISH_REASON.get(result.finish_reason, result.finish_reason)
+
+
 class Dialect:
     """One way of asking. Subclasses parse; the encoders below are the native shapes."""
 
@@ -110,7 +117,7 @@ class TgiEvents(StreamEvents):
             "token": token,
             "generated_text": result.text,
             "details": {
-                "finish_reason": TGI_FINISH_REASON.get(result.finish_reason, result.finish_reason),
+                "finish_reason": tgi_finish_reason(result),
                 "generated_tokens": result.completion_tokens,
             },
             "usage": usage(result),

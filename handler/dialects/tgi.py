@@ -18,7 +18,7 @@ import re
 from llava_sessions import wire
 from llava_sessions.errors import InvalidRequest, SessionsError
 from llava_sessions.handler.dialects import fields
-from llava_sessions.handler.dialects.base import TGI_FINISH_REASON, Dialect, by_session
+from llava_sessions.handler.dialects.base import Dialect, by_session, tgi_finish_reason
 from llava_sessions.handler.requests import Request, Turn
 from llava_sessions.wire import NEW_SESSION
 
@@ -78,7 +78,7 @@ class Tgi(Dialect):
         answer: dict = {"generated_text": text}
         if turn is not None and turn.details:
             answer["details"] = {
-                "finish_reason": TGI_FINISH_REASON.get(result.finish_reason, result.finish_reason),
+                "finish_reason": tgi_finish_reason(result),
                 "generated_tokens": result.completion_tokens,
                 "seed": None,
             }

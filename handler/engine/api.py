@@ -116,9 +116,10 @@ class TurnResult:
     prompt_tokens: int  # the whole context this turn's answer was conditioned on
     cached_tokens: int  # of those, how many came from the session's KV cache
     completion_tokens: int
-    finish_reason: str  # "stop" (eos), "length" (max_new_tokens or the context) or "deadline"
+    finish_reason: str  # "stop" (eos or a stop string), "length" (max_new_tokens or the context) or "deadline"
     ttft_s: float  # from the turn's start (images, room, prefill) to its first token
     decode_s: float  # from the first token to the last
+    stop_sequence: bool = False  # "stop" by one of the turn's stop strings, not eos (TGI tells them apart)
 
     @property
     def time_per_output_token_s(self) -> float | None:

@@ -285,6 +285,7 @@ class Scheduler:
             finish_reason=finish,
             ttft_s=running.first_token_at - running.started,
             decode_s=running.last_token_at - running.first_token_at,
+            stop_sequence=finish == "stop" and running.stopped_by == "stop",
         )
 
     def _undo(self, running: RunningTurn) -> TurnCancelled:

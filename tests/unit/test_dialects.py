@@ -208,6 +208,8 @@ def test_tgi_answer_is_a_list_with_details_when_asked():
     assert TGI.turn_body(RESULT, turn) == [{"generated_text": "hiA cat.", "details": {
         "finish_reason": "eos_token", "generated_tokens": 3, "seed": None}}]
     assert TGI.turn_body(RESULT, parse({"inputs": "hi"}, SID)) == [{"generated_text": "A cat."}]
+    by_string = SimpleNamespace(**{**vars(RESULT), "stop_sequence": True})
+    assert TGI.turn_body(by_string, turn)[0]["details"]["finish_reason"] == "stop_sequence"
 
 
 @pytest.mark.parametrize("body, message", [

@@ -216,7 +216,7 @@ def test_a_stop_string_ends_the_turn_and_the_session_keeps_every_token(loaded_ti
     streamed = []
     result = engine.turn(stopped, ASK, SamplingParams(24, stop=("never there", stop)),
                          on_token=lambda token, last: streamed.append((token, last)))
-    assert result.finish_reason == "stop"
+    assert result.finish_reason == "stop" and result.stop_sequence and not full.stop_sequence
     assert result.text == full.text[: full.text.find(stop)]
     assert result.token_ids == full.token_ids[:n] and result.completion_tokens == n
     assert streamed == [(token, i == n - 1) for i, token in enumerate(result.token_ids)]

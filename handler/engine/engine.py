@@ -63,7 +63,8 @@ from llava_sessions.handler.engine.runner import (
 )
 from llava_sessions.handler.engine.scheduler import Scheduler
 from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
-from llava_sessions.handler.engine.state import ImageSlot, RunningTurn, SessionState, cached_tokens, image_slots
+from llava_sessions.handler.engine.history import ImageSlot, image_slots
+from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens
 from llava_sessions.handler.engine.state import is_out_of_memory  # noqa: F401 - part of the engine's API
 
 log = logging.getLogger(__name__)

@@ -25,15 +25,8 @@ from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
 from llava_sessions.handler.engine.prompt import Conversation, TurnFormatter
 from llava_sessions.handler.engine.session_store import SessionStore
-from llava_sessions.handler.engine.state import (
-    RunningTurn,
-    SessionState,
-    cached_tokens,
-    cut_kv,
-    is_out_of_memory,
-    plan_turn,
-    replace_history,
-)
+from llava_sessions.handler.engine.history import cut_kv, plan_turn, replace_history
+from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +85,7 @@ class Scheduler:
     def _start_turn(self, slot: int, request: TurnRequest, started: float, may_defer: bool) -> RunningTurn | None:
         """Check a turn, reserve its worst-case memory and encode its images; None: deferred (no room now).
 
-        A turn that rewinds its session or brings a history (state.plan_turn) replaces the
+        A turn that rewinds its session or brings a history (history.plan_turn) replaces the
         session's history here, after its reservation: the ids and KV it keeps, then its own
         ids. The turn's RunningTurn keeps what was replaced, for ``roll_back``.
         """

@@ -121,9 +121,13 @@ class SourcedImage:
     def __init__(self, data: bytes, config: ServingConfig):
         self.digest = hashlib.sha256(data).hexdigest()
         self._data, self._config = data, config
+        self._image: Image.Image | None = None
 
     def load(self) -> Image.Image:
-        return decode_image(self._data, self._config)
+        """The decoded image, decoded once (a turn deferred to a later wave asks again)."""
+        if self._image is None:
+            self._image = decode_image(self._data, self._config)
+        return self._image
 
 
 def read_images(refs: Sequence[str], config: ServingConfig, *, s3_client_factory: S3ClientFactory | None = None,

@@ -1,15 +1,15 @@
 """TorchServe adapter over the session engine: headers, JSON, status codes.
 
 Four hooks, read top to bottom: ``initialize`` loads the engine once per worker;
-per request ``decode_request`` parses headers and body, ``run`` calls the
-engine for an open or a close and ``run_batch`` for the batch's turns together
-(their decoding is batched across sessions), ``encode_response`` sets headers
-and renders JSON. ``handle`` is TorchServe's entry point and only glues them
-together. A client mistake never
-raises out of ``handle`` (that would fail the whole batch): it becomes a 4xx
-JSON error for that request alone. A turn with ``"stream": true`` sends one
-event per token as it is generated (``handler/streaming.py``) to that request
-alone; its last event is what ``handle`` returns for it.
+per request ``decode_request`` parses headers and body (its dialect, handler/dialects/),
+``run`` calls the engine for an open or a close and ``run_batch`` for the batch's turns
+together (their decoding is batched across sessions; a one-shot answer is a turn on a
+session opened for it and closed after), ``encode_response`` renders the answer in the
+request's dialect. ``handle`` is TorchServe's entry point and only glues them together.
+A client mistake never raises out of ``handle`` (that would fail the whole batch): it
+becomes a 4xx JSON error for that request alone. A turn with ``"stream": true`` sends one
+event per token as it is generated (``handler/streaming.py``) to that request alone; its
+last events are what ``handle`` returns for it.
 """
 
 from __future__ import annotations

@@ -337,6 +337,14 @@ def _data_url_head(data: bytes) -> str:
     return f"data:{mime if mime.startswith('image/') else 'image/octet-stream'};base64,"
 
 
+def _as_url(ref: str) -> str:
+    """An image reference as sent, as a URL: plain base64 becomes a data: URL (its type sniffed)."""
+    if ref.startswith(("data:", "s3://", "https://")):
+        return ref
+    head = base64.b64decode(ref[:64] + "=" * (-len(ref[:64]) % 4), validate=False)
+    return _data_url_head(head) + ref
+
+
 def _split_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"s3_staging must be an s3://bucket/prefix/ URI, got {uri!r}")
@@ -796,11 +804,16 @@ class Session:
         self._active_stream = turn_stream
         return turn_stream
 
-    def messages(self) -> list[dict]:
-        """The conversation so far, OpenAI style (text only; images are not repeated)."""
+    def messages(self, images: bool = False) -> list[dict]:
+        """The conversation so far, OpenAI style: text only, or with ``images`` each user message's
+        images as ``image_url`` parts as they were sent (the open's lead the first), so that
+        ``chat.ask(messages=chat.messages(images=True) + [...])`` is recognised as this session's."""
         out: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
-        for turn in self.history:
-            out.append({"role": "user", "content": turn.prompt})
+        for index, turn in enumerate(self.history):
+            refs = ((self._image_refs if index == 0 else ()) + turn.images) if images else ()
+            parts = [{"type": "image_url", "image_url": {"url": _as_url(ref)}} for ref in refs]
+            content = parts + [{"type": "text", "text": turn.prompt}] if parts else turn.prompt
+            out.append({"role": "user", "content": content})
             if turn.answer is not None:
                 out.append({"role": "assistant", "content": turn.answer})
         return out

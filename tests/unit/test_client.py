@@ -1213,3 +1213,19 @@ def test_a_reopen_and_replay_is_logged_at_info(client, endpoint, caplog):
     [record] = [r for r in caplog.records if "reopened" in r.getMessage()]
     assert record.levelname == "INFO" and "replayed 1 turn(s)" in record.getMessage()
     assert "reopened as s2" in record.getMessage()
+
+
+def test_messages_with_images_resend_as_this_sessions_conversation(client, endpoint):
+    """``messages(images=True)`` gives each user message its images as sent (the open's first), so
+    resending it whole with a new question extends the session rather than departing from it."""
+    chat = client.open(images=[PNG])
+    chat.ask("q1")
+    chat.ask(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PNG)}},
+                                                    {"type": "text", "text": "q2"}]}])
+    assert chat.messages()[2] == user("q2")  # text only by default
+    whole = chat.messages(images=True)
+    assert [part["type"] for part in whole[0]["content"]] == ["image_url", "text"]
+    assert whole[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert [part["type"] for part in whole[2]["content"]] == ["image_url", "text"]
+    chat.ask(messages=[*whole, user("q3")])
+    assert endpoint.reconciled[-1] == "extended"

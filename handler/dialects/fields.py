@@ -27,6 +27,12 @@ DIALECT_MARKERS = (
 )
 
 
+def given(value: Any, default: Any) -> Any:
+    """A field's value, or ``default`` when absent or null (OpenAI and TGI clients send null for
+    "not given")."""
+    return default if value is None else value
+
+
 def check_fields(payload: dict, allowed: tuple[str, ...], kind: str) -> None:
     """Refuse fields the request does not take, naming what to send instead and the dialects (a
     field of another dialect usually means the body was read as the wrong one)."""

@@ -54,13 +54,13 @@ class OpenAIChat(Dialect):
             session_id="" if header in (None, NEW_SESSION) else header,
             prompt=question.text,
             max_new_tokens=_max_tokens(payload, config),
-            temperature=fields.temperature(_or(payload.get("temperature"), 1.0)),
-            top_p=fields.top_p(_or(payload.get("top_p"), 1.0)),
+            temperature=fields.temperature(fields.given(payload.get("temperature"), 1.0)),
+            top_p=fields.top_p(fields.given(payload.get("top_p"), 1.0)),
             images=question.images,
-            stream=fields.flag(_or(payload.get("stream"), False), "stream"),
+            stream=fields.flag(fields.given(payload.get("stream"), False), "stream"),
             dialect=self,
-            top_k=fields.top_k(_or(payload.get("top_k"), 0)),
-            repetition_penalty=fields.repetition_penalty(_or(payload.get("repetition_penalty"), 1.0)),
+            top_k=fields.top_k(fields.given(payload.get("top_k"), 0)),
+            repetition_penalty=fields.repetition_penalty(fields.given(payload.get("repetition_penalty"), 1.0)),
             stop=fields.stops(payload.get("stop")),
             history=tuple(history) if history or header in (None, NEW_SESSION) else None,
             include_usage=_include_usage(payload),
@@ -145,10 +145,6 @@ def _error(error: SessionsError, status: int) -> dict:
 # --- parsing ------------------------------------------------------------------------------
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value  # OpenAI clients send null for "not given"
-
-
 def _check_unsupported(payload: dict) -> None:
     n = payload.get("n")
     if n not in (None, 1):
@@ -182,7 +178,7 @@ def _include_usage(payload: dict) -> bool:
         raise InvalidRequest('stream_options takes only {"include_usage": true|false}')
     if not payload.get("stream"):
         raise InvalidRequest("stream_options needs \"stream\": true")
-    return fields.flag(_or(options.get("include_usage"), False), "stream_options.include_usage")
+    return fields.flag(fields.given(options.get("include_usage"), False), "stream_options.include_usage")
 
 
 def _model(value: Any) -> str:

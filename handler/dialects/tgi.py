@@ -56,15 +56,15 @@ class Tgi(Dialect):
             max_new_tokens=fields.max_new_tokens(parameters.get("max_new_tokens", config.default_max_new_tokens),
                                                  config, "parameters.max_new_tokens"),
             temperature=_temperature(parameters),
-            top_p=fields.top_p(_or(parameters.get("top_p"), 1.0)),
+            top_p=fields.top_p(fields.given(parameters.get("top_p"), 1.0)),
             images=images,
-            stream=fields.flag(_or(payload.get("stream"), False), "stream"),
+            stream=fields.flag(fields.given(payload.get("stream"), False), "stream"),
             dialect=self,
-            top_k=fields.top_k(_or(parameters.get("top_k"), 0)),
-            repetition_penalty=fields.repetition_penalty(_or(parameters.get("repetition_penalty"), 1.0)),
+            top_k=fields.top_k(fields.given(parameters.get("top_k"), 0)),
+            repetition_penalty=fields.repetition_penalty(fields.given(parameters.get("repetition_penalty"), 1.0)),
             stop=fields.stops(parameters.get("stop"), "parameters.stop"),
-            details=fields.flag(_or(parameters.get("details"), False), "parameters.details"),
-            echo_prompt=fields.flag(_or(parameters.get("return_full_text"), False), "parameters.return_full_text"),
+            details=fields.flag(fields.given(parameters.get("details"), False), "parameters.details"),
+            echo_prompt=fields.flag(fields.given(parameters.get("return_full_text"), False), "parameters.return_full_text"),
         )
         return by_session(turn, header)
 
@@ -86,10 +86,6 @@ class Tgi(Dialect):
 
     def error_body(self, error: SessionsError, status: int) -> dict:
         return wire.error_event(error.message, error.code)
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def _temperature(parameters: dict) -> float:

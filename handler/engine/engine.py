@@ -351,10 +351,9 @@ class SessionEngine:
             log.warning("no kept decode arena: an eighth of the %d budget bytes holds fewer than %d slots a row",
                         self._memory.memory_budget_bytes, MIN_KEPT_SLOTS)
             return None
-        size = shape.bytes(KEPT_ARENA_ROWS, slots)
         with torch.inference_mode():  # inference tensors, as every KV buffer of the turns
             kept = KeptArena(self.loaded, KEPT_ARENA_ROWS, slots, static=graphs)
-        self._memory.set_aside(size, "the kept decode arena")
+        self._memory.set_aside(kept.bytes(), "the kept decode arena")
         return kept
 
     def _add_images(self, state: SessionState, slots: Sequence[ImageSlot], held: Sequence | None = None) -> None:

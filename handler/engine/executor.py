@@ -19,7 +19,7 @@ from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
 from llava_sessions.handler.engine.api import EngineCounters
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
-from llava_sessions.handler.engine.runner import ArenaShape, DecodeArena, KeptArena, StepRunner, arena_size
+from llava_sessions.handler.engine.runner import DecodeArena, KeptArena, StepRunner, arena_bytes, arena_size
 from llava_sessions.handler.engine.scheduler import kv_growth_tokens
 from llava_sessions.handler.engine.state import RunningTurn, cached_tokens, feed, is_out_of_memory
 
@@ -154,7 +154,7 @@ class Executor:
         size = arena_size(self.loaded, lengths, remaining, self.runner.compiled)
         if self.kept is not None and self.kept.fits(*size):  # its bytes are set aside already
             return ArenaDecoder(self, rows)
-        if self.memory.make_room(ArenaShape.of(self.loaded).bytes(*size), None, refuse=False):
+        if self.memory.make_room(arena_bytes(self.loaded, lengths, remaining, self.runner.compiled), None, refuse=False):
             return ArenaDecoder(self, rows)
         return AloneDecoder(self, rows)
 

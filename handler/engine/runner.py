@@ -5,12 +5,12 @@ turn), L token slots. A row holds its session's KV from slot 0 and writes each n
 own position, so rows of different lengths share a step with no padding to move and no mask to
 grow: attention reads the first ``Lb`` slots of every row, and a boolean mask made from the rows'
 positions (slot <= position) hides what a row has not written. Eager, a step reads only the slots
-the longest row has written. Compiled, it reads every slot of the arena (sized to the longest
-reach of its rows, rounded up to SLOT_ALIGN; CUDA_SLOT_ALIGN with CUDA graphs, which record one
-graph per slot count), the rows come in buckets (powers of two) and the slot count is a dynamic
-dimension of the graph, so there is one graph per row bucket, reused across sessions, history
-lengths and rows joining and leaving; rows beyond the live ones feed a placeholder at position 0
-and are ignored. The arena is the engine's ``KeptArena`` when the rows fit it (views of buffers
+the longest row has written. Compiled, it reads those rounded up to SLOT_ALIGN (CUDA_SLOT_ALIGN
+with CUDA graphs, which record one graph per slot count; never past the arena, which is sized to
+the longest reach of its rows), the rows come in buckets (powers of two) and the slot count is a
+dynamic dimension of the graph, so there is one graph per row bucket, reused across sessions,
+history lengths and rows joining and leaving; rows beyond the live ones feed a placeholder at
+position 0 and are ignored. The arena is the engine's ``KeptArena`` when the rows fit it (views of buffers
 allocated once), else its own buffers. (Slot buckets of powers of
 two cost up to twice the attention: measured on 2 CPU cores, 8 rows over 1,024 slots took 12.1 ms
 a step against 8.3 over 768; a dynamic slot dimension costs nothing measurable.)
@@ -149,8 +149,9 @@ class StepRunner:
             positions = torch.zeros(rows, 1, dtype=torch.long, device=self.loaded.device)
             if kept is not None and kept.fits(rows, slots):  # the very views later steps use
                 cache = kept.step_cache(rows, slots, dynamic_slots=True)
-            else:
-                buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim, **like) for _ in range(2 * shape.layers)]
+            else:  # views, as an arena's steps read (allocated_slots)
+                buffers = [torch.zeros(rows, shape.kv_heads, allocated_slots(slots, True), shape.head_dim, **like)[:, :, :slots]
+                           for _ in range(2 * shape.layers)]
                 cache = _StepCache(buffers[::2], buffers[1::2], dynamic_slots=True)
             self.run(ids, positions, cache)
             done.append(rows)
@@ -193,18 +194,22 @@ class StepRunner:
         if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
             return None
         length = cache.get_seq_length()
-        if length == 0 or kv_cache.spare_tokens(cache) < len(feed):
+        if length == 0 or kv_cache.spare_tokens(cache) <= len(feed):  # the view never the whole buffer (allocated_slots)
             return None
         device = self.loaded.device
         ids = torch.tensor([feed], device=device)  # [1, T]
         positions = torch.arange(length, length + len(feed), device=device)[None, :]  # [1, T]
         for tensor in (ids, positions):
             torch._dynamo.mark_dynamic(tensor, 1)
+        # Attention reads the slots the history and the new tokens fill, not the spare ones behind
+        # them: views of the buffers (their strides are symbolic too, so still one graph).
+        end = length + len(feed)
         buffers = [layer.buffers() for layer in layers]
-        step_cache = _StepCache([k for k, _ in buffers], [v for _, v in buffers], dynamic_slots=True)
+        step_cache = _StepCache([k[:, :, :end] for k, _ in buffers], [v[:, :, :end] for _, v in buffers],
+                                dynamic_slots=True)
         logits = self.run(ids, positions, step_cache, graphs=False)
         for layer in layers:
-            layer.advance(length + len(feed))
+            layer.advance(end)
         return logits
 
     def _run_compiled(self, ids, positions, cache, last, graphs: bool) -> torch.Tensor:
@@ -266,7 +271,7 @@ class DecodeArena:
             self._keys, self._values = self.storage.keys, self.storage.values
         else:
             like = dict(dtype=loaded.dtype, device=loaded.device)
-            buffer = (self.rows, self.shape.kv_heads, self.slots, self.shape.head_dim)
+            buffer = (self.rows, self.shape.kv_heads, allocated_slots(self.slots, self.bucketed), self.shape.head_dim)
             self._keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
             self._values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         self._positions = torch.zeros(self.rows, dtype=torch.long, device=loaded.device)  # [R]
@@ -290,8 +295,9 @@ class DecodeArena:
     def step(self, tokens: dict[Hashable, int]) -> torch.Tensor:
         """Feed each live row its token; the live rows' next-token logits [n, V], in row order."""
         n = len(self.keys)
-        if self.bucketed:  # the arena's slots: in a kept arena a view of fixed strides, else every allocated slot
-            batch, slots = row_bucket(n), self.slots
+        if self.bucketed:  # the slots the longest row reaches, in whole buckets of slots: one graph for all
+            align = slot_align(self.loaded)
+            batch, slots = row_bucket(n), aligned_slots(max(self._lengths) + 1, self.slots, align)
         else:
             batch, slots = n, max(self._lengths) + 1
         ids = torch.zeros(batch, 1, dtype=torch.long)
@@ -388,7 +394,7 @@ class KeptArena:
         self.shape = ArenaShape.of(loaded)
         self.rows, self.slots, self.static = rows, slots, static
         like = dict(dtype=loaded.dtype, device=loaded.device)
-        buffer = (rows, self.shape.kv_heads, slots, self.shape.head_dim)
+        buffer = (rows, self.shape.kv_heads, allocated_slots(slots, True), self.shape.head_dim)
         self.keys = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         self.values = [torch.zeros(buffer, **like) for _ in range(self.shape.layers)]
         if static:  # the buffers and (step_cache) each view of them: a view may be traced as its base
@@ -396,7 +402,7 @@ class KeptArena:
                 torch._dynamo.mark_static_address(tensor)
 
     def bytes(self) -> int:
-        return self.shape.bytes(self.rows, self.slots)
+        return self.shape.bytes(self.rows, allocated_slots(self.slots, True))
 
     def fits(self, rows: int, slots: int) -> bool:
         return rows <= self.rows and slots <= self.slots
@@ -436,9 +442,17 @@ def arena_size(loaded: LoadedModel, lengths: list[int], remaining: list[int], bu
     return row_bucket(len(lengths)), aligned_slots(reach, loaded.max_context, slot_align(loaded))
 
 
+def allocated_slots(slots: int, bucketed: bool) -> int:
+    """Slots a DecodeArena of ``slots`` allocates a row. Compiled, one more than any step reads: a
+    step's view is then never a whole buffer, so its strides are those of a view whatever the
+    arena, and one graph per row bucket serves them all (a whole buffer would compile another)."""
+    return slots + 1 if bucketed else slots
+
+
 def arena_bytes(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> int:
     """Device bytes a DecodeArena of these rows allocates."""
-    return ArenaShape.of(loaded).bytes(*arena_size(loaded, lengths, remaining, bucketed))
+    rows, slots = arena_size(loaded, lengths, remaining, bucketed)
+    return ArenaShape.of(loaded).bytes(rows, allocated_slots(slots, bucketed))
 
 
 def graphs_compiled() -> int:

@@ -112,7 +112,9 @@ def test_one_graph_per_row_bucket_serves_every_history_length(loaded_tiny):
     with torch.inference_mode():
         for rows in (1, 2, 4):
             for slots in (64, 192, 448):
-                buffers = [torch.zeros(rows, shape.kv_heads, slots, shape.head_dim) for _ in range(2 * shape.layers)]
+                allocated = runner.allocated_slots(slots, bucketed=True)  # views, as an arena's steps see it
+                buffers = [torch.zeros(rows, shape.kv_heads, allocated, shape.head_dim)[:, :, :slots]
+                           for _ in range(2 * shape.layers)]
                 cache = runner._StepCache(buffers[::2], buffers[1::2], dynamic_slots=True)
                 positions = (torch.arange(rows) + slots - rows)[:, None]  # [B, 1]
                 logits = step_runner.run(torch.ones(rows, 1, dtype=torch.long), positions, cache)
@@ -177,7 +179,7 @@ def test_a_kept_arena_serves_every_wave_that_fits_and_compiles_nothing_after_war
     kept = SessionEngine(loaded_tiny, config, keep_arena=True)
     shape = runner.ArenaShape.of(loaded_tiny)
     # An eighth of the budget holds 1,024 slots a row of the tiny model: its whole context (512).
-    kept_bytes = shape.bytes(8, loaded_tiny.max_context)
+    kept_bytes = shape.bytes(8, runner.allocated_slots(loaded_tiny.max_context, bucketed=True))
     assert kept.snapshot().kept_arena_bytes == kept_bytes and kept.memory_budget_bytes == budget - kept_bytes
     assert kept.warm_up() == [1, 2, 4, 8]
     compiles = kept.counters.step_compiles

@@ -44,7 +44,7 @@ def table(result: dict) -> str:
         + ", ".join(f"{v * 1e3:.1f}" for v in result["ours_streamed_first_event_s"])
         + f"; follow-ups {result['followup_streamed_first_event_vs_ours']:.2f}x the one-token turn"
     )
-    lines += ["", *_ratios(result)]
+    lines += ["", *_ratios(result), *step_target_lines(result)]
     cold = result["cold_open_s"]
     dec = result["decode_tps"]
     conc = result["concurrency"]
@@ -106,6 +106,21 @@ def _ratios(result: dict) -> list[str]:
         else:
             lines.append(f"  {stats.RATIO_LABELS[key]:<56} {result[key]:>8.2f}  {other_text}")
     return lines + _long_ratio_line(result, bool(targets))
+
+
+def step_target_lines(result: dict) -> list[str]:
+    """The compiled core's targets (stats.STEP_TARGETS_BY_RUN) with their verdicts; none where the
+    run has none (another preset or device, an eager step, an older result)."""
+    targets = result.get("step_targets")
+    if not targets:
+        return []
+    lines = ["", "the compiled step's targets:"]
+    for target in targets.values():
+        measured = target["measured"]
+        verdict = "not measured" if measured is None else "met" if target["met"] else "NOT MET"
+        value = f"{measured:>8.2f}" if measured is not None else f"{'-':>8}"
+        lines.append(f"  {target['label']:<56} {target['op'] + format(target['value'], 'g'):<7} {value}  {verdict}")
+    return lines
 
 
 LONG_LABEL = "long conversation: TTFT stateless / ours"

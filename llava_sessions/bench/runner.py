@@ -487,6 +487,8 @@ def run(options: Options, log=print) -> dict:
         "command": options.command(),
         "wall_s": time.perf_counter() - wall_start,
     }
+    result["step_targets"] = stats.step_verdicts(shape, device.type, result["compile"]["compiled"],
+                                                 {**ratios, **result["absolute"]})
     return result
 
 

@@ -85,6 +85,42 @@ RATIO_LABELS = {t.key: t.label for t in TARGETS}
 # tiny preset, `small` on a GPU, a checkpoint of no preset's shape) is a figure, not a verdict.
 TARGETS_BY_RUN = {("small", "cpu"): TARGETS, ("llava-1.5-7b", "cuda"): GPU_TARGETS}
 
+# The compiled engine core's targets (issue 20): on a CPU `--compile on`, ratios from one run; on a
+# GPU (compiled by default) absolute figures and ratios. A key names a ratio of the run or one of
+# its absolute figures (absolute_figures). Judged only when the served step ran compiled.
+STEP_TARGETS_BY_RUN = {
+    ("small", "cpu"): (
+        Target("decode_tps_vs_bare", "decode tok/s ours / bare generate", ">=", 1.8),
+        Target("concurrent8_tps_vs_single", "aggregate tok/s, 8 sessions / 1", ">=", 3.0),
+        Target("followup_ttft_vs_floor", "follow-up TTFT ours / the eager floor", "<=", 1.0),
+        Target("cold_open_vs_stateless", "cold open / stateless turn 1", "<=", 1.1),
+    ),
+    ("llava-1.5-7b", "cuda"): (
+        Target("decode_tps_1_session", "decode, one session (tokens/s)", ">=", 130.0),
+        Target("decode_tps_8_sessions", "decode, 8 sessions aggregate (tokens/s)", ">=", 800.0),
+        Target("followup_ttft_ms", "follow-up TTFT end to end (ms)", "<=", 15.0),
+        Target("cold_open_ms", "cold open (ms)", "<=", 45.0),
+        Target("followup_ttft_speedup_vs_stateless", "stateless / ours, turns 3-6", ">=", 4.0),
+        Target("long_conversation_stateless_vs_ours", "stateless / ours, long conversation", ">=", 10.0),
+    ),
+}
+
+
+def step_verdicts(shape: str | None, device_type: str, compiled: bool, figures: dict) -> dict | None:
+    """{key: label, op, value, measured, met} of the compiled core's targets against ``figures``
+    (the run's ratios and absolute figures; a figure the run lacks is judged None); None when the
+    run has no such targets or its step did not run compiled."""
+    targets = STEP_TARGETS_BY_RUN.get((shape, device_type))
+    if targets is None or not compiled:
+        return None
+    judged = {}
+    for t in targets:
+        measured = figures.get(t.key)
+        judged[t.key] = {"label": t.label, "op": t.op, "value": t.value, "measured": measured,
+                         "met": None if measured is None else t.met(measured)}
+    return judged
+
+
 GPU_7B_HOT_SESSIONS_TARGET = 150  # 620-token sessions with KV on the GPU, 7B fp16 in 80 GB
 
 

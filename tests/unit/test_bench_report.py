@@ -36,6 +36,19 @@ def test_a_small_cpu_run_is_shown_against_its_targets(recorded):
     assert any("NOT MET" in line for line in ratios)  # 7.90 against >=8 in the recorded run
 
 
+def test_a_compiled_run_shows_the_compiled_steps_targets(recorded):
+    compiled = json.loads(RECORDED.with_name("bench-cpu-small-compiled.json").read_text())
+    figures = {**compiled, **compiled["absolute"]}
+    result = {**compiled, "step_targets": stats.step_verdicts("small", "cpu", True, figures)}
+    lines = report.table(result).splitlines()
+    start = lines.index("the compiled step's targets:")
+    block = lines[start + 1:start + 5]
+    decode = next(line for line in block if "decode tok/s ours / bare generate" in line)
+    assert ">=1.8" in decode and f"{compiled['decode_tps_vs_bare']:.2f}" in decode
+    assert decode.endswith("met") == (compiled["decode_tps_vs_bare"] >= 1.8)
+    assert "the compiled step's targets:" not in report.table(recorded)  # an eager run: no such block
+
+
 def test_a_run_without_targets_shows_its_ratios_with_no_target_or_verdict(recorded):
     result = {**recorded, "preset": "tiny", "model_shape": "tiny", "targets": None,
               "targets_note": stats.targets_note("tiny", "cpu")}

@@ -89,6 +89,24 @@ def test_verdicts_say_which_targets_a_ratio_meets():
     assert stats.targets_note("small", "cpu") == "targets of small on cpu"
 
 
+def test_a_compiled_run_is_held_to_the_compiled_cores_targets():
+    figures = {"decode_tps_vs_bare": 1.9, "concurrent8_tps_vs_single": 1.6, "followup_ttft_vs_floor": 1.2,
+               "cold_open_vs_stateless": 1.07}
+    cpu = stats.step_verdicts("small", "cpu", True, figures)
+    assert {key: v["met"] for key, v in cpu.items()} == {
+        "decode_tps_vs_bare": True, "concurrent8_tps_vs_single": False, "followup_ttft_vs_floor": False,
+        "cold_open_vs_stateless": True}
+    assert cpu["followup_ttft_vs_floor"]["value"] == 1.0 and cpu["followup_ttft_vs_floor"]["measured"] == 1.2
+    # On the GPU absolute figures: a run with 4 sessions at once has no 8-session figure to judge.
+    gpu = stats.step_verdicts("llava-1.5-7b", "cuda", True, {"decode_tps_1_session": 140.0, "followup_ttft_ms": 16.0})
+    assert gpu["decode_tps_1_session"]["met"] is True and gpu["followup_ttft_ms"]["met"] is False
+    assert gpu["decode_tps_8_sessions"] == {"label": "decode, 8 sessions aggregate (tokens/s)", "op": ">=",
+                                            "value": 800.0, "measured": None, "met": None}
+    # An eager step, or a run of no such targets, is not judged against them.
+    assert stats.step_verdicts("small", "cpu", False, figures) is None
+    assert stats.step_verdicts("tiny", "cpu", True, figures) is None
+
+
 def _config(geometry, **changes):
     from types import SimpleNamespace
 

@@ -101,6 +101,21 @@ class AppendLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, :length]
         self.values = self._value_buffer[:, :, :length]
 
+    def make_room_for(self, feed: int) -> None:
+        """Move now, if ``feed`` tokens would not leave a spare slot in place, into the buffer the
+        next update would move into (``reserve``'s plan): for a step that writes the tokens into
+        the buffer itself (runner.prefill_in_place) instead of through ``update``. The same copy,
+        made before the forward instead of inside it."""
+        if self.keys is None:
+            return
+        length = self.get_seq_length()
+        if self.spare() > feed:
+            return
+        self._regrow(length, max(length + feed, self.reserved_end) + self.room, self.keys, self.values)
+        self.grow_from = None
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
     def bytes_held(self) -> int:
         """Bytes of the buffers (room included), or of the tensors when there are none."""
         tensors = (self._key_buffer, self._value_buffer) if self._key_buffer is not None else (self.keys, self.values)

@@ -184,17 +184,22 @@ class StepRunner:
     @torch.inference_mode()
     def prefill_in_place(self, cache: DynamicCache, feed: list[int]) -> torch.Tensor | None:
         """Compiled: a follow-up's new tokens (no images) on its session's own cache, written into
-        the spare slots its buffers already hold; the last token's logits [1, V]. None (nothing
-        touched) when the step is not compiled or the tokens do not fit in place: the caller
-        prefills eagerly. One graph for every feed and history length (both dimensions are
-        dynamic). Never as CUDA graphs: a session's buffers have no static address."""
+        the spare slots of its buffers (which first move into bigger ones, the move an eager
+        prefill would make, when they cannot hold them); the last token's logits [1, V]. None
+        when the step is not compiled or the tokens do not fit even so (no room was planned):
+        the caller prefills eagerly. One graph for every feed and history length (both
+        dimensions are dynamic). Never as CUDA graphs: a session's buffers have no static address."""
         layers = cache.layers
         if not self.compiled or not 2 <= len(feed) <= MAX_COMPILED_FEED:
             return None
         if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
             return None
         length = cache.get_seq_length()
-        if length == 0 or kv_cache.spare_tokens(cache) <= len(feed):  # the view never the whole buffer (allocated_slots)
+        if length == 0:
+            return None
+        for layer in layers:  # a follow-up its spare slots cannot hold: the move its eager prefill would make
+            layer.make_room_for(len(feed))
+        if kv_cache.spare_tokens(cache) <= len(feed):  # the view never the whole buffer (allocated_slots)
             return None
         device = self.loaded.device
         ids = torch.tensor([feed], device=device)  # [1, T]

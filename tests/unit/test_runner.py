@@ -159,6 +159,20 @@ def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_t
     assert compiled.counters.step_compiles == compiles and compiled.compiled
 
 
+def test_a_follow_up_its_spare_slots_cannot_hold_still_prefills_compiled(loaded_tiny, images):
+    """With 2 spare slots kept between turns, no question fits in place: the session's buffers move
+    first (the move an eager prefill makes) and the compiled step prefills; answers are the eager ones."""
+    def follow_ups(compile: str):
+        engine = SessionEngine(loaded_tiny, ServingConfig(compile=compile, compile_warmup_s=0, kv_headroom_tokens=2))
+        sid = engine.open_session([images[0]]).session_id
+        answers = [engine.turn(sid, question, SamplingParams(1 + i % 3)).token_ids for i, question in enumerate(QUESTIONS)]
+        return engine, answers
+
+    (_, expected), (compiled, answers) = follow_ups("off"), follow_ups("on")
+    assert answers == expected
+    assert compiled.counters.prefills_compiled == len(QUESTIONS) - 1  # every follow-up
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_a_follow_up_prefills_through_the_captured_step(tiny_model_dir, images):

@@ -303,7 +303,7 @@ class LlavaSessionHandler:
         (``_run_waiting`` forgets it once answered)."""
         turn = request.turn
         images, history = self._image_inputs(turn.images), self._history(turn.history)  # read before opening
-        opened = self.engine.open_session()
+        opened = self.engine.open_session(transient=True)  # a worker full of sessions still answers it
         return self.turn_request(dataclasses.replace(turn, session_id=opened.session_id), stream, hop,
                                  (images, history))
 

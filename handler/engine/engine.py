@@ -113,9 +113,12 @@ class SessionEngine:
 
     # --- the four operations ---------------------------------------------
 
-    def open_session(self, images: Sequence = (), session_id: str | None = None) -> OpenedSession:
+    def open_session(self, images: Sequence = (), session_id: str | None = None, transient: bool = False) -> OpenedSession:
         """Open a session holding ``images`` (PIL images or ImageInput, each loaded and encoded
-        now): they belong to its first user message, before that message's own."""
+        now): they belong to its first user message, before that message's own. ``transient``:
+        a session for one answer, closed right after it (a one-shot); it may go past
+        ``max_sessions_per_worker``, which bounds the sessions a worker keeps, not the answers
+        it gives (its memory is reserved under the budget as any session's)."""
         if len(images) > self.config.max_images_per_session:
             raise TooManyImages(
                 f"{len(images)} images sent; a session holds at most {self.config.max_images_per_session}"
@@ -126,7 +129,7 @@ class SessionEngine:
                 raise InvalidRequest("this session is already open; send turns to it or close it first")
             now = self.clock()
             self._expire(now)
-            record = self._store.reserve(session_id, now, self.config.session_ttl_s)
+            record = self._store.reserve(session_id, now, self.config.session_ttl_s, over_capacity=transient)
             if record is None:
                 raise TooManySessions(
                     f"this worker holds its maximum of {self._store.capacity} sessions; "

@@ -57,9 +57,9 @@ class SessionStore:
     def __contains__(self, session_id: str) -> bool:
         return self.lookup(session_id) is not None
 
-    def reserve(self, session_id: str, now: float, ttl_s: float) -> SessionRecord | None:
-        """Add a session, or None when the store is full."""
-        if len(self._records) >= self.capacity:
+    def reserve(self, session_id: str, now: float, ttl_s: float, over_capacity: bool = False) -> SessionRecord | None:
+        """Add a session, or None when the store is full (``over_capacity``: added all the same)."""
+        if len(self._records) >= self.capacity and not over_capacity:
             return None
         record = SessionRecord(session_id, created_at=now, expires_at=now + ttl_s, last_used=now)
         self._records[session_id] = record

@@ -247,6 +247,19 @@ def test_full_worker_refuses_new_sessions_until_one_closes(loaded_tiny):
     engine.open_session([])
 
 
+def test_a_full_worker_still_opens_a_session_for_one_answer(loaded_tiny):
+    engine = make_engine(loaded_tiny, max_sessions_per_worker=1)
+    kept = engine.open_session([])
+    with pytest.raises(TooManySessions):
+        engine.open_session([])
+    transient = engine.open_session([], transient=True)  # a one-shot's: it keeps nothing after its answer
+    assert engine.turn(transient.session_id, "hello", GREEDY).completion_tokens > 0
+    engine.close_session(transient.session_id)
+    assert engine.session_count() == 1 and engine.has_session(kept.session_id)
+    with pytest.raises(TooManySessions):
+        engine.open_session([])
+
+
 def test_limits_are_client_errors_that_leave_the_session_intact(loaded_tiny, images):
     engine = make_engine(loaded_tiny, max_images_per_session=2)
     reference = make_engine(loaded_tiny)

@@ -156,3 +156,29 @@ def test_a_model_type_without_an_adapter_is_refused_when_the_worker_starts(tiny_
     with pytest.raises(ConfigError, match=r"model_type 'mllama'.*Supported model types: 'llava' \("):
         worker.initialize(context)
     assert not worker.initialized and worker.engine is None
+
+
+def test_a_worker_full_of_sessions_still_answers_one_shots(tiny_model_dir):
+    """max_sessions_per_worker bounds the sessions a worker keeps; a one-shot keeps none."""
+    from llava_sessions.handler import router_hop
+    from llava_sessions.handler.torchserve_handler import LlavaSessionHandler
+
+    context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0", model_yaml_config={
+        "handler": {"model": str(tiny_model_dir), "session_ttl_s": 60, "max_sessions_per_worker": 1}})
+    full = LlavaSessionHandler()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(router_hop.SECRET_ENV, router_hop.new_secret())
+        full.initialize(context)
+    try:
+        status, _, headers = call(full, {"requestType": "NEW_SESSION"}, {SESSION: "NEW_SESSION"})
+        assert status == 200
+        kept = headers[SESSION].split(";")[0]
+        status, body, _ = call(full, {"requestType": "NEW_SESSION"}, {SESSION: "NEW_SESSION"})
+        assert status == 429 and body["error"]["code"] == "TOO_MANY_SESSIONS"
+        status, body, headers = call(full, {"inputs": "Describe a sunset.", "parameters": {"max_new_tokens": 3}})
+        assert status == 200 and body[0]["generated_text"] and SESSION not in headers  # TGI answers a list
+        assert full.engine.session_count() == 1 and full.engine.has_session(kept)
+        assert call(full, {"prompt": "And then?", "max_new_tokens": 2}, {SESSION: kept})[0] == 200
+    finally:
+        full.engine.stop()
+        full.cancellations.close()

@@ -710,6 +710,10 @@ def test_too_many_sessions_is_429_and_recovers(stack):
             opened.append(opened_id(open_session(stack.url)))
         refused = open_session(stack.url)
         assert_error(refused, 429, "TOO_MANY_SESSIONS")
+        # A one-shot keeps nothing: a full stack still answers it.
+        one_shot = post_raw(stack.url, json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        assert one_shot.status_code == 200 and one_shot.json()["choices"][0]["message"]["content"] is not None, one_shot.text
+        assert_error(open_session(stack.url), 429, "TOO_MANY_SESSIONS")
         # Every open session still answers, and a turn needs no new slot.
         assert ask(stack.url, opened[0], "hi").status_code == 200
         assert close(stack.url, opened.pop()).status_code == 200

@@ -13,7 +13,8 @@ order, each ``u32 head length | head JSON {"headers": {...}} | u32 body length |
 
 Answer (handler to router): frames ``u32 member | u8 kind | u32 length | payload``. A member's
 answer is a HEAD frame (JSON: status, headers, content type), DATA frames (its body, or a token
-stream's events as they are generated) and an END frame. Frames of different members interleave.
+stream's events as they are generated) and an END frame. Frames of different members interleave;
+a member whose turn ends while others still run is answered then, in a chunk of its own.
 
 Torch-free: the router imports it.
 """

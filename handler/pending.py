@@ -19,3 +19,5 @@ class PendingRequest:
     outcome: Any = None  # the engine's TurnResult or exception, once it ran
     hop: Any = None  # router_hop.Hop: its id at the router, when the router received it
     reply: Any = None  # replies.Reply, set once it is answered
+    sink: Any = None  # a bundle member's streaming.BundleMemberSink: its frames' way out
+    sent: bool = False  # a bundle member answered before its batch's end (its turn ended first)

@@ -141,3 +141,7 @@ class BundleMemberSink:
         head = b"" if self.started else bundle.head_frame(self.member, 200, {}, CONTENT_TYPE)
         self.row(head + bundle.frame(self.member, bundle.DATA, text))
         self.started = True
+
+    def send_frames(self, frames: bytes) -> None:
+        """This member's whole answer (or its end), framed, ahead of the bundle's final response."""
+        self.row(frames)

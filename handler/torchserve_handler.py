@@ -158,25 +158,32 @@ class LlavaSessionHandler:
             bundles.add(idx)
             row_sink = streaming.TorchServeSink(context, idx, content_type=bundle.CONTENT_TYPE)
             for member, (member_headers, body) in enumerate(members):
-                item = PendingRequest(idx, member)
-                sink = streaming.BundleMemberSink(row_sink, member)
+                item = PendingRequest(idx, member, sink=streaming.BundleMemberSink(row_sink, member))
                 # The bundle came with the secret: its members' own headers are the router's.
-                self._guarded(item, self._prepare, item, {"body": body}, member_headers, sink, True)
+                self._guarded(item, self._prepare, item, {"body": body}, member_headers, item.sink, True)
                 items.append(item)
         return items, bundles
 
     def _bundle_answer(self, context, idx: int, members: list[PendingRequest]) -> bytes:
-        """A bundle's answer: for each member its head (unless its stream sent it), body and end."""
-        frames = []
-        for item in members:
-            reply = item.reply
-            if item.stream is None or not item.stream.started:
-                frames.append(bundle.head_frame(item.member, reply.status, reply.headers, reply.content_type))
-            frames.append(bundle.frame(item.member, bundle.DATA, reply.render()))
-            frames.append(bundle.frame(item.member, bundle.END))
+        """A bundle's answer: the members not answered yet (``_answer_early``)."""
         context.set_response_status(200, HTTPStatus.OK.phrase, idx)
         context.set_response_content_type(idx, bundle.CONTENT_TYPE)
-        return b"".join(frames)
+        return b"".join(_member_frames(item) for item in members if not item.sent)
+
+    def _answer_early(self, item: PendingRequest, outcome) -> None:
+        """A bundle member whose turn ended while others of the batch still run: its answer goes
+        now, ahead of the bundle's final response (the router ends that client's answer at its
+        END frame), instead of waiting for the longest turn of the batch."""
+        item.outcome = outcome
+        if isinstance(outcome, Exception):
+            self._fail(item, outcome)
+        else:
+            self._guarded(item, self._respond, item, outcome)
+        try:
+            item.sink.send_frames(_member_frames(item))
+            item.sent = True
+        except Exception:  # it goes with the final response instead
+            log.exception("a bundle member's early answer could not be sent")
 
     def handle_one(self, row: dict, headers: dict, sink=None) -> Reply:
         """One request alone; ``sink`` sends a streamed turn's chunks (None: nothing streams)."""
@@ -201,11 +208,15 @@ class LlavaSessionHandler:
             item.turn = self.turn_request(item.request, item.stream, item.hop)
         elif isinstance(item.request, OneShot):
             item.turn = self.one_shot_request(item.request, item.stream, item.hop)
+        if item.turn is not None and item.member is not None:  # a bundle member answers when its turn ends
+            item.turn = dataclasses.replace(item.turn, on_done=lambda outcome: self._answer_early(item, outcome))
 
     def _run_waiting(self, waiting: list[PendingRequest]) -> None:
-        """Run the turns and answer each."""
+        """Run the turns and answer each (a bundle member answered early is answered)."""
         self._execute(waiting)
         for item in waiting:
+            if item.sent:
+                continue
             if isinstance(item.outcome, Exception):
                 self._fail(item, item.outcome)
             else:
@@ -390,6 +401,16 @@ def _phrase(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:  # 499: nginx's "client closed request", not in the standard list
         return "Client Closed Request" if status == 499 else "Unknown"
+
+
+def _member_frames(item: PendingRequest) -> bytes:
+    """A bundle member's answer as frames: its head (unless its stream sent it), body and end."""
+    reply, frames = item.reply, []
+    if item.stream is None or not item.stream.started:
+        frames.append(bundle.head_frame(item.member, reply.status, reply.headers, reply.content_type))
+    frames.append(bundle.frame(item.member, bundle.DATA, reply.render()))
+    frames.append(bundle.frame(item.member, bundle.END))
+    return b"".join(frames)
 
 
 def _body_bytes(row: dict) -> bytes:

@@ -96,6 +96,10 @@ class TurnRequest:
     Images held at the same place, or anywhere in the session, by digest are never loaded or
     encoded again. A turn that fails or is cancelled leaves the session as it was before it,
     history cut by a rewind or a reconciliation included.
+
+    ``on_done`` gets the turn's outcome (its TurnResult or exception) when the turn ends while
+    other turns of the same ``turns`` call still run: its answer need not wait for theirs. A
+    turn that ends with the call's last is not told (the call's return value has it).
     """
 
     session_id: str
@@ -107,6 +111,7 @@ class TurnRequest:
     deadline: float | None = None
     history: Sequence[Message] | None = None
     rewind_to: int | None = None
+    on_done: Callable[[TurnResult | Exception], None] | None = None
 
 
 @dataclass(frozen=True)

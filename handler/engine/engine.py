@@ -184,7 +184,7 @@ class SessionEngine:
             while pending:
                 wave, pending = self._scheduler.admit(requests, pending, results, started)  # schedule
                 try:
-                    self._run(wave)
+                    self._run(wave, later_waves=bool(pending))
                 finally:
                     self._scheduler.release(wave)
                     self._batch_view_bytes = 0
@@ -192,18 +192,33 @@ class SessionEngine:
                     results[running.slot] = running.outcome
         return results
 
-    def _run(self, wave: list[RunningTurn]) -> None:
-        """A wave's steps, each schedule -> execute -> update, until every turn has its outcome."""
+    def _run(self, wave: list[RunningTurn], later_waves: bool) -> None:
+        """A wave's steps, each schedule -> execute -> update, until every turn has its outcome.
+        A turn that ends while others still run (here or in ``later_waves``) is committed and
+        told at once (TurnRequest.on_done)."""
         rows, logits = self._executor.prefill(wave)  # execute: the turns' new tokens
         decoding = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
         if decoding:
+            self._settle(rows, decoding, wave, others_run=True)
             decoder = self._executor.decoder(decoding)  # schedule: an arena when the budget has room
             self._batch_view_bytes = decoder.bytes_held()
             while decoding:
                 rows, logits = decoder.step(decoding)  # execute: a token per turn
                 decoding = self._scheduler.update(rows, logits)  # update
                 decoder.keep(decoding, rows)  # the others leave, finished ones with their KV
+                self._settle(rows, decoding, wave, others_run=bool(decoding) or later_waves)
         self._scheduler.complete(wave)
+        self._scheduler.tell(wave, later_waves)
+
+    def _settle(self, stepped: list[RunningTurn], going: list[RunningTurn], wave: list[RunningTurn],
+                others_run: bool) -> None:
+        """The turns of the last step that stopped are committed (their KV is in their own caches
+        again); every turn with an outcome is told while ``others_run``."""
+        if not others_run:
+            return  # the wave's end commits them, as the call returns
+        kept = {running.slot for running in going}
+        self._scheduler.complete([running for running in stepped if running.slot not in kept])
+        self._scheduler.tell(wave, others_run)
 
     def warm_up(self) -> list[tuple[int, int]]:
         """Compile the decode step's shapes now (config.compile_warmup_s at most), before serving."""

@@ -228,10 +228,26 @@ class Scheduler:
         running.outcome = error
 
     def complete(self, wave: list[RunningTurn]) -> None:
-        """Every turn of the wave without an outcome is done: committed, or undone when cancelled."""
+        """Every turn of ``wave`` without an outcome is done: committed, or undone when cancelled
+        (mid-wave: turns that stopped at this step, their KV back in their own caches)."""
         for running in wave:
             if running.outcome is None:
                 running.outcome = self._undo(running) if running.stopped_by == "cancelled" else self._finish(running)
+
+    def tell(self, wave: list[RunningTurn], others_run: bool) -> None:
+        """While other turns of the call still run, give each turn of ``wave`` whose outcome is
+        known its outcome, once (TurnRequest.on_done): its answer need not wait for theirs."""
+        if not others_run:
+            return
+        for running in wave:
+            if running.outcome is None or running.told:
+                continue
+            running.told = True
+            if running.request.on_done is not None:
+                try:
+                    running.request.on_done(running.outcome)
+                except Exception:  # the outcome stands; the call's return value has it too
+                    log.exception("a turn's on_done callback failed")
 
     def release(self, wave: list[RunningTurn]) -> None:
         """Hand the wave's sessions back (a turn without an outcome, when something other than an

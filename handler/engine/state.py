@@ -79,6 +79,7 @@ class RunningTurn:
     stopped_by: str | None = None  # "cancelled", "deadline" or "stop" (a stop string) when it stopped early
     controls: Any = None  # scheduler.TurnControls of a turn with a repetition penalty or stop strings
     outcome: object = None  # the TurnResult or the exception, once known
+    told: bool = False  # whether its request's on_done has had the outcome (Scheduler.tell)
 
 
 @dataclass(frozen=True)

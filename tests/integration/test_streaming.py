@@ -147,3 +147,29 @@ def test_streams_of_turns_that_waited_for_a_busy_worker_come_back_to_each_client
         assert final["usage"] == alone["usage"] and len(texts) == final["usage"]["completion_tokens"]
     for sid in (busy_sid, *sids, *twins):
         assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200
+
+
+def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
+    # Two plain turns wait for a busy worker and go to it as one bundle: the one-token answer
+    # comes back when its turn ends, while the long answer is still being decoded.
+    image = Image.effect_noise((40, 40), 50).convert("RGB")
+    busy_sid, long_sid, short_sid = (open_session(server.url, image) for _ in range(3))
+    done: dict[str, float] = {}
+
+    def timed(name: str, sid: str, max_new: int) -> dict:
+        response = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": max_new}, sid)
+        done[name] = time.perf_counter()
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(invoke, server.url, {"prompt": PROMPT, "max_new_tokens": 96}, busy_sid)
+        time.sleep(0.05)  # the long turn is in the worker's hands
+        long_answer = pool.submit(timed, "long", long_sid, 96)
+        short_answer = pool.submit(timed, "short", short_sid, 1)
+        assert short_answer.result(120)["usage"]["completion_tokens"] == 1
+        assert long_answer.result(120)["usage"]["completion_tokens"] >= 20
+        assert busy.result(120).status_code == 200
+    assert done["short"] < done["long"]
+    for sid in (busy_sid, long_sid, short_sid):
+        assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200

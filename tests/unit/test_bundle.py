@@ -62,8 +62,9 @@ def test_frames_come_back_from_a_stream_cut_anywhere():
 # --- the handler ---------------------------------------------------------------------------
 
 
-def run_bundle(handler, members: list[tuple[dict, dict | bytes]]):
-    """One bundle through handle(), as TorchServe delivers it; returns {member: [frames]}."""
+def run_bundle(handler, members: list[tuple[dict, dict | bytes]], order: list | None = None):
+    """One bundle through handle(), as TorchServe delivers it; returns {member: [frames]}.
+    ``order`` gets (chunk index, frame) of every frame as sent (the final response last)."""
     encoded = [(headers, body if isinstance(body, bytes) else json.dumps(body).encode()) for body, headers in members]
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
     context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: str(len(members)),
@@ -75,9 +76,11 @@ def run_bundle(handler, members: list[tuple[dict, dict | bytes]]):
     assert all(c["content_type"] == bundle.CONTENT_TYPE and c["status"] == 200 for c in chunks)
     assert context.request_processor[0].get_response_status_code() == 200
     reader, by_member = bundle.FrameReader(), {}
-    for data in [c["body"] for c in chunks] + [out]:
+    for index, data in enumerate([c["body"] for c in chunks] + [out]):
         for frame in reader.feed(data):
             by_member.setdefault(frame.member, []).append(frame)
+            if order is not None:
+                order.append((index, frame))
     assert reader.pending == 0
     return by_member, len(chunks)
 
@@ -129,6 +132,23 @@ def test_a_bundle_runs_its_members_as_one_batch_and_answers_each(handler, images
         alone, _ = run_bundle(handler, [(question, {SESSION: twin})])
         assert json.loads(answer(alone[0])[3])["generated_text"] == first["generated_text"]
     assert events[-1]["generated_text"] == first["generated_text"]
+
+
+def test_a_member_is_answered_when_its_turn_ends_not_when_the_bundles_last_does(handler, images):
+    short, long_ = (open_session(handler, images[0]) for _ in range(2))
+    order: list = []
+    by_member, chunks = run_bundle(handler, [
+        ({"prompt": "What is this?", "max_new_tokens": 12, "stream": True}, {SESSION: long_}),
+        ({"prompt": "What is this?", "max_new_tokens": 1}, {SESSION: short}),
+    ], order)
+    status, _, _, body = answer(by_member[1])
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 1
+    long_events = parse_events(answer(by_member[0])[3].decode())
+    assert long_events[-1]["usage"]["completion_tokens"] > 2
+    # The short answer's end went out in a chunk of its own while the long one still streamed.
+    short_end = next(index for index, frame in order if frame.member == 1 and frame.kind == bundle.END)
+    later_tokens = [index for index, frame in order if frame.member == 0 and frame.kind == bundle.DATA and index > short_end]
+    assert short_end < chunks and len(later_tokens) >= 2
 
 
 def test_a_malformed_bundle_is_one_client_error(handler):

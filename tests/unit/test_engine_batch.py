@@ -431,3 +431,34 @@ def test_the_handler_module_keeps_a_single_class_for_torchserve():
     classes = [c for _, c in inspect.getmembers(torchserve_handler, inspect.isclass)
                if c.__module__ == torchserve_handler.__name__]
     assert classes == [torchserve_handler.LlavaSessionHandler]
+
+
+def test_a_turn_that_ends_before_the_others_is_told_its_outcome_then(loaded_tiny, images):
+    """on_done: a short answer's outcome comes while a longer one still decodes, committed to its
+    session and equal to what the call returns; the turn that ends last, and a lone turn, are not told."""
+    engine = make_engine(loaded_tiny)
+    short, long_, alone = (engine.open_session([images[0]]).session_id for _ in range(3))
+    events: list[tuple[str, object]] = []
+
+    def short_done(outcome):
+        events.append(("short done", (outcome, engine.session_history(short))))
+
+    requests = [
+        TurnRequest(short, QUESTIONS[0], SamplingParams(2), on_done=short_done),
+        TurnRequest(long_, QUESTIONS[1], SamplingParams(12),
+                    on_token=lambda token, last: events.append(("long token", last)),
+                    on_done=lambda outcome: events.append(("long done", outcome))),
+    ]
+    before = len(engine.session_history(short))
+    results = engine.turns(requests)
+    assert results[1].completion_tokens > results[0].completion_tokens  # the long answer goes on
+    [at] = [i for i, (kind, _) in enumerate(events) if kind == "short done"]
+    outcome, history = events[at][1]
+    assert outcome == results[0] and len(history) > before  # committed when told
+    assert history == engine.session_history(short)
+    later = sum(1 for kind, _ in events[at:] if kind == "long token")
+    assert later == results[1].completion_tokens - results[0].completion_tokens
+    assert not any(kind == "long done" for kind, _ in events)
+    told = []
+    engine.turns([TurnRequest(alone, QUESTIONS[0], SamplingParams(3), on_done=told.append)])
+    assert told == []

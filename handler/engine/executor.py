@@ -1,11 +1,12 @@
 """The tensors of a wave of turns: the executing half of the engine's step.
 
 ``prefill`` runs each turn's new tokens on its session's cache: follow-ups of cached sessions in
-one forward (batch_prefill.py), a lone follow-up that fits its spare slots through the compiled
-step (runner.prefill_in_place), the rest eagerly, each with one retry after other sessions give
-memory back when the allocator fails all the same. ``decoder`` gives the turns that go on a
-decoder: a fixed-shape arena (runner.DecodeArena) when the budget has room for it, else each
-turn on its own cache. A failing turn goes to ``fail`` and leaves; the others go on.
+one forward (batch_prefill.py), a lone follow-up without images through the compiled step in its
+session's own buffers (runner.prefill_in_place), the rest eagerly, each with one retry after
+other sessions give memory back when the allocator fails all the same. ``decoder`` gives the
+turns that go on a decoder: a lone compiled turn its session's own buffers
+(runner.InPlaceRow), else a fixed-shape arena (runner.DecodeArena) when the budget has
+room for it, else each turn on its own cache. A failing turn goes to ``fail`` and leaves; the others go on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
 from llava_sessions.handler.engine.api import EngineCounters
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
-from llava_sessions.handler.engine.runner import DecodeArena, KeptArena, StepRunner, arena_bytes, arena_size
+from llava_sessions.handler.engine.runner import DecodeArena, InPlaceRow, KeptArena, StepRunner, arena_bytes, arena_size
 from llava_sessions.handler.engine.scheduler import kv_growth_tokens
 from llava_sessions.handler.engine.state import RunningTurn, cached_tokens, feed, is_out_of_memory
 
@@ -145,12 +146,15 @@ class Executor:
 
     # --- decode -----------------------------------------------------------------------
 
-    def decoder(self, rows: list[RunningTurn]) -> "ArenaDecoder | AloneDecoder":
-        """A decoder for these prefilled turns. The arena is reserved whole: a row that finishes
-        gets its KV back (which its turn reserved) while the others still decode in the arena.
-        No room for it: each turn decodes on its own cache."""
+    def decoder(self, rows: list[RunningTurn]) -> "InPlaceDecoder | ArenaDecoder | AloneDecoder":
+        """A decoder for these prefilled turns. A lone turn, compiled without CUDA graphs, decodes
+        in its session's own buffers. Otherwise an arena, reserved whole: a row that finishes gets
+        its KV back (which its turn reserved) while the others still decode in the arena. No room
+        for it: each turn decodes on its own cache."""
         lengths = [running.state.cache.get_seq_length() for running in rows]
         remaining = [running.max_new - len(running.answer) for running in rows]
+        if len(rows) == 1 and self.kept is None and self.runner.room_to_decode_in_place(rows[0].state.cache, remaining[0]):
+            return InPlaceDecoder(self, rows)
         size = arena_size(self.loaded, lengths, remaining, self.runner.compiled)
         if self.kept is not None and self.kept.fits(*size):  # its bytes are set aside already
             return ArenaDecoder(self, rows)
@@ -198,6 +202,32 @@ class ArenaDecoder:
         kept = {running.slot for running in going}
         leaving = [running for running in stepped if running.slot not in kept]
         self._arena.leave([r.slot for r in leaving if r.outcome is None], [r.slot for r in leaving if r.outcome is not None])
+
+
+class InPlaceDecoder:
+    """A lone turn decodes in its session's own buffers, compiled (runner.InPlaceRow): no
+    arena to fill and empty, and the KV stays where the next turn finds it."""
+
+    def __init__(self, executor: Executor, rows: list[RunningTurn]):
+        self._executor = executor
+        self._row = InPlaceRow(executor.runner, rows[0].state.cache)
+
+    def bytes_held(self) -> int:
+        return 0
+
+    def step(self, live: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
+        executor, [running] = self._executor, live
+        try:
+            logits = self._row.step(running.answer[-1])
+        except Exception as error:
+            executor.fail(running, error)
+            return [], None
+        executor.counters.decode_tokens += 1
+        executor.counters.step_compiles = executor.runner.compiles
+        return [running], logits
+
+    def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
+        pass  # the KV is in the session's own buffers
 
 
 class AloneDecoder:

@@ -217,6 +217,21 @@ class StepRunner:
             layer.advance(end)
         return logits
 
+    @torch.inference_mode()
+    def room_to_decode_in_place(self, cache: DynamicCache, steps: int) -> bool:
+        """Compiled, and not as CUDA graphs (which want an arena's static addresses): can a lone
+        turn decode ``steps`` tokens in its session's own buffers (``InPlaceRow``)? They move
+        first into the buffer their turn planned (AppendLayer.make_room_for), as an eager step's
+        append would at the turn's first decode step."""
+        layers = cache.layers
+        if not self.compiled or self.loaded.device.type == "cuda" or cache.get_seq_length() == 0:
+            return False
+        if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
+            return False
+        for layer in layers:
+            layer.make_room_for(steps)
+        return kv_cache.spare_tokens(cache) > steps  # every view short of the whole buffer (allocated_slots)
+
     def _run_compiled(self, ids, positions, cache, last, graphs: bool) -> torch.Tensor:
         step = self._steps.get(graphs)
         if step is None:
@@ -246,6 +261,40 @@ class StepRunner:
             self.graph_skips += skipped
             log.warning("CUDA graphs: %d step graph(s) run compiled without capture (see the inductor log)", skipped)
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
+
+
+class InPlaceRow:
+    """A lone turn's decode steps in its session's own buffers (after
+    ``StepRunner.room_to_decode_in_place``): each token's KV written at the next slot, through the
+    decode graph of one row. Its views of the buffers look like an arena's: the slots written,
+    rounded up to SLOT_ALIGN, never the whole buffer; one view per bucket of slots."""
+
+    def __init__(self, runner: StepRunner, cache: DynamicCache):
+        self.runner, self.cache = runner, cache
+        self._buffers = [layer.buffers() for layer in cache.layers]
+        self._length = cache.get_seq_length()
+        device = runner.loaded.device
+        self._positions = torch.full((1, 1), self._length, dtype=torch.long, device=device)  # [1, 1]
+        self._last = torch.zeros(1, dtype=torch.long, device=device)  # the step's one token: index 0
+        self._view: _StepCache | None = None
+        self._view_slots = 0
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Feed ``token``; its next-token logits [1, V]."""
+        capacity = self._buffers[0][0].shape[-2]
+        slots = aligned_slots(self._length + 1, capacity - 1, slot_align(self.runner.loaded))
+        if slots != self._view_slots:
+            self._view = _StepCache([k[:, :, :slots] for k, _ in self._buffers],
+                                    [v[:, :, :slots] for _, v in self._buffers], dynamic_slots=True)
+            self._view_slots = slots
+        ids = torch.tensor([[token]], device=self._positions.device)  # [1, 1]
+        logits = self.runner.run(ids, self._positions, self._view, self._last, graphs=False)
+        self._length += 1
+        self._positions += 1
+        for layer in self.cache.layers:
+            layer.advance(self._length)
+        return logits
 
 
 class DecodeArena:

@@ -159,6 +159,25 @@ def test_a_follow_up_prefills_in_its_spare_slots_with_the_compiled_step(loaded_t
     assert compiled.counters.step_compiles == compiles and compiled.compiled
 
 
+def test_a_lone_compiled_turn_decodes_in_its_sessions_own_buffers(loaded_tiny, images):
+    """No arena to fill and empty for one turn alone (on a CPU): its steps write into the session's
+    buffers, with the answers of eager decoding and the graphs the warm-up compiled."""
+    compiled = SessionEngine(loaded_tiny, ServingConfig(compile="on", compile_warmup_s=600))
+    compiled.warm_up()
+    compiles = compiled.counters.step_compiles
+    eager = SessionEngine(loaded_tiny, ServingConfig(compile="off"))
+    arena_bytes = []
+    answers = {}
+    for engine in (compiled, eager):
+        sid = engine.open_session([images[0]]).session_id
+        on_token = (lambda *_: arena_bytes.append(compiled.snapshot().batch_view_bytes)) if engine is compiled else None
+        answers[engine] = [engine.turns([TurnRequest(sid, question, SamplingParams(6), on_token=on_token)])[0].token_ids
+                           for question in QUESTIONS[:3]]
+    assert answers[compiled] == answers[eager]
+    assert len(arena_bytes) > 3 and set(arena_bytes) == {0}
+    assert compiled.counters.step_compiles == compiles and compiled.compiled
+
+
 def test_a_follow_up_its_spare_slots_cannot_hold_still_prefills_compiled(loaded_tiny, images):
     """With 2 spare slots kept between turns, no question fits in place: the session's buffers move
     first (the move an eager prefill makes) and the compiled step prefills; answers are the eager ones."""

@@ -163,13 +163,15 @@ def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
         return response.json()
 
     with ThreadPoolExecutor(3) as pool:
-        busy = pool.submit(invoke, server.url, {"prompt": PROMPT, "max_new_tokens": 96}, busy_sid)
+        # Long enough (240 tokens) that both turns below arrive while it runs, and wait together.
+        busy = pool.submit(invoke, server.url, {"prompt": PROMPT, "max_new_tokens": 240}, busy_sid)
         time.sleep(0.05)  # the long turn is in the worker's hands
         long_answer = pool.submit(timed, "long", long_sid, 96)
         short_answer = pool.submit(timed, "short", short_sid, 1)
         assert short_answer.result(120)["usage"]["completion_tokens"] == 1
         assert long_answer.result(120)["usage"]["completion_tokens"] >= 20
-        assert busy.result(120).status_code == 200
+        busy_answer = busy.result(120)
+        assert busy_answer.status_code == 200 and busy_answer.json()["usage"]["completion_tokens"] > 96
     assert done["short"] < done["long"]
     for sid in (busy_sid, long_sid, short_sid):
         assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200

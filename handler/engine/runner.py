@@ -52,6 +52,18 @@ MAX_GRAPHS = 64  # compiled step graphs a worker may hold (one per row bucket, a
 MAX_COMPILED_FEED = 256  # a follow-up with more new tokens prefills eagerly
 
 
+def _fits_in_place(cache: DynamicCache, tokens: int) -> bool:
+    """Can a step write ``tokens`` more into the session's own buffers, every view short of the
+    whole buffer (allocated_slots)? Buffers that cannot hold them move first into the bigger ones
+    their turn planned (AppendLayer.make_room_for), the move an eager forward's append makes."""
+    layers = cache.layers
+    if cache.get_seq_length() == 0 or not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
+        return False
+    for layer in layers:
+        layer.make_room_for(tokens)
+    return kv_cache.spare_tokens(cache) > tokens
+
+
 def row_bucket(rows: int) -> int:
     for bucket in ROW_BUCKETS:
         if rows <= bucket:
@@ -190,18 +202,9 @@ class StepRunner:
         the caller prefills eagerly. One graph for every feed and history length (both
         dimensions are dynamic). Never as CUDA graphs: a session's buffers have no static address."""
         layers = cache.layers
-        if not self.compiled or not 2 <= len(feed) <= MAX_COMPILED_FEED:
+        if not self.compiled or not 2 <= len(feed) <= MAX_COMPILED_FEED or not _fits_in_place(cache, len(feed)):
             return None
-        if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
-            return None
-        length = cache.get_seq_length()
-        if length == 0:
-            return None
-        for layer in layers:  # a follow-up its spare slots cannot hold: the move its eager prefill would make
-            layer.make_room_for(len(feed))
-        if kv_cache.spare_tokens(cache) <= len(feed):  # the view never the whole buffer (allocated_slots)
-            return None
-        device = self.loaded.device
+        length, device = cache.get_seq_length(), self.loaded.device
         ids = torch.tensor([feed], device=device)  # [1, T]
         positions = torch.arange(length, length + len(feed), device=device)[None, :]  # [1, T]
         for tensor in (ids, positions):
@@ -223,14 +226,7 @@ class StepRunner:
         turn decode ``steps`` tokens in its session's own buffers (``InPlaceRow``)? They move
         first into the buffer their turn planned (AppendLayer.make_room_for), as an eager step's
         append would at the turn's first decode step."""
-        layers = cache.layers
-        if not self.compiled or self.loaded.device.type == "cuda" or cache.get_seq_length() == 0:
-            return False
-        if not all(isinstance(layer, kv_cache.AppendLayer) for layer in layers):
-            return False
-        for layer in layers:
-            layer.make_room_for(steps)
-        return kv_cache.spare_tokens(cache) > steps  # every view short of the whole buffer (allocated_slots)
+        return self.compiled and self.loaded.device.type != "cuda" and _fits_in_place(cache, steps)
 
     def _run_compiled(self, ids, positions, cache, last, graphs: bool) -> torch.Tensor:
         step = self._steps.get(graphs)

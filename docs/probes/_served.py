@@ -1,8 +1,10 @@
 """What the served probes share: the `serve` stack (one worker, the `small` preset, compiled) in a
 process of its own, and a keep-alive client for its router and for TorchServe's own endpoint."""
 
+import base64
 import contextlib
 import http.client
+import io
 import json
 import multiprocessing
 import tempfile
@@ -11,6 +13,15 @@ import urllib.parse
 from pathlib import Path
 
 SESSION = "X-Amzn-SageMaker-Session-Id"
+
+
+def noise_jpeg() -> tuple[bytes, str]:
+    """The probes' picture: a 640x480 noise JPEG (quality 90), its bytes and their base64."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((640, 480), 60).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue(), base64.b64encode(buffer.getvalue()).decode()
 
 
 def _serve(work: Path, conn) -> None:

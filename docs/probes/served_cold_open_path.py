@@ -6,19 +6,13 @@ carrying the same base64 image in an extra field (refused by the handler before 
 Usage:
     .venv/bin/python docs/probes/served_cold_open_path.py"""
 
-import base64
-import io
 import statistics
 
-from _served import served_stack
+from _served import noise_jpeg, served_stack
 
 
 def main() -> None:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.effect_noise((640, 480), 60).convert("RGB").save(buffer, "JPEG", quality=90)
-    image = base64.b64encode(buffer.getvalue()).decode()
+    _, image = noise_jpeg()
     unknown = "no-such-session-0123456789abcdef"
     times: dict[str, list[float]] = {"open via the router": [], "open straight to TorchServe": [],
                                      "trivial, straight": [], "image-sized body, straight": []}

@@ -6,21 +6,18 @@ Then, with the stack stopped, the same follow-ups in process through `SessionEng
 Usage:
     .venv/bin/python docs/probes/served_follow_up_path.py"""
 
-import base64
 import io
 import statistics
 import time
 from pathlib import Path
 
-from _served import served_stack
+from _served import noise_jpeg, served_stack
 
 
 def main() -> None:
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.effect_noise((640, 480), 60).convert("RGB").save(buffer, "JPEG", quality=90)
-    image = base64.b64encode(buffer.getvalue()).decode()
+    jpeg, image = noise_jpeg()
     times: dict[str, list[float]] = {"router": [], "straight to TorchServe": [], "trivial, straight": []}
     with served_stack() as (router, worker, work):
         for _ in range(2):  # two conversations of 30 follow-ups (histories of ~650-1,400 tokens)
@@ -37,7 +34,7 @@ def main() -> None:
                 assert status == 404
                 times["trivial, straight"].append(seconds)
             router.post({"requestType": "CLOSE"}, session)
-    times["in process, engine.turn"] = in_process(work / "model", Image.open(io.BytesIO(buffer.getvalue())))
+    times["in process, engine.turn"] = in_process(work / "model", Image.open(io.BytesIO(jpeg)))
     for name, samples in times.items():
         print(f"{name:24s} {statistics.median(samples) * 1e3:6.2f} ms (median of {len(samples)})")
 

@@ -97,22 +97,22 @@ class AppendLayer(DynamicLayer):
         if self._key_buffer is None or self.spare() <= keep:
             return
         length = self.get_seq_length()
-        self._regrow(length, length + keep, self.keys, self.values)
-        self.keys = self._key_buffer[:, :, :length]
-        self.values = self._value_buffer[:, :, :length]
+        self._move(length, length + keep)
 
     def make_room_for(self, feed: int) -> None:
         """Move now, if ``feed`` tokens would not leave a spare slot in place, into the buffer the
-        next update would move into (``reserve``'s plan): for a step that writes the tokens into
-        the buffer itself (runner.prefill_in_place) instead of through ``update``. The same copy,
-        made before the forward instead of inside it."""
-        if self.keys is None:
+        next update would move into (``reserve``'s plan): for steps that write their tokens into
+        the buffer themselves (runner's compiled prefill and lone-turn decode) instead of through
+        ``update``. The same copy, made before the forward instead of inside it."""
+        if self.keys is None or self.spare() > feed:
             return
         length = self.get_seq_length()
-        if self.spare() > feed:
-            return
-        self._regrow(length, max(length + feed, self.reserved_end) + self.room, self.keys, self.values)
+        self._move(length, max(length + feed, self.reserved_end) + self.room)
         self.grow_from = None
+
+    def _move(self, length: int, capacity: int) -> None:
+        """The first ``length`` tokens into fresh buffers of ``capacity`` slots."""
+        self._regrow(length, capacity, self.keys, self.values)
         self.keys = self._key_buffer[:, :, :length]
         self.values = self._value_buffer[:, :, :length]
 

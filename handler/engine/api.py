@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
     from llava_sessions.handler.engine.generation import SamplingParams
@@ -99,7 +99,8 @@ class TurnRequest:
 
     ``on_done`` gets the turn's outcome (its TurnResult or exception) when the turn ends while
     other turns of the same ``turns`` call still run: its answer need not wait for theirs. A
-    turn that ends with the call's last is not told (the call's return value has it).
+    turn that ends with the call's last is not told (the call's return value has it), except
+    one that joined the call (``Joiners``): it is always told.
     """
 
     session_id: str
@@ -112,6 +113,21 @@ class TurnRequest:
     history: Sequence[Message] | None = None
     rewind_to: int | None = None
     on_done: Callable[[TurnResult | Exception], None] | None = None
+
+
+class Joiners(Protocol):
+    """Turns that ask to join a ``SessionEngine.turns`` call while its turns decode.
+
+    ``arrivals`` is asked at the end of every decode step (keep it cheap when nothing came). A turn
+    the call takes runs as if it had been in the call: its own checks and reservation, its prefill,
+    then decoding with the others from the next step; its outcome always goes to its ``on_done``.
+    One the call cannot take now (its session has a turn in the call, no memory room beside the
+    running turns, the step's rows are full) goes back through ``declined``, its session untouched.
+    """
+
+    def arrivals(self) -> Sequence[TurnRequest]: ...
+
+    def declined(self, request: TurnRequest) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,9 @@ class EngineCounters:
     prefills_compiled: int = 0
     # On CUDA: compiled step graphs that run without CUDA graph capture (inductor skipped it).
     cuda_graph_skips: int = 0
+    # Turns that joined a ``turns`` call while its turns decoded (Joiners), and those declined.
+    turns_joined: int = 0
+    joins_declined: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ case, and a turn that still finds no memory is refused (OutOfMemoryBudget).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from llava_sessions.handler.engine.api import (  # noqa: F401 - the engine's pub
     EngineCounters,
     EngineSnapshot,
     ImageInput,
+    Joiners,
     Message,
     OpenedSession,
     SessionView,
@@ -61,7 +63,7 @@ from llava_sessions.handler.engine.runner import (
     StepRunner,
     kept_arena_slots,
 )
-from llava_sessions.handler.engine.scheduler import Scheduler
+from llava_sessions.handler.engine.scheduler import Scheduler, tell
 from llava_sessions.handler.engine.session_store import SessionStore, new_session_id
 from llava_sessions.handler.engine.history import ImageSlot, image_slots
 from llava_sessions.handler.engine.state import RunningTurn, SessionState, cached_tokens
@@ -164,7 +166,7 @@ class SessionEngine:
             raise result
         return result
 
-    def turns(self, requests: Sequence[TurnRequest]) -> list[TurnResult | Exception]:
+    def turns(self, requests: Sequence[TurnRequest], joiners: Joiners | None = None) -> list[TurnResult | Exception]:
         """Run turns of different sessions together; one result or exception per request, in order.
 
         Each request is checked, has its images encoded and its memory reserved on its own, in
@@ -174,6 +176,10 @@ class SessionEngine:
         A second request for a session already in the call gets SessionBusy. A request that
         does not fit the memory budget beside the earlier ones runs after them, in a later
         wave; only one that does not fit even alone is refused (OutOfMemoryBudget).
+
+        ``joiners`` (api.Joiners): turns that arrive while the call's last wave decodes join it
+        at a step's end, up to KEPT_ARENA_ROWS decoding at once; their outcomes go to their
+        ``on_done``, not into the returned list.
         """
         results: list = [None] * len(requests)
         started = time.perf_counter()
@@ -181,21 +187,23 @@ class SessionEngine:
         # compiled step's warm-up, so its graphs (which guard on that) serve the real turns.
         with self._lock, torch.inference_mode():
             pending = self._scheduler.distinct(requests, results)
+            slots = itertools.count(len(requests))  # a joiner's slot: after the call's requests
             while pending:
                 wave, pending = self._scheduler.admit(requests, pending, results, started)  # schedule
                 try:
-                    self._run(wave, later_waves=bool(pending))
+                    self._run(wave, later_waves=bool(pending), joining=None if pending or joiners is None else (joiners, slots))
                 finally:
                     self._scheduler.release(wave)
                     self._batch_view_bytes = 0
                 for running in wave:
-                    results[running.slot] = running.outcome
+                    if running.slot < len(results):
+                        results[running.slot] = running.outcome
         return results
 
-    def _run(self, wave: list[RunningTurn], later_waves: bool) -> None:
+    def _run(self, wave: list[RunningTurn], later_waves: bool, joining=None) -> None:
         """A wave's steps, each schedule -> execute -> update, until every turn has its outcome.
         A turn that ends while others still run (here or in ``later_waves``) is committed and
-        told at once (TurnRequest.on_done)."""
+        told at once (TurnRequest.on_done). ``joining``: (Joiners, slot counter) when turns may join."""
         rows, logits = self._executor.prefill(wave)  # execute: the turns' new tokens
         decoding = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
         if decoding:
@@ -207,8 +215,42 @@ class SessionEngine:
                 decoding = self._scheduler.update(rows, logits)  # update
                 decoder.keep(decoding, rows)  # the others leave, finished ones with their KV
                 self._settle(rows, decoding, wave, others_run=bool(decoding) or later_waves)
+                joined = self._join(joining, wave, len(decoding)) if decoding and joining else []
+                if joined:  # schedule: the decoder takes them in, or a new one holds every row
+                    decoder = self._executor.regroup(decoder, decoding, joined)
+                    decoding = decoding + joined
+                    self._batch_view_bytes = decoder.bytes_held()
         self._scheduler.complete(wave)
         self._scheduler.tell(wave, later_waves)
+
+    def _join(self, joining, wave: list[RunningTurn], live: int) -> list[RunningTurn]:
+        """Turns that arrived while the wave decodes: admitted (each on its own, as ``turns`` admits),
+        prefilled and given their first token; the ones that go on decoding. They join ``wave``."""
+        joiners, slots = joining
+        arrivals = joiners.arrivals()
+        if not arrivals:
+            return []
+        started, admitted = time.perf_counter(), []
+        for request in arrivals:
+            try:
+                running = None
+                if live + len(admitted) < KEPT_ARENA_ROWS:
+                    running = self._scheduler.join(next(slots), request, started)
+            except Exception as error:  # its own checks failed: that is its answer
+                tell(request, error)
+                continue
+            if running is None:
+                self.counters.joins_declined += 1
+                joiners.declined(request)
+                continue
+            admitted.append(running)
+            wave.append(running)
+        if not admitted:
+            return []
+        rows, logits = self._executor.prefill(admitted)  # execute
+        going = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
+        self._settle(rows, going, wave, others_run=True)
+        return going
 
     def _settle(self, stepped: list[RunningTurn], going: list[RunningTurn], wave: list[RunningTurn],
                 others_run: bool) -> None:

@@ -20,7 +20,15 @@ from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
 from llava_sessions.handler.engine.api import EngineCounters
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
-from llava_sessions.handler.engine.runner import DecodeArena, InPlaceRow, KeptArena, StepRunner, arena_bytes, arena_size
+from llava_sessions.handler.engine.runner import (
+    KEPT_ARENA_ROWS,
+    DecodeArena,
+    InPlaceRow,
+    KeptArena,
+    StepRunner,
+    arena_bytes,
+    arena_size,
+)
 from llava_sessions.handler.engine.scheduler import kv_growth_tokens
 from llava_sessions.handler.engine.state import RunningTurn, cached_tokens, feed, is_out_of_memory
 
@@ -162,11 +170,28 @@ class Executor:
             return ArenaDecoder(self, rows)
         return AloneDecoder(self, rows)
 
+    def regroup(self, decoder: "InPlaceDecoder | ArenaDecoder | AloneDecoder", live: list[RunningTurn],
+                joined: list[RunningTurn]) -> "InPlaceDecoder | ArenaDecoder | AloneDecoder":
+        """A decoder for ``live`` and the ``joined`` turns (prefilled): ``decoder`` itself when it
+        takes them in (an arena with free rows and slots for them), else a new one for every row,
+        after the live turns left ``decoder`` with their KV (its arena's reservation returned)."""
+        if decoder.take(joined):
+            return decoder
+        self.memory.unreserve(decoder.close(live))
+        rows = live + joined
+        if self.runner.compiled and self.kept is None:  # rows to spare, for later joiners, when plainly free
+            lengths = [running.state.cache.get_seq_length() for running in rows]
+            remaining = [running.max_new - len(running.answer) for running in rows]
+            spare = arena_bytes(self.loaded, lengths, remaining, True, min_rows=KEPT_ARENA_ROWS)
+            if self.memory.reserve_if_free(spare):
+                return ArenaDecoder(self, rows, min_rows=KEPT_ARENA_ROWS)
+        return self.decoder(rows)
+
 
 class ArenaDecoder:
     """The turns decode together in one fixed-shape arena (runner.py), a token per turn per step."""
 
-    def __init__(self, executor: Executor, rows: list[RunningTurn]):
+    def __init__(self, executor: Executor, rows: list[RunningTurn], min_rows: int = 1):
         self._executor = executor
         self._arena = DecodeArena(
             executor.loaded,
@@ -175,10 +200,25 @@ class ArenaDecoder:
             executor.runner,
             {running.slot: kv_cache.most_spare(running.headroom) for running in rows},
             storage=executor.kept,
+            min_rows=min_rows,
         )
 
     def bytes_held(self) -> int:
         return self._arena.bytes_held()
+
+    def take(self, joined: list[RunningTurn]) -> bool:
+        """Take prefilled turns into free rows of the arena: False (none taken) when they do not fit."""
+        return self._arena.admit(
+            {running.slot: running.state.cache for running in joined},
+            {running.slot: running.max_new - len(running.answer) for running in joined},
+            {running.slot: kv_cache.most_spare(running.headroom) for running in joined},
+        )
+
+    def close(self, live: list[RunningTurn]) -> int:
+        """The live turns leave with their KV; the bytes this arena held (its reservation)."""
+        held = self._arena.bytes_held()
+        self._arena.leave([running.slot for running in live])
+        return held
 
     def step(self, live: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
         """Feed each live turn its last token: (the turns, in the arena's row order; their logits)."""
@@ -229,6 +269,12 @@ class InPlaceDecoder:
     def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
         pass  # the KV is in the session's own buffers
 
+    def take(self, joined: list[RunningTurn]) -> bool:
+        return False  # one row only: turns that join need an arena
+
+    def close(self, live: list[RunningTurn]) -> int:
+        return 0  # the KV is in the session's own buffers already
+
 
 class AloneDecoder:
     """Each turn decodes on its session's own cache (no arena): when the budget has no room for one."""
@@ -253,3 +299,9 @@ class AloneDecoder:
 
     def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
         pass  # nothing to hand back: each turn's KV is in its own cache
+
+    def take(self, joined: list[RunningTurn]) -> bool:
+        return True  # each turn decodes on its own cache: any number join
+
+    def close(self, live: list[RunningTurn]) -> int:
+        return 0

@@ -150,6 +150,10 @@ class KVManager:
         self.memory_budget_bytes -= nbytes
         log.info("session memory budget: %d bytes after setting %d aside for %s", self.memory_budget_bytes, nbytes, what)
 
+    def unreserve(self, nbytes: int) -> None:
+        """Part of the reservation is over (a decode arena freed while its turns go on elsewhere)."""
+        self.reserved = max(0, self.reserved - nbytes)
+
     def release(self) -> None:
         """The operation in progress is over: its reservation goes (its tensors are accounted)."""
         self.reserved = 0

@@ -301,10 +301,11 @@ class DecodeArena:
     """
 
     def __init__(self, loaded: LoadedModel, rows: dict[Hashable, DynamicCache], remaining: dict[Hashable, int],
-                 runner: StepRunner, rooms: dict[Hashable, int] | None = None, storage: "KeptArena | None" = None):
+                 runner: StepRunner, rooms: dict[Hashable, int] | None = None, storage: "KeptArena | None" = None,
+                 min_rows: int = 1):
         """``rooms``: spare slots a finished row's cache gets behind its KV (kv_cache's headroom).
         ``storage``: the engine's kept arena, used when these rows fit it (``KeptArena.fits``);
-        otherwise the arena allocates its own buffers."""
+        otherwise the arena allocates its own buffers, compiled at least ``min_rows`` rows."""
         if not rows:
             raise ValueError("an arena needs at least one row")
         self.loaded, self.runner = loaded, runner
@@ -315,10 +316,12 @@ class DecodeArena:
         if min(lengths.values()) == 0:
             raise ValueError("every row needs a non-empty cache (prefill first)")
         self.bucketed = runner.compiled
-        self.rows, self.slots = arena_size(loaded, list(lengths.values()), [remaining[k] for k in rows], self.bucketed)
+        self.rows, self.slots = arena_size(loaded, list(lengths.values()), [remaining[k] for k in rows], self.bucketed,
+                                           min_rows)
         self.storage = storage if storage is not None and storage.fits(self.rows, self.slots) else None
         if self.storage is not None:  # views of the kept buffers: the same addresses and strides every wave
             self._keys, self._values = self.storage.keys, self.storage.values
+            self.rows, self.slots = self.storage.rows, self.storage.slots  # all of it, for turns that join
         else:
             like = dict(dtype=loaded.dtype, device=loaded.device)
             buffer = (self.rows, self.shape.kv_heads, allocated_slots(self.slots, self.bucketed), self.shape.head_dim)
@@ -372,6 +375,18 @@ class DecodeArena:
             self.keys[row], self._lengths[row] = self.keys[last], self._lengths[last]
             self.keys.pop()
             self._lengths.pop()
+
+    def admit(self, rows: dict[Hashable, DynamicCache], remaining: dict[Hashable, int],
+              rooms: dict[Hashable, int]) -> bool:
+        """Prefilled rows join the live ones in free rows, if every one fits (a row and the
+        slots for its reach); False and none joins otherwise."""
+        reach = max(cache.get_seq_length() + max(1, remaining[key]) for key, cache in rows.items())
+        if len(self.keys) + len(rows) > self.rows or reach > self.slots:
+            return False
+        for key, cache in rows.items():
+            self.caches[key], self.rooms[key] = cache, rooms.get(key, 0)
+            self._join(key, cache)
+        return True
 
     def _join(self, key: Hashable, cache: DynamicCache) -> None:
         row, length = len(self.keys), cache.get_seq_length()
@@ -484,12 +499,14 @@ class ArenaShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes * rows * slots
 
 
-def arena_size(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> tuple[int, int]:
-    """(rows, slots) of a DecodeArena for rows of these lengths that may add these many tokens."""
+def arena_size(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool,
+               min_rows: int = 1) -> tuple[int, int]:
+    """(rows, slots) of a DecodeArena for rows of these lengths that may add these many tokens;
+    bucketed, at least ``min_rows`` rows (free ones for turns that join it later)."""
     reach = min(max(n + max(1, r) for n, r in zip(lengths, remaining)), loaded.max_context)
     if not bucketed:
         return len(lengths), reach
-    return row_bucket(len(lengths)), aligned_slots(reach, loaded.max_context, slot_align(loaded))
+    return row_bucket(max(len(lengths), min_rows)), aligned_slots(reach, loaded.max_context, slot_align(loaded))
 
 
 def allocated_slots(slots: int, bucketed: bool) -> int:
@@ -499,9 +516,10 @@ def allocated_slots(slots: int, bucketed: bool) -> int:
     return slots + 1 if bucketed else slots
 
 
-def arena_bytes(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool) -> int:
+def arena_bytes(loaded: LoadedModel, lengths: list[int], remaining: list[int], bucketed: bool,
+                min_rows: int = 1) -> int:
     """Device bytes a DecodeArena of these rows allocates."""
-    rows, slots = arena_size(loaded, lengths, remaining, bucketed)
+    rows, slots = arena_size(loaded, lengths, remaining, bucketed, min_rows)
     return ArenaShape.of(loaded).bytes(rows, allocated_slots(slots, bucketed))
 
 

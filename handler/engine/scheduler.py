@@ -139,6 +139,19 @@ class Scheduler:
             self._store.touch(record, self._clock())
             raise
 
+    def join(self, slot: int, request: TurnRequest, started: float) -> RunningTurn | None:
+        """Start a turn that asks to join the running call (api.Joiners): its RunningTurn, or None
+        when it cannot now (its session has a turn running, or no memory room beside the running
+        turns), nothing touched. A turn that fails its checks raises its error."""
+        record = self._store.lookup(request.session_id)
+        if record is not None and record.busy:
+            return None
+        running = self._start_turn(slot, request, started, may_defer=True)
+        if running is not None:
+            running.joined = True
+            self._counters.turns_joined += 1
+        return running
+
     def _checkout(self, session_id: str):
         now = self._clock()
         record = self._store.lookup(session_id)
@@ -236,18 +249,13 @@ class Scheduler:
 
     def tell(self, wave: list[RunningTurn], others_run: bool) -> None:
         """While other turns of the call still run, give each turn of ``wave`` whose outcome is
-        known its outcome, once (TurnRequest.on_done): its answer need not wait for theirs."""
-        if not others_run:
-            return
+        known its outcome, once (TurnRequest.on_done): its answer need not wait for theirs. A turn
+        that joined the call is told in any case (the call's return value does not hold it)."""
         for running in wave:
-            if running.outcome is None or running.told:
+            if running.outcome is None or running.told or not (others_run or running.joined):
                 continue
             running.told = True
-            if running.request.on_done is not None:
-                try:
-                    running.request.on_done(running.outcome)
-                except Exception:  # the outcome stands; the call's return value has it too
-                    log.exception("a turn's on_done callback failed")
+            tell(running.request, running.outcome)
 
     def release(self, wave: list[RunningTurn]) -> None:
         """Hand the wave's sessions back (a turn without an outcome, when something other than an
@@ -310,6 +318,16 @@ class Scheduler:
             state.cache = cache
         self._counters.turns_cancelled += 1
         return TurnCancelled()
+
+
+def tell(request: TurnRequest, outcome) -> None:
+    """A turn's outcome to its ``on_done``, if it has one."""
+    if request.on_done is None:
+        return
+    try:
+        request.on_done(outcome)
+    except Exception:  # the outcome stands; the call's return value has it too (unless it joined)
+        log.exception("a turn's on_done callback failed")
 
 
 def roll_back(running: RunningTurn) -> None:

@@ -80,6 +80,7 @@ class RunningTurn:
     controls: Any = None  # scheduler.TurnControls of a turn with a repetition penalty or stop strings
     outcome: object = None  # the TurnResult or the exception, once known
     told: bool = False  # whether its request's on_done has had the outcome (Scheduler.tell)
+    joined: bool = False  # it joined its call while the call's turns decoded (api.Joiners): always told
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ SESSIONS_ENDED = "llava_sessions_ended"
 MEMORY_STEPS = "llava_memory_budget_steps"
 STEP_COMPILES = "llava_step_compiles"
 CUDA_GRAPH_SKIPS = "llava_cuda_graph_skips"
+BUNDLE_JOINS = "llava_bundle_joins"  # follow-ups that joined a running bundle, or were declined
 TTFT = "llava_time_to_first_token_seconds"
 TPOT = "llava_time_per_output_token_seconds"
 
@@ -54,6 +55,8 @@ _COUNTER_SOURCES = {
     "features_restored": (MEMORY_STEPS, ["features_restored"]),
     "step_compiles": (STEP_COMPILES, []),
     "cuda_graph_skips": (CUDA_GRAPH_SKIPS, []),
+    "turns_joined": (BUNDLE_JOINS, ["joined"]),
+    "joins_declined": (BUNDLE_JOINS, ["declined"]),
 }
 
 _DECLARATIONS = [
@@ -67,6 +70,7 @@ _DECLARATIONS = [
     (MEMORY_STEPS, "count", ["step"], MetricTypes.COUNTER),
     (STEP_COMPILES, "count", [], MetricTypes.COUNTER),
     (CUDA_GRAPH_SKIPS, "count", [], MetricTypes.COUNTER),
+    (BUNDLE_JOINS, "count", ["outcome"], MetricTypes.COUNTER),
     (TTFT, "s", [], MetricTypes.HISTOGRAM),
     (TPOT, "s", [], MetricTypes.HISTOGRAM),
 ]

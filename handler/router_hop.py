@@ -12,6 +12,12 @@ the router sends the request's id as one datagram to a Unix socket that the work
 (``CancelSender`` / ``CancelListener``). The socket lives in Linux's abstract namespace (no file
 to clean up), named from the secret and the model copy, and every datagram carries the secret.
 
+A request that finds its worker busy with a bundle may join it (``JoinSender`` /
+``JoinListener``): the router sends it to the worker out of band, tagged with the bundle's
+request id and its member index there; the worker's running turns take it in at a step's end
+and its frames come back in that bundle's answer. One the worker does not take by the bundle's
+end leaves no frame, and the router sends it with the next bundle.
+
 Torch-free: the router imports it.
 """
 
@@ -19,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -101,9 +109,9 @@ def new_request_id() -> str:
     return secrets.token_hex(12)
 
 
-def _address(secret: str, model_name: str) -> bytes:
+def _address(secret: str, model_name: str, kind: str = "cancel") -> bytes:
     digest = hashlib.sha256(f"{secret}/{model_name}".encode()).hexdigest()[:32]
-    return b"\0llava-sessions-cancel-" + digest.encode()
+    return f"\0llava-sessions-{kind}-".encode() + digest.encode()
 
 
 class CancelSender:
@@ -143,13 +151,15 @@ class CancelListener:
             return request_id in self._cancelled
 
     def close(self) -> None:
-        self._socket.close()
+        _close_listening(self._socket, self._thread)
 
     def _listen(self) -> None:
         while True:
             try:
                 datagram = self._socket.recv(_MAX_DATAGRAM)
             except OSError:  # closed
+                return
+            if not datagram:  # shut down
                 return
             secret, _, request_id = datagram.partition(b" ")
             if not hmac.compare_digest(secret, self._secret) or not request_id:
@@ -164,3 +174,136 @@ class CancelListener:
                 len(self._cancelled) > MAX_REMEMBERED or next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_S
             ):
                 self._cancelled.popitem(last=False)
+
+
+def _close_listening(sock: socket.socket, thread: threading.Thread) -> None:
+    """Stop a listener: its thread's recv returns (closing alone would leave it blocked, and the
+    address bound until a datagram came), then the socket is closed and its address free."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    thread.join(timeout=5)
+    sock.close()
+
+
+# --- joining a running bundle -----------------------------------------------------------
+
+# A joiner's body travels in one datagram: a follow-up question's is a few hundred bytes; one
+# bigger than this (images) waits for the next bundle.
+JOIN_MAX_BODY = 64 * 1024
+_JOIN_SOCKET_BUFFER = 1 << 20
+_JOIN_MAX_DATAGRAM = JOIN_MAX_BODY + 16 * 1024
+_JOIN_HEAD = struct.Struct(">I")
+# Joiners kept for a bundle the worker has not reached yet (TorchServe's queue), at most:
+JOIN_MEMORY_S = 60.0
+MAX_QUEUED_JOINERS = 64
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """A client request sent to join a running bundle as its member ``member``."""
+
+    bundle_id: str
+    member: int
+    headers: dict[str, str]  # as a bundle member's: the router's hop headers included
+    body: bytes
+
+
+class JoinSender:
+    """The router's end: one datagram per joiner. Never blocks; False when it was not sent."""
+
+    def __init__(self, secret: str):
+        self._secret = secret
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _JOIN_SOCKET_BUFFER)
+        self._socket.setblocking(False)
+
+    def offer(self, model_name: str, joiner: Joiner) -> bool:
+        if len(joiner.body) > JOIN_MAX_BODY:
+            return False
+        head = json.dumps({"bundle": joiner.bundle_id, "member": joiner.member, "headers": joiner.headers}).encode()
+        datagram = b"".join([self._secret.encode(), b" ", _JOIN_HEAD.pack(len(head)), head, joiner.body])
+        try:
+            self._socket.sendto(datagram, _address(self._secret, model_name, "join"))
+        except OSError as exc:  # no listener (a worker without joining, restarting) or its queue is full
+            log.debug("joiner for %s not delivered: %s", model_name, type(exc).__name__)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+class JoinListener:
+    """The worker's end: joiners by bundle id, until their bundle takes them (``take``) or ends
+    (``end``: those left, and any that come later, are dropped; the router sends them again)."""
+
+    def __init__(self, secret: str, model_name: str):
+        self._secret = secret.encode()
+        self._queued: dict[str, list[tuple[float, Joiner]]] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _JOIN_SOCKET_BUFFER)
+        self._socket.bind(_address(secret, model_name, "join"))
+        self._thread = threading.Thread(target=self._listen, name="bundle-joiners", daemon=True)
+        self._thread.start()
+
+    def take(self, bundle_id: str) -> list[Joiner]:
+        """The joiners that came for this bundle so far, in order; each is taken once."""
+        if not self._queued:  # every step's end asks: nothing to lock for most of them
+            return []
+        with self._lock:
+            return [joiner for _, joiner in self._queued.pop(bundle_id, [])]
+
+    def waiting(self, bundle_id: str) -> int:
+        """How many joiners wait for this bundle now."""
+        with self._lock:
+            return len(self._queued.get(bundle_id, ()))
+
+    def end(self, bundle_id: str) -> None:
+        with self._lock:
+            self._queued.pop(bundle_id, None)
+            self._ended[bundle_id] = None
+            while len(self._ended) > MAX_REMEMBERED:
+                self._ended.popitem(last=False)
+
+    def close(self) -> None:
+        _close_listening(self._socket, self._thread)
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                datagram = self._socket.recv(_JOIN_MAX_DATAGRAM)
+            except OSError:  # closed
+                return
+            if not datagram:  # shut down
+                return
+            joiner = self._parse(datagram)
+            if joiner is not None:
+                self._queue(joiner)
+
+    def _parse(self, datagram: bytes) -> Joiner | None:
+        secret, _, rest = datagram.partition(b" ")
+        if not hmac.compare_digest(secret, self._secret) or len(rest) < _JOIN_HEAD.size:
+            return None
+        (length,) = _JOIN_HEAD.unpack_from(rest)
+        try:
+            head = json.loads(rest[_JOIN_HEAD.size : _JOIN_HEAD.size + length])
+            headers = {str(k): str(v) for k, v in head["headers"].items()}
+            return Joiner(str(head["bundle"]), int(head["member"]), headers, rest[_JOIN_HEAD.size + length :])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            log.warning("a malformed joiner datagram was dropped")
+            return None
+
+    def _queue(self, joiner: Joiner) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if joiner.bundle_id in self._ended:
+                return
+            for bundle_id in [b for b, queued in self._queued.items() if queued[0][0] < now - JOIN_MEMORY_S]:
+                del self._queued[bundle_id]  # a bundle that never came to this worker
+            if sum(len(queued) for queued in self._queued.values()) >= MAX_QUEUED_JOINERS:
+                return
+            self._queued.setdefault(joiner.bundle_id, []).append((now, joiner))

@@ -24,6 +24,7 @@ from http import HTTPStatus
 from llava_sessions.config import START_REFUSAL_FILE_ENV, ServingConfig
 from llava_sessions.errors import ConfigError, InternalError, InvalidRequest, SessionsError, TurnCancelled
 from llava_sessions.handler import bundle, image_sources, protocol, router_hop, streaming
+from llava_sessions.handler.joiners import BundleJoiners
 from llava_sessions.handler.pending import PendingRequest
 from llava_sessions.handler.replies import Reply, error_reply
 from llava_sessions.handler.requests import CloseSession, OneShot, OpenSession, Turn
@@ -40,6 +41,7 @@ class LlavaSessionHandler:
         # This start's router secret (router_hop.py): bundles and the router's headers need it.
         self.router_secret: str | None = None
         self.cancellations: router_hop.CancelListener | None = None
+        self.joins: router_hop.JoinListener | None = None  # requests that join a running bundle
         self.initialized = False
 
     # --- hook 1: once per worker --------------------------------------------
@@ -87,6 +89,7 @@ class LlavaSessionHandler:
         self.router_secret = os.environ.get(router_hop.SECRET_ENV) or None
         if self.router_secret is not None:
             self.cancellations = router_hop.CancelListener(self.router_secret, context.model_name)
+            self.joins = router_hop.JoinListener(self.router_secret, context.model_name)
         self.initialized = True
 
     def _observe_engine(self) -> None:
@@ -103,22 +106,29 @@ class LlavaSessionHandler:
         answers in frames. Each request is parsed (and a turn's images loaded) on its own.
         Opens and closes run in place; turns wait and run in one ``run_batch`` call, so their
         decoding is batched. A close that names a session with a waiting turn runs after that turn.
+        Requests the router sends to join a bundle while its turns decode become its members
+        (``handler/joiners.py``).
         """
         items, bundles = self._unpack(data, context)
-        waiting: list[PendingRequest] = []
-        for item in items:
-            if item.reply is not None:
-                continue
-            if isinstance(item.request, (Turn, OneShot)):
-                waiting.append(item)
-                continue
-            if isinstance(item.request, CloseSession) and any(
-                w.turn.session_id == item.request.session_id for w in waiting
-            ):
-                self._run_waiting(waiting)
-                waiting = []
-            self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream, item.hop)))
-        self._run_waiting(waiting)
+        joiners = self._joiners(bundles, items)
+        try:
+            waiting: list[PendingRequest] = []
+            for item in list(items):
+                if item.reply is not None:
+                    continue
+                if isinstance(item.request, (Turn, OneShot)):
+                    waiting.append(item)
+                    continue
+                if isinstance(item.request, CloseSession) and any(
+                    w.turn.session_id == item.request.session_id for w in waiting
+                ):
+                    self._run_waiting(waiting, joiners)
+                    waiting = []
+                self._guarded(item, lambda: self._respond(item, self.run(item.request, item.stream, item.hop)))
+            self._run_waiting(waiting, joiners)
+        finally:
+            if joiners is not None:
+                joiners.end()
         by_row: dict[int, list[PendingRequest]] = {}
         for item in items:
             by_row.setdefault(item.idx, []).append(item)
@@ -133,9 +143,44 @@ class LlavaSessionHandler:
         self._observe_engine()
         return bodies
 
-    def _unpack(self, data: list[dict], context) -> tuple[list[PendingRequest], set[int]]:
-        """Every client request of the batch, parsed (bundles opened); and the bundles' indices."""
-        items, bundles = [], set()
+    def _joiners(self, bundles: dict, items: list[PendingRequest]) -> BundleJoiners | None:
+        """What may join the batch's bundle while its turns run (a batch of one bundle, from the router)."""
+        if self.joins is None or len(bundles) != 1:
+            return None
+        [(idx, (bundle_id, row_sink))] = bundles.items()
+        if bundle_id is None:
+            return None
+        return BundleJoiners(self.joins, bundle_id, idx, row_sink, self._prepare_joiner, items)
+
+    def _prepare_joiner(self, item: PendingRequest, joiner: router_hop.Joiner) -> bool:
+        """Make a joiner ready to run: a follow-up turn with no image to read. Anything else, or a
+        body that does not parse, is left for the next bundle (False), where it gets its answer."""
+        try:
+            item.hop = router_hop.Hop.of(joiner.headers, True)  # sent with the secret, as a bundle's members
+            request = self.decode_request({"body": joiner.body}, joiner.headers, item.hop.dialect)
+        except Exception:
+            return False
+        if not isinstance(request, Turn) or request.images or any(m.images for m in request.history or ()):
+            return False
+        item.request = request
+        item.stream = self._token_stream(request, item.sink)
+        try:
+            turn = self.turn_request(request, item.stream, item.hop)
+        except Exception:
+            return False
+        item.turn = dataclasses.replace(turn, on_done=lambda outcome: self._joined(item, outcome))
+        return True
+
+    def _joined(self, item: PendingRequest, outcome) -> None:
+        """A joiner's outcome (the batch's return value never holds it): observed and answered."""
+        if self.metrics is not None and not isinstance(outcome, Exception):
+            self.metrics.observe_turn(outcome.cached_tokens, outcome.ttft_s, outcome.time_per_output_token_s)
+        self._answer_early(item, outcome)
+
+    def _unpack(self, data: list[dict], context) -> tuple[list[PendingRequest], dict]:
+        """Every client request of the batch, parsed (bundles opened); and the bundles by index:
+        (the router's id for it, its answer's sink)."""
+        items, bundles = [], {}
         for idx, row in enumerate(data):
             headers = context.get_all_request_header(idx) or {}
             trusted = router_hop.from_router(headers, self.router_secret)
@@ -155,8 +200,8 @@ class LlavaSessionHandler:
                 self._guarded(item, self._prepare, item, row, headers, sink, trusted)
                 items.append(item)
                 continue
-            bundles.add(idx)
             row_sink = streaming.TorchServeSink(context, idx, content_type=bundle.CONTENT_TYPE)
+            bundles[idx] = (router_hop.header(headers, router_hop.REQUEST_ID_HEADER), row_sink)
             for member, (member_headers, body) in enumerate(members):
                 item = PendingRequest(idx, member, sink=streaming.BundleMemberSink(row_sink, member))
                 # The bundle came with the secret: its members' own headers are the router's.
@@ -211,9 +256,9 @@ class LlavaSessionHandler:
         if item.turn is not None and item.member is not None:  # a bundle member answers when its turn ends
             item.turn = dataclasses.replace(item.turn, on_done=lambda outcome: self._answer_early(item, outcome))
 
-    def _run_waiting(self, waiting: list[PendingRequest]) -> None:
+    def _run_waiting(self, waiting: list[PendingRequest], joiners: BundleJoiners | None = None) -> None:
         """Run the turns and answer each (a bundle member answered early is answered)."""
-        self._execute(waiting)
+        self._execute(waiting, joiners)
         for item in waiting:
             if item.sent:
                 continue
@@ -222,12 +267,13 @@ class LlavaSessionHandler:
             else:
                 self._guarded(item, self._respond, item, item.outcome)
 
-    def _execute(self, waiting: list[PendingRequest]) -> None:
-        """Run the turns together; each item's ``outcome`` is its result or exception."""
+    def _execute(self, waiting: list[PendingRequest], joiners: BundleJoiners | None = None) -> None:
+        """Run the turns together (``joiners`` may join them); each item's ``outcome`` is its result
+        or exception."""
         if not waiting:
             return
         try:
-            outcomes = self.run_batch([item.turn for item in waiting])
+            outcomes = self.run_batch([item.turn for item in waiting], joiners)
         except Exception as error:  # the engine itself failed: every turn of the batch fails
             outcomes = [error] * len(waiting)
         finally:
@@ -364,9 +410,10 @@ class LlavaSessionHandler:
     def _client_gone(self, hop: router_hop.Hop) -> bool:
         return self.cancellations is not None and self.cancellations.is_cancelled(hop.request_id)
 
-    def run_batch(self, turns: list) -> list:
-        """Turns of different sessions on the engine together; a result or an exception for each."""
-        outcomes = self.engine.turns(turns)
+    def run_batch(self, turns: list, joiners=None) -> list:
+        """Turns of different sessions on the engine together; a result or an exception for each
+        (``joiners``: engine api.Joiners, told their outcomes on their own)."""
+        outcomes = self.engine.turns(turns, joiners)
         if self.metrics is not None:
             for result in outcomes:
                 if not isinstance(result, Exception):

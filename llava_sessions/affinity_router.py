@@ -6,6 +6,12 @@ to the least-loaded backend; the backend's response headers say which session it
 (``X-Amzn-SageMaker-Session-Id: <id>; Expires=...``) or closed; ``SessionRoutes`` remembers that.
 Responses stream through chunk by chunk, so token streaming keeps its latency.
 
+A worker runs one request at a time (TorchServe's batchSize 1). One that finds its worker idle
+goes at once; those that arrive while it is busy join the running bundle of turns when they can
+(a follow-up turn whose session is not in it: ``router_hop.JoinSender``), else go together as
+the next bundle (``handler/bundle.py``). So a follow-up always goes as a bundle, of one if need
+be, that later follow-ups can join.
+
 The router is the trust boundary: a client cannot send what only the router sends its workers
 (``handler/router_hop.py``: bundles, the internal headers). A client that goes away while its
 turn waits or runs is dropped from the queue, or its worker is told to stop the turn, which then
@@ -136,6 +142,22 @@ class _Gate:
     def __init__(self):
         self.busy = False
         self.waiting: list[_Exchange] = []
+        self.running: _RunningBundle | None = None  # the bundle in the worker's hands, if it is one
+
+
+@dataclass
+class _RunningBundle:
+    """A bundle at its worker: each member's answer by its index, those that joined it after its own."""
+
+    bundle_id: str
+    answers: list["_MemberAnswer"]
+    sessions: set[str]  # its members' sessions: a second turn of one waits for the next bundle
+    own: int  # members sent in its body; those after them joined it
+
+    def joiners_not_taken(self) -> list[_Exchange]:
+        """Joiners its worker never began to answer (no head frame came), still awaited."""
+        return [answer.member for answer in self.answers[self.own:]
+                if not answer.status and not answer.member.answered.done()]
 
 
 class _TryElsewhere(Exception):
@@ -166,11 +188,14 @@ class AffinityRouter(HttpProxyServer):
         secret: str | None = None,
         model_names: list[str] | None = None,
         served_model: str | None = None,
+        joining: bool = True,
     ):
         """``secret``: shared with the workers (router_hop.py; None: a new one, which no worker
         knows). ``model_names``: the TorchServe model of each backend, to tell a worker that a
         client went away (None: from the backend URLs' last segment). ``served_model``: the name
-        ``/v1/models`` gives (None: the first model's)."""
+        ``/v1/models`` gives (None: the first model's). ``joining``: the workers take requests
+        that join their running bundle (our handler does); without, a lone request goes as it
+        came and others wait for the next bundle."""
         if not backends:
             raise ValueError("backends must name at least one inference URL")
         if routes is not None and routes.n_backends != len(backends):
@@ -195,14 +220,20 @@ class AffinityRouter(HttpProxyServer):
         self._in_flight: dict[asyncio.Task, _Exchange] = {}
         self._drain: DrainReport | None = None  # set once draining
         self._cancels: router_hop.CancelSender | None = None
+        self.joining = joining
+        self._joins: router_hop.JoinSender | None = None
 
     async def _started(self) -> None:
         self._cancels = router_hop.CancelSender(self.secret)
+        if self.joining:
+            self._joins = router_hop.JoinSender(self.secret)
         log.info("affinity router on %s in front of %d backends", self.url, len(self.backends))
 
     async def _stopped(self) -> None:
         if self._cancels is not None:
             self._cancels.close()
+        if self._joins is not None:
+            self._joins.close()
 
     # --- drain (SIGTERM) ----------------------------------------------------------
 
@@ -326,22 +357,53 @@ class AffinityRouter(HttpProxyServer):
     # --- batching: one request in hand per worker, the rest together --------------------
 
     async def _dispatch(self, exchange: _Exchange) -> web.StreamResponse:
-        """Straight to an idle worker; to a busy one with the next bundle (see handler/bundle.py)."""
-        gate = self._gates[exchange.target.backend]
+        """Straight to an idle worker (a follow-up as a bundle of one, which later ones can join);
+        to a busy one into its running bundle, or with the next bundle (see handler/bundle.py)."""
+        backend = exchange.target.backend
+        gate = self._gates[backend]
+        loop = asyncio.get_running_loop()
         if gate.busy:
+            if self._join_running(gate, exchange):
+                return await exchange.answered
             if len(gate.waiting) >= self.max_waiting:  # overload: say so now rather than queue without end
                 raise WorkerUnavailable(
                     f"the model worker for this request has {len(gate.waiting)} requests waiting; retry shortly"
                 )
-            exchange.answered = asyncio.get_running_loop().create_future()
+            exchange.answered = loop.create_future()
             gate.waiting.append(exchange)
             # A client that hangs up (or a drain cut) cancels the future: it is then skipped.
             return await exchange.answered
         gate.busy = True
+        if self._hosts_joiners(exchange):
+            exchange.answered = loop.create_future()
+            self._send(backend, [exchange])
+            return await exchange.answered
         try:
             return await self._forward(exchange)
         finally:
-            self._send_next(exchange.target.backend)
+            self._send_next(backend)
+
+    def _hosts_joiners(self, exchange: _Exchange) -> bool:
+        """Whether this request goes as a bundle that others may join: a follow-up (an open, or
+        a one-shot, is read whole by the router when its worker refuses it for want of room)."""
+        return self.joining and exchange.target.session_id is not None
+
+    def _join_running(self, gate: _Gate, exchange: _Exchange) -> bool:
+        """Send a follow-up to join the bundle its worker is running; False when it cannot (no
+        bundle, or a full one, a second turn of a session in it or waiting, too big a body)."""
+        running, session = gate.running, exchange.target.session_id
+        if (running is None or self._joins is None or session is None or len(running.answers) >= self.max_bundle
+                or session in running.sessions or any(w.target.session_id == session for w in gate.waiting)):
+            return False
+        member = len(running.answers)
+        joiner = router_hop.Joiner(running.bundle_id, member, dict(self._upstream_headers(exchange)), exchange.body)
+        if not self._joins.offer(self.model_names[exchange.target.backend], joiner):
+            return False
+        exchange.answered = asyncio.get_running_loop().create_future()
+        exchange.upstream_sent = True  # its worker may take it: a hang-up is told there
+        running.answers.append(_MemberAnswer(exchange))
+        running.sessions.add(session)
+        return True
 
     def _send_next(self, backend: int) -> None:
         """The worker is free: what waited goes now, together (within the size and count limits)."""
@@ -357,33 +419,48 @@ class AffinityRouter(HttpProxyServer):
                 break
             taken += 1
         members, gate.waiting = gate.waiting[:taken], gate.waiting[taken:]
-        asyncio.get_running_loop().create_task(self._send_waiting(backend, members))
+        self._send(backend, members)
 
-    async def _send_waiting(self, backend: int, members: list[_Exchange]) -> None:
+    def _send(self, backend: int, members: list[_Exchange]) -> None:
+        """Send to the idle worker, in a task of its own; a bundle takes joiners from now on."""
+        gate = self._gates[backend]
+        if len(members) > 1 or self._hosts_joiners(members[0]):
+            sessions = {m.target.session_id for m in members if m.target.session_id is not None}
+            gate.running = _RunningBundle(router_hop.new_request_id(), [_MemberAnswer(m) for m in members],
+                                          sessions, len(members))
+        asyncio.get_running_loop().create_task(self._send_waiting(backend, members, gate.running))
+
+    async def _send_waiting(self, backend: int, members: list[_Exchange], running: _RunningBundle | None) -> None:
         try:
-            if len(members) == 1:
+            if running is None:
                 [member] = members
                 await _settle(member, lambda: self._forward(member))
             else:
-                await self._forward_bundle(backend, members)
+                await self._forward_bundle(backend, running)
         except Exception:
             log.exception("relaying to backend %d failed", backend)
         finally:
+            if running is not None:  # joiners it did not take go first in the next bundle
+                self._gates[backend].running = None
+                self._gates[backend].waiting[:0] = running.joiners_not_taken()
             for member in members:  # nobody waits forever
                 _settle_error(member, InternalError("the router failed to relay this answer; it has been logged"))
             self._send_next(backend)
 
-    async def _forward_bundle(self, backend: int, members: list[_Exchange]) -> None:
+    async def _forward_bundle(self, backend: int, running: _RunningBundle) -> None:
+        """Send the bundle; while it runs, requests may join it (``_join_running``). Those its
+        worker did not take go first in the next bundle."""
+        members = [answer.member for answer in running.answers[: running.own]]
         body = bundle.encode_request((self._upstream_headers(m), m.body) for m in members)
         headers = {"Content-Type": bundle.CONTENT_TYPE, bundle.BUNDLE_HEADER: str(len(members)),
-                   router_hop.SECRET_HEADER: self.secret}
+                   router_hop.SECRET_HEADER: self.secret, router_hop.REQUEST_ID_HEADER: running.bundle_id}
         for member in members:
             member.upstream_sent = True
         try:
             async with self._client.post(self.backends[backend], data=body, headers=headers,
                                          timeout=self._timeout) as upstream:
                 if upstream.status == 200:
-                    await self._relay_bundle(upstream, members)
+                    await self._relay_bundle(upstream, running)
                     return
                 payload = await upstream.read()  # TorchServe itself failed the bundle
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -393,9 +470,9 @@ class AffinityRouter(HttpProxyServer):
         for member in members:  # each member hears why, as a request of its own would
             await _settle(member, lambda: self._relay_error(member.target, upstream.status, upstream.headers, payload))
 
-    async def _relay_bundle(self, upstream: aiohttp.ClientResponse, members: list[_Exchange]) -> None:
-        """Each member's frames to its client as they arrive (``handler/bundle.py``)."""
-        answers = [_MemberAnswer(member) for member in members]
+    async def _relay_bundle(self, upstream: aiohttp.ClientResponse, running: _RunningBundle) -> None:
+        """Each member's frames to its client as they arrive (``handler/bundle.py``), joiners' too."""
+        answers = running.answers  # grows as requests join
         reader = bundle.FrameReader()
         try:
             async for data, _ in upstream.content.iter_chunks():
@@ -403,10 +480,11 @@ class AffinityRouter(HttpProxyServer):
                     if 0 <= frame.member < len(answers):
                         await self._on_frame(answers[frame.member], frame)
         except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
-            log.warning("bundle from backend %d broken off: %s", members[0].target.backend, type(exc).__name__)
+            log.warning("bundle from backend %d broken off: %s", answers[0].member.target.backend, type(exc).__name__)
         finally:
+            not_taken = {id(member) for member in running.joiners_not_taken()}  # they go with the next bundle
             for answer in answers:  # those the bundle ended before their end
-                if not answer.member.answered.done():
+                if not answer.member.answered.done() and id(answer.member) not in not_taken:
                     await answer.broken_off()
 
     async def _on_frame(self, answer: "_MemberAnswer", frame: bundle.Frame) -> None:

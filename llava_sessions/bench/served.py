@@ -366,8 +366,9 @@ def _serve_until_told(model_dir: str, work_dir: str, device: str, workers: int, 
 
 
 def worker_step_counts(work_dir: Path, settle_s: float = 1.5) -> dict[str, int]:
-    """The served worker's step counters (``llava_step_compiles``, ``llava_cuda_graph_skips``)
-    from the metrics of the stack started in ``work_dir``; {} when they cannot be read."""
+    """The served worker's step counters (``llava_step_compiles``, ``llava_cuda_graph_skips``;
+    ``turns_joined``: follow-ups that joined a running bundle) from the metrics of the stack
+    started in ``work_dir``; {} when they cannot be read."""
     from llava_sessions.loadtest import config_property, parse_prometheus
 
     config = work_dir / "run" / "config.properties"  # what start_stack's TorchServe runs with
@@ -382,10 +383,12 @@ def worker_step_counts(work_dir: Path, settle_s: float = 1.5) -> dict[str, int]:
         text = connection.getresponse().read().decode()
     except OSError:
         return {}
-    counts = {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0}
-    for name, _labels, value in parse_prometheus(text):
+    counts = {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0, "turns_joined": 0}
+    for name, labels, value in parse_prometheus(text):
         if name in counts:
             counts[name] += int(value)
+        elif name == "llava_bundle_joins" and labels.get("outcome") == "joined":
+            counts["turns_joined"] += int(value)
     return counts
 
 

@@ -22,9 +22,9 @@ class StallingHandler(LlavaSessionHandler):
         super().initialize(context)
         turns = self.engine.turns  # what run_batch calls with the batch's TurnRequests
 
-        def stalling_turns(requests):
+        def stalling_turns(requests, joiners=None):
             return turns([stalling(request) if request.prompt.startswith(STALL_PREFIX) else request
-                          for request in requests])
+                          for request in requests], joiners)
 
         self.engine.turns = stalling_turns
 

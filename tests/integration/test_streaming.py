@@ -121,8 +121,8 @@ def test_a_streamed_turn_on_an_unknown_session_is_a_plain_404(server):
 
 
 def test_streams_of_turns_that_waited_for_a_busy_worker_come_back_to_each_client(server):
-    # A long plain turn keeps the worker busy; the streamed turns sent meanwhile go to it as one
-    # bundle (handler/bundle.py) and each client gets its own stream, token by token.
+    # A long plain turn keeps the worker busy; the streamed turns sent meanwhile join its bundle
+    # (handler/bundle.py, handler/joiners.py) and each client gets its own stream, token by token.
     image = Image.effect_noise((40, 40), 50).convert("RGB")
     busy_sid, *sids = (open_session(server.url, image) for _ in range(4))
     twins = [open_session(server.url, image) for _ in range(3)]
@@ -150,8 +150,8 @@ def test_streams_of_turns_that_waited_for_a_busy_worker_come_back_to_each_client
 
 
 def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
-    # Two plain turns wait for a busy worker and go to it as one bundle: the one-token answer
-    # comes back when its turn ends, while the long answer is still being decoded.
+    # Two plain turns sent to a busy worker join its bundle: the one-token answer comes back
+    # when its turn ends, while the long answer is still being decoded.
     image = Image.effect_noise((40, 40), 50).convert("RGB")
     busy_sid, long_sid, short_sid = (open_session(server.url, image) for _ in range(3))
     done: dict[str, float] = {}
@@ -163,7 +163,7 @@ def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
         return response.json()
 
     with ThreadPoolExecutor(3) as pool:
-        # Long enough (240 tokens) that both turns below arrive while it runs, and wait together.
+        # Long enough (240 tokens) that both turns below arrive while it runs.
         busy = pool.submit(invoke, server.url, {"prompt": PROMPT, "max_new_tokens": 240}, busy_sid)
         time.sleep(0.05)  # the long turn is in the worker's hands
         long_answer = pool.submit(timed, "long", long_sid, 96)
@@ -174,4 +174,33 @@ def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
         assert busy_answer.status_code == 200 and busy_answer.json()["usage"]["completion_tokens"] > 96
     assert done["short"] < done["long"]
     for sid in (busy_sid, long_sid, short_sid):
+        assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200
+
+
+def test_follow_ups_sent_while_a_long_turn_decodes_join_it_and_answer_as_alone(server):
+    # A follow-up for a busy worker joins the turns it decodes at the next step's end: answered
+    # while the long turn still runs (without joining it would wait for that turn's end), and
+    # exactly as the same turn of a twin session alone.
+    image = Image.effect_noise((40, 40), 50).convert("RGB")
+    busy_sid, *sids = (open_session(server.url, image) for _ in range(4))
+    twins = [open_session(server.url, image) for _ in range(3)]
+    done: dict[str, float] = {}
+
+    def timed(name: str, sid: str, max_new: int) -> dict:
+        response = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": max_new}, sid)
+        done[name] = time.perf_counter()
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(timed, "busy", busy_sid, 240)
+        time.sleep(0.05)  # the long turn is in the worker's hands
+        joined = [pool.submit(timed, f"joined {i}", sid, 8) for i, sid in enumerate(sids)]
+        answers = [future.result(120) for future in joined]
+        assert busy.result(120)["usage"]["completion_tokens"] > 32  # past the joined turns' 8, with room
+    assert all(done[f"joined {i}"] < done["busy"] for i in range(len(sids)))
+    for answer, twin in zip(answers, twins):
+        alone = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": 8}, twin).json()
+        assert answer["generated_text"] == alone["generated_text"] and answer["usage"] == alone["usage"]
+    for sid in (busy_sid, *sids, *twins):
         assert invoke(server.url, {"requestType": "CLOSE"}, sid).status_code == 200

@@ -25,6 +25,7 @@ def handler(tiny_model_dir):
     yield h
     h.engine.stop()
     h.cancellations.close()
+    h.joins.close()
 
 
 @pytest.fixture

@@ -220,6 +220,7 @@ def make_router(fake, clock):
     def make(backends: list[str] | None = None, ping_url: str | None = None, **options) -> AffinityRouter:
         backends = backends or fake.urls
         routes = SessionRoutes(len(backends), clock=clock)
+        options.setdefault("joining", False)  # the fake's workers take no joiners (see the joining tests)
         router = AffinityRouter(backends, port=0, ping_url=ping_url or fake.ping_url, routes=routes, **options)
         started.append(router.start())
         return router

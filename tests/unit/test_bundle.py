@@ -7,6 +7,7 @@ The wire format both ways, and the handler running a bundle under TorchServe's r
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from ts.context import Context, RequestProcessor
@@ -62,13 +63,16 @@ def test_frames_come_back_from_a_stream_cut_anywhere():
 # --- the handler ---------------------------------------------------------------------------
 
 
-def run_bundle(handler, members: list[tuple[dict, dict | bytes]], order: list | None = None):
+def run_bundle(handler, members: list[tuple[dict, dict | bytes]], order: list | None = None,
+               bundle_id: str | None = None):
     """One bundle through handle(), as TorchServe delivers it; returns {member: [frames]}.
     ``order`` gets (chunk index, frame) of every frame as sent (the final response last)."""
     encoded = [(headers, body if isinstance(body, bytes) else json.dumps(body).encode()) for body, headers in members]
     context = Context("llava", "/nonexistent", {}, 1, None, "0.12.0")
-    context.request_processor = [RequestProcessor({bundle.BUNDLE_HEADER: str(len(members)),
-                                                   router_hop.SECRET_HEADER: handler.router_secret})]
+    headers = {bundle.BUNDLE_HEADER: str(len(members)), router_hop.SECRET_HEADER: handler.router_secret}
+    if bundle_id is not None:
+        headers[router_hop.REQUEST_ID_HEADER] = bundle_id
+    context.request_processor = [RequestProcessor(headers)]
     context.request_ids = {0: "req-0"}
     context.cl_socket = FakeSocket()
     [out] = handler.handle([{"body": bundle.encode_request(encoded)}], context)
@@ -149,6 +153,48 @@ def test_a_member_is_answered_when_its_turn_ends_not_when_the_bundles_last_does(
     short_end = next(index for index, frame in order if frame.member == 1 and frame.kind == bundle.END)
     later_tokens = [index for index, frame in order if frame.member == 0 and frame.kind == bundle.DATA and index > short_end]
     assert short_end < chunks and len(later_tokens) >= 2
+
+
+def wait_for_joiners(handler, bundle_id: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while handler.joins.waiting(bundle_id) < count:
+        assert time.monotonic() < deadline, "the joiners never reached the worker's listener"
+        time.sleep(0.01)
+
+
+def test_requests_sent_to_join_a_running_bundle_are_answered_in_its_frames(handler, images):
+    """The router's joiners for a bundle (router_hop.JoinSender): a follow-up turn is taken while
+    the bundle's turn decodes and answered in the bundle's frames, as it would be alone; a close
+    and a second turn of the running session are left for the next bundle (no frame at all);
+    a joiner for a bundle that has ended is dropped."""
+    host, joining, twin, closing = (open_session(handler, images[0]) for _ in range(4))
+    question = {"prompt": "What is this?", "max_new_tokens": 6}
+    sender = router_hop.JoinSender(handler.router_secret)
+
+    def offer(bundle_id, member, session, body):
+        hop = router_hop.Hop(f"req-{member}", time.time()).headers(handler.router_secret)
+        return sender.offer("llava", router_hop.Joiner(bundle_id, member, {SESSION: session, **hop},
+                                                       json.dumps(body).encode()))
+
+    try:
+        assert offer("bundle-1", 1, joining, {**question, "stream": True})
+        assert offer("bundle-1", 2, closing, {"requestType": "CLOSE"})
+        assert offer("bundle-1", 3, host, question)
+        wait_for_joiners(handler, "bundle-1", 3)
+        by_member, chunks = run_bundle(handler, [({"prompt": "Describe it", "max_new_tokens": 12}, {SESSION: host})],
+                                       bundle_id="bundle-1")
+        assert sorted(by_member) == [0, 1]
+        assert handler.engine.counters.turns_joined == 1 and handler.engine.has_session(closing)
+        status, _, content_type, body = answer(by_member[1])
+        assert (status, content_type) == (200, "text/event-stream")
+        alone, _ = run_bundle(handler, [(question, {SESSION: twin})])
+        assert parse_events(body.decode())[-1]["generated_text"] == json.loads(answer(alone[0])[3])["generated_text"]
+        # Late for bundle-1 (ended): dropped; the listener keeps one for a bundle yet to come.
+        assert offer("bundle-1", 4, joining, question) and offer("bundle-2", 1, joining, question)
+        wait_for_joiners(handler, "bundle-2", 1)
+        assert handler.joins.waiting("bundle-1") == 0
+    finally:
+        sender.close()
 
 
 def test_a_malformed_bundle_is_one_client_error(handler):

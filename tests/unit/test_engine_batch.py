@@ -394,9 +394,9 @@ def test_a_torchserve_batch_runs_its_turns_together(handler, images, monkeypatch
     calls = []
     real_turns = handler.engine.turns
 
-    def spy(requests):
+    def spy(requests, joiners=None):
         calls.append(len(requests))
-        return real_turns(requests)
+        return real_turns(requests, joiners)
 
     monkeypatch.setattr(handler.engine, "turns", spy)
     outputs, context, socket = batch(handler, [

@@ -254,7 +254,8 @@ def failing_router():
     from llava_sessions.affinity_router import AffinityRouter
 
     with FailingBackend() as backend:
-        router = AffinityRouter([backend.url], port=0, ping_url=backend.url).start()
+        # A plain backend: it answers requests as they come, and takes no joiners (no bundles of one).
+        router = AffinityRouter([backend.url], port=0, ping_url=backend.url, joining=False).start()
         router.routes.bind("sess-abc", 0, time.time() + 600)
         yield router
         router.stop()

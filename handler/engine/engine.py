@@ -249,6 +249,7 @@ class SessionEngine:
             return []
         rows, logits = self._executor.prefill(admitted)  # execute
         going = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
+        log.debug("%d turn(s) joined %d decoding", len(admitted), live)
         self._settle(rows, going, wave, others_run=True)
         return going
 

@@ -132,17 +132,53 @@ class CancelSender:
         self._socket.close()
 
 
-class CancelListener:
+class _DatagramListener:
+    """A worker's socket for one kind of the router's datagrams, and the thread that reads it:
+    each datagram that carries the secret goes to ``_received`` (its payload, after the secret)."""
+
+    def __init__(self, secret: str, model_name: str, kind: str, max_datagram: int, buffer: int | None = None):
+        self._secret = secret.encode()
+        self._max_datagram = max_datagram
+        self._lock = threading.Lock()
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if buffer is not None:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        self._socket.bind(_address(secret, model_name, kind))
+        self._thread = threading.Thread(target=self._listen, name=f"router-{kind}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop: the thread's recv returns (closing alone would leave it blocked, and the address
+        bound until a datagram came), then the socket is closed and its address free."""
+        try:
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                datagram = self._socket.recv(self._max_datagram)
+            except OSError:  # closed
+                return
+            if not datagram:  # shut down
+                return
+            secret, _, payload = datagram.partition(b" ")
+            if hmac.compare_digest(secret, self._secret) and payload:
+                self._received(payload)
+
+    def _received(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class CancelListener(_DatagramListener):
     """The worker's end: a thread that remembers which request ids were cancelled, for a while."""
 
     def __init__(self, secret: str, model_name: str):
-        self._secret = secret.encode()
         self._cancelled: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(_address(secret, model_name))
-        self._thread = threading.Thread(target=self._listen, name="turn-cancellations", daemon=True)
-        self._thread.start()
+        super().__init__(secret, model_name, "cancel", _MAX_DATAGRAM)
 
     def is_cancelled(self, request_id: str | None) -> bool:
         if request_id is None:
@@ -150,21 +186,8 @@ class CancelListener:
         with self._lock:
             return request_id in self._cancelled
 
-    def close(self) -> None:
-        _close_listening(self._socket, self._thread)
-
-    def _listen(self) -> None:
-        while True:
-            try:
-                datagram = self._socket.recv(_MAX_DATAGRAM)
-            except OSError:  # closed
-                return
-            if not datagram:  # shut down
-                return
-            secret, _, request_id = datagram.partition(b" ")
-            if not hmac.compare_digest(secret, self._secret) or not request_id:
-                continue
-            self._remember(request_id.decode("ascii", errors="replace"))
+    def _received(self, payload: bytes) -> None:
+        self._remember(payload.decode("ascii", errors="replace"))
 
     def _remember(self, request_id: str) -> None:
         now = time.monotonic()
@@ -174,17 +197,6 @@ class CancelListener:
                 len(self._cancelled) > MAX_REMEMBERED or next(iter(self._cancelled.values())) < now - CANCEL_MEMORY_S
             ):
                 self._cancelled.popitem(last=False)
-
-
-def _close_listening(sock: socket.socket, thread: threading.Thread) -> None:
-    """Stop a listener: its thread's recv returns (closing alone would leave it blocked, and the
-    address bound until a datagram came), then the socket is closed and its address free."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    thread.join(timeout=5)
-    sock.close()
 
 
 # --- joining a running bundle -----------------------------------------------------------
@@ -235,20 +247,14 @@ class JoinSender:
         self._socket.close()
 
 
-class JoinListener:
+class JoinListener(_DatagramListener):
     """The worker's end: joiners by bundle id, until their bundle takes them (``take``) or ends
     (``end``: those left, and any that come later, are dropped; the router sends them again)."""
 
     def __init__(self, secret: str, model_name: str):
-        self._secret = secret.encode()
         self._queued: dict[str, list[tuple[float, Joiner]]] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _JOIN_SOCKET_BUFFER)
-        self._socket.bind(_address(secret, model_name, "join"))
-        self._thread = threading.Thread(target=self._listen, name="bundle-joiners", daemon=True)
-        self._thread.start()
+        super().__init__(secret, model_name, "join", _JOIN_MAX_DATAGRAM, _JOIN_SOCKET_BUFFER)
 
     def take(self, bundle_id: str) -> list[Joiner]:
         """The joiners that came for this bundle so far, in order; each is taken once."""
@@ -269,24 +275,13 @@ class JoinListener:
             while len(self._ended) > MAX_REMEMBERED:
                 self._ended.popitem(last=False)
 
-    def close(self) -> None:
-        _close_listening(self._socket, self._thread)
+    def _received(self, payload: bytes) -> None:
+        joiner = self._parse(payload)
+        if joiner is not None:
+            self._queue(joiner)
 
-    def _listen(self) -> None:
-        while True:
-            try:
-                datagram = self._socket.recv(_JOIN_MAX_DATAGRAM)
-            except OSError:  # closed
-                return
-            if not datagram:  # shut down
-                return
-            joiner = self._parse(datagram)
-            if joiner is not None:
-                self._queue(joiner)
-
-    def _parse(self, datagram: bytes) -> Joiner | None:
-        secret, _, rest = datagram.partition(b" ")
-        if not hmac.compare_digest(secret, self._secret) or len(rest) < _JOIN_HEAD.size:
+    def _parse(self, rest: bytes) -> Joiner | None:
+        if len(rest) < _JOIN_HEAD.size:
             return None
         (length,) = _JOIN_HEAD.unpack_from(rest)
         try:

@@ -193,26 +193,16 @@ class ArenaDecoder:
 
     def __init__(self, executor: Executor, rows: list[RunningTurn], min_rows: int = 1):
         self._executor = executor
-        self._arena = DecodeArena(
-            executor.loaded,
-            {running.slot: running.state.cache for running in rows},
-            {running.slot: running.max_new - len(running.answer) for running in rows},
-            executor.runner,
-            {running.slot: kv_cache.most_spare(running.headroom) for running in rows},
-            storage=executor.kept,
-            min_rows=min_rows,
-        )
+        caches, remaining, rooms = _arena_rows(rows)
+        self._arena = DecodeArena(executor.loaded, caches, remaining, executor.runner, rooms, storage=executor.kept,
+                                  min_rows=min_rows)
 
     def bytes_held(self) -> int:
         return self._arena.bytes_held()
 
     def take(self, joined: list[RunningTurn]) -> bool:
         """Take prefilled turns into free rows of the arena: False (none taken) when they do not fit."""
-        return self._arena.admit(
-            {running.slot: running.state.cache for running in joined},
-            {running.slot: running.max_new - len(running.answer) for running in joined},
-            {running.slot: kv_cache.most_spare(running.headroom) for running in joined},
-        )
+        return self._arena.admit(*_arena_rows(joined))
 
     def close(self, live: list[RunningTurn]) -> int:
         """The live turns leave with their KV; the bytes this arena held (its reservation)."""
@@ -305,3 +295,11 @@ class AloneDecoder:
 
     def close(self, live: list[RunningTurn]) -> int:
         return 0
+
+
+def _arena_rows(rows: list[RunningTurn]) -> tuple[dict, dict, dict]:
+    """An arena's view of prefilled turns, by slot: their caches, the tokens each may still feed,
+    and the spare slots each cache gets back behind its KV (kv_cache's headroom)."""
+    return ({running.slot: running.state.cache for running in rows},
+            {running.slot: running.max_new - len(running.answer) for running in rows},
+            {running.slot: kv_cache.most_spare(running.headroom) for running in rows})

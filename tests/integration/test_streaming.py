@@ -113,6 +113,18 @@ def test_a_streamed_turn_arrives_token_by_token_and_matches_the_plain_answer(ser
     assert 0 < usage["cached_tokens"] < usage["prompt_tokens"]
 
 
+def answer_timer(url: str, done: dict[str, float]):
+    """``timed(name, sid, max_new)``: a plain turn's JSON answer, its end filed in ``done[name]``."""
+
+    def timed(name: str, sid: str, max_new: int) -> dict:
+        response = invoke(url, {"prompt": PROMPT, "max_new_tokens": max_new}, sid)
+        done[name] = time.perf_counter()
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    return timed
+
+
 def test_a_streamed_turn_on_an_unknown_session_is_a_plain_404(server):
     response = invoke(server.url, {"prompt": "hi", "stream": True}, "sess-does-not-exist", stream=True)
     assert response.status_code == 404
@@ -155,12 +167,7 @@ def test_a_short_answer_in_a_bundle_does_not_wait_for_a_long_one(server):
     image = Image.effect_noise((40, 40), 50).convert("RGB")
     busy_sid, long_sid, short_sid = (open_session(server.url, image) for _ in range(3))
     done: dict[str, float] = {}
-
-    def timed(name: str, sid: str, max_new: int) -> dict:
-        response = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": max_new}, sid)
-        done[name] = time.perf_counter()
-        assert response.status_code == 200, response.text
-        return response.json()
+    timed = answer_timer(server.url, done)
 
     with ThreadPoolExecutor(3) as pool:
         # Long enough (240 tokens) that both turns below arrive while it runs.
@@ -185,12 +192,7 @@ def test_follow_ups_sent_while_a_long_turn_decodes_join_it_and_answer_as_alone(s
     busy_sid, *sids = (open_session(server.url, image) for _ in range(4))
     twins = [open_session(server.url, image) for _ in range(3)]
     done: dict[str, float] = {}
-
-    def timed(name: str, sid: str, max_new: int) -> dict:
-        response = invoke(server.url, {"prompt": PROMPT, "max_new_tokens": max_new}, sid)
-        done[name] = time.perf_counter()
-        assert response.status_code == 200, response.text
-        return response.json()
+    timed = answer_timer(server.url, done)
 
     with ThreadPoolExecutor(4) as pool:
         busy = pool.submit(timed, "busy", busy_sid, 240)

@@ -148,7 +148,10 @@ def test_the_json_says_how_the_served_step_ran_as_its_worker_reports_it(bench_re
     compile = json.loads(bench_result[1])["compile"]
     # On a CPU, compile "auto" is off: the worker compiled nothing and says so in its metrics.
     assert compile["setting"] == "auto" and compile["compiled"] is False and compile["cuda_graphs"] is False
-    assert compile["worker_counts"] == {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0}
+    counts = dict(compile["worker_counts"])
+    # Follow-ups of the concurrency burst that joined a running bundle: as many as timing allowed.
+    assert isinstance(counts.pop("turns_joined"), int)
+    assert counts == {"llava_step_compiles": 0, "llava_cuda_graph_skips": 0}
 
 
 def test_workers_scaling_prints_each_configuration_and_its_ratios(tmp_path, monkeypatch):

@@ -173,8 +173,7 @@ class LlavaSessionHandler:
 
     def _joined(self, item: PendingRequest, outcome) -> None:
         """A joiner's outcome (the batch's return value never holds it): observed and answered."""
-        if self.metrics is not None and not isinstance(outcome, Exception):
-            self.metrics.observe_turn(outcome.cached_tokens, outcome.ttft_s, outcome.time_per_output_token_s)
+        self._observe_turn(outcome)
         self._answer_early(item, outcome)
 
     def _unpack(self, data: list[dict], context) -> tuple[list[PendingRequest], dict]:
@@ -414,11 +413,14 @@ class LlavaSessionHandler:
         """Turns of different sessions on the engine together; a result or an exception for each
         (``joiners``: engine api.Joiners, told their outcomes on their own)."""
         outcomes = self.engine.turns(turns, joiners)
-        if self.metrics is not None:
-            for result in outcomes:
-                if not isinstance(result, Exception):
-                    self.metrics.observe_turn(result.cached_tokens, result.ttft_s, result.time_per_output_token_s)
+        for outcome in outcomes:
+            self._observe_turn(outcome)
         return outcomes
+
+    def _observe_turn(self, outcome) -> None:
+        """A turn's cache use and timings to the metrics (an error has none)."""
+        if self.metrics is not None and not isinstance(outcome, Exception):
+            self.metrics.observe_turn(outcome.cached_tokens, outcome.ttft_s, outcome.time_per_output_token_s)
 
     # --- hook 4: render -------------------------------------------------------
 

@@ -151,8 +151,11 @@ class _RunningBundle:
 
     bundle_id: str
     answers: list["_MemberAnswer"]
-    sessions: set[str]  # its members' sessions: a second turn of one waits for the next bundle
     own: int  # members sent in its body; those after them joined it
+
+    def holds(self, session_id: str) -> bool:
+        """Whether a member is a turn of this session (a second one waits for the next bundle)."""
+        return any(answer.member.target.session_id == session_id for answer in self.answers)
 
     def joiners_not_taken(self) -> list[_Exchange]:
         """Joiners its worker never began to answer (no head frame came), still awaited."""
@@ -393,7 +396,7 @@ class AffinityRouter(HttpProxyServer):
         bundle, or a full one, a second turn of a session in it or waiting, too big a body)."""
         running, session = gate.running, exchange.target.session_id
         if (running is None or self._joins is None or session is None or len(running.answers) >= self.max_bundle
-                or session in running.sessions or any(w.target.session_id == session for w in gate.waiting)):
+                or running.holds(session) or any(w.target.session_id == session for w in gate.waiting)):
             return False
         member = len(running.answers)
         joiner = router_hop.Joiner(running.bundle_id, member, dict(self._upstream_headers(exchange)), exchange.body)
@@ -402,7 +405,6 @@ class AffinityRouter(HttpProxyServer):
         exchange.answered = asyncio.get_running_loop().create_future()
         exchange.upstream_sent = True  # its worker may take it: a hang-up is told there
         running.answers.append(_MemberAnswer(exchange))
-        running.sessions.add(session)
         return True
 
     def _send_next(self, backend: int) -> None:
@@ -423,12 +425,11 @@ class AffinityRouter(HttpProxyServer):
 
     def _send(self, backend: int, members: list[_Exchange]) -> None:
         """Send to the idle worker, in a task of its own; a bundle takes joiners from now on."""
-        gate = self._gates[backend]
+        running = None
         if len(members) > 1 or self._hosts_joiners(members[0]):
-            sessions = {m.target.session_id for m in members if m.target.session_id is not None}
-            gate.running = _RunningBundle(router_hop.new_request_id(), [_MemberAnswer(m) for m in members],
-                                          sessions, len(members))
-        asyncio.get_running_loop().create_task(self._send_waiting(backend, members, gate.running))
+            running = _RunningBundle(router_hop.new_request_id(), [_MemberAnswer(m) for m in members], len(members))
+        self._gates[backend].running = running
+        asyncio.get_running_loop().create_task(self._send_waiting(backend, members, running))
 
     async def _send_waiting(self, backend: int, members: list[_Exchange], running: _RunningBundle | None) -> None:
         try:

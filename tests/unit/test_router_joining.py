@@ -31,7 +31,7 @@ class JoiningWorker(FakeTorchServe):
     def __init__(self):
         super().__init__(1)
         self.listener: router_hop.JoinListener | None = None
-        self.taken: list[list[int]] = []  # per bundle: the member indices of the joiners it answered
+        self.taken: list[dict[int, str]] = []  # per bundle: the joiners it answered, prompt by member index
 
     async def _start(self) -> None:
         await super()._start()
@@ -48,7 +48,7 @@ class JoiningWorker(FakeTorchServe):
         joiners = [j for j in self.listener.take(bundle_id) if json.loads(j.body).get("prompt") != "decline"]
         self.listener.end(bundle_id)
         self.bundles.append([json.loads(body) for _, body in members])
-        self.taken.append([j.member for j in joiners])
+        self.taken.append({j.member: json.loads(j.body)["prompt"] for j in joiners})
         answers = [(m, *self._answer(backend, headers, body)) for m, (headers, body) in enumerate(members)]
         answers += [(j.member, *self._answer(backend, j.headers, j.body)) for j in joiners]
         reply = web.StreamResponse(headers={"Content-Type": bundle.CONTENT_TYPE})
@@ -97,7 +97,9 @@ def test_follow_ups_for_a_busy_worker_join_its_running_bundle(router, worker):
     for reply, sid in zip(replies, [ids[0], ids[1], ids[2], ids[3], ids[4], ids[0]]):
         assert reply.status_code == 200 and reply.json()["session_id"] == sid
         assert reply.json()["headers"][SESSION_HEADER] == sid
-    assert worker.taken == [[1, 2, 3], []]
+    # Members after the bundle's own, numbered as they reached the router (the clients race).
+    [taken, none] = worker.taken
+    assert sorted(taken.values()) == ["p1", "p2", "p3"] and set(taken) < {1, 2, 3, 4} and none == {}
     assert [[m["prompt"] for m in members] for members in worker.bundles] == [["hold"], ["decline", "again"]]
     assert len(worker.seen) == 7  # the joiners never went through TorchServe's queue
     assert router._gates[0].running is None and not router._gates[0].busy
@@ -120,7 +122,7 @@ def test_a_joiner_whose_bundle_ended_without_it_goes_with_the_next(router, worke
         assert host.result(WAIT_S).status_code == 200
         reply = late.result(WAIT_S)
     assert reply.status_code == 200 and reply.json()["session_id"] == ids[1]
-    assert worker.taken == [[], []] and [len(m) for m in worker.bundles] == [1, 1]
+    assert worker.taken == [{}, {}] and [len(m) for m in worker.bundles] == [1, 1]
 
 
 def invoke_session():

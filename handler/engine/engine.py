@@ -215,26 +215,26 @@ class SessionEngine:
                 decoding = self._scheduler.update(rows, logits)  # update
                 decoder.keep(decoding, rows)  # the others leave, finished ones with their KV
                 self._settle(rows, decoding, wave, others_run=bool(decoding) or later_waves)
-                joined = self._join(joining, wave, len(decoding)) if decoding and joining else []
-                if joined:  # schedule: the decoder takes them in, or a new one holds every row
-                    decoder = self._executor.regroup(decoder, decoding, joined)
+                if decoding and joining:
+                    decoder, joined = self._join(joining, wave, decoder, decoding)
                     decoding = decoding + joined
                     self._batch_view_bytes = decoder.bytes_held()
         self._scheduler.complete(wave)
         self._scheduler.tell(wave, later_waves)
 
-    def _join(self, joining, wave: list[RunningTurn], live: int) -> list[RunningTurn]:
+    def _join(self, joining, wave: list[RunningTurn], decoder, live: list[RunningTurn]) -> tuple[object, list[RunningTurn]]:
         """Turns that arrived while the wave decodes: admitted (each on its own, as ``turns`` admits),
-        prefilled and given their first token; the ones that go on decoding. They join ``wave``."""
+        prefilled and given their first token. (The decoder for every row, the joined turns that go
+        on decoding.) They join ``wave``."""
         joiners, slots = joining
         arrivals = joiners.arrivals()
         if not arrivals:
-            return []
+            return decoder, []
         started, admitted = time.perf_counter(), []
         for request in arrivals:
             try:
                 running = None
-                if live + len(admitted) < KEPT_ARENA_ROWS:
+                if len(live) + len(admitted) < KEPT_ARENA_ROWS:
                     running = self._scheduler.join(next(slots), request, started)
             except Exception as error:  # its own checks failed: that is its answer
                 tell(request, error)
@@ -246,12 +246,14 @@ class SessionEngine:
             admitted.append(running)
             wave.append(running)
         if not admitted:
-            return []
-        rows, logits = self._executor.prefill(admitted)  # execute
+            return decoder, []
+        # schedule and execute: the decoder takes them in (or a new one holds every row), they prefill
+        decoder, rows, logits = self._executor.join(decoder, live, admitted)
         going = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
-        log.debug("%d turn(s) joined %d decoding", len(admitted), live)
+        decoder.keep(going, rows)  # those that stopped at their first token leave, with their KV
+        log.debug("%d turn(s) joined %d decoding", len(admitted), len(live))
         self._settle(rows, going, wave, others_run=True)
-        return going
+        return decoder, going
 
     def _settle(self, stepped: list[RunningTurn], going: list[RunningTurn], wave: list[RunningTurn],
                 others_run: bool) -> None:

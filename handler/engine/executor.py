@@ -6,7 +6,9 @@ session's own buffers (runner.prefill_in_place), the rest eagerly, each with one
 other sessions give memory back when the allocator fails all the same. ``decoder`` gives the
 turns that go on a decoder: a lone compiled turn its session's own buffers
 (runner.InPlaceRow), else a fixed-shape arena (runner.DecodeArena) when the budget has
-room for it, else each turn on its own cache. A failing turn goes to ``fail`` and leaves; the others go on.
+room for it, else each turn on its own cache. ``join`` takes turns that arrive while a wave
+decodes: follow-ups join the arena with their history and prefill in their rows. A failing turn
+goes to ``fail`` and leaves; the others go on.
 """
 
 from __future__ import annotations
@@ -159,16 +161,38 @@ class Executor:
         in its session's own buffers. Otherwise an arena, reserved whole: a row that finishes gets
         its KV back (which its turn reserved) while the others still decode in the arena. No room
         for it: each turn decodes on its own cache."""
-        lengths = [running.state.cache.get_seq_length() for running in rows]
-        remaining = [running.max_new - len(running.answer) for running in rows]
-        if len(rows) == 1 and self.kept is None and self.runner.room_to_decode_in_place(rows[0].state.cache, remaining[0]):
+        if len(rows) == 1 and self.kept is None and self.runner.room_to_decode_in_place(
+                rows[0].state.cache, rows[0].max_new - len(rows[0].answer)):
             return InPlaceDecoder(self, rows)
-        size = arena_size(self.loaded, lengths, remaining, self.runner.compiled)
-        if self.kept is not None and self.kept.fits(*size):  # its bytes are set aside already
-            return ArenaDecoder(self, rows)
-        if self.memory.make_room(arena_bytes(self.loaded, lengths, remaining, self.runner.compiled), None, refuse=False):
-            return ArenaDecoder(self, rows)
-        return AloneDecoder(self, rows)
+        return self._arena(rows) or AloneDecoder(self, rows)
+
+    def join(self, decoder: "InPlaceDecoder | ArenaDecoder | AloneDecoder", live: list[RunningTurn],
+             joined: list[RunningTurn]) -> tuple["InPlaceDecoder | ArenaDecoder | AloneDecoder", list[RunningTurn],
+                                                 torch.Tensor | None]:
+        """Turns that join the ``live`` ones: (a decoder for every row, the joined turns prefilled,
+        their next-token logits [J, V]). Follow-ups on cached histories (what joins, usually) go
+        into the arena with their history and prefill there, in one forward over their rows: each
+        history is copied once, into the row it decodes in. The others prefill on their own
+        caches first, then join (``regroup``). A turn that stopped at its first token is still
+        in the decoder: ``keep`` lets it leave."""
+        if not all(self._joins_prefill(running) for running in joined):
+            rows, logits = self.prefill(joined)
+            return (self.regroup(decoder, live, rows) if rows else decoder), rows, logits
+        feeds = {running.slot: feed(running) for running in joined}  # before the histories move
+        for running in joined:
+            running.cached = cached_tokens(running.state)
+        widest = max(len(tokens) for tokens in feeds.values())
+        if not decoder.take(joined, widest):
+            self.memory.unreserve(decoder.close(live))
+            decoder = self._arena(live + joined, widest, spare_rows=True)
+            if decoder is None:  # no room for an arena: each turn on its own cache
+                rows, logits = self.prefill(joined)
+                return self.decoder(live + rows), rows, logits
+        prefilled = decoder.prefill(joined, feeds)
+        if prefilled is not None:
+            return (decoder, *prefilled)
+        rows, logits = self.prefill(joined)  # one at a time, on their own caches
+        return (self.regroup(decoder, live, rows) if rows else decoder), rows, logits
 
     def regroup(self, decoder: "InPlaceDecoder | ArenaDecoder | AloneDecoder", live: list[RunningTurn],
                 joined: list[RunningTurn]) -> "InPlaceDecoder | ArenaDecoder | AloneDecoder":
@@ -179,30 +203,57 @@ class Executor:
             return decoder
         self.memory.unreserve(decoder.close(live))
         rows = live + joined
-        if self.runner.compiled and self.kept is None:  # rows to spare, for later joiners, when plainly free
-            lengths = [running.state.cache.get_seq_length() for running in rows]
-            remaining = [running.max_new - len(running.answer) for running in rows]
-            spare = arena_bytes(self.loaded, lengths, remaining, True, min_rows=KEPT_ARENA_ROWS)
-            if self.memory.reserve_if_free(spare):
-                return ArenaDecoder(self, rows, min_rows=KEPT_ARENA_ROWS)
-        return self.decoder(rows)
+        return self._arena(rows, spare_rows=True) or AloneDecoder(self, rows)
+
+    def _arena(self, rows: list[RunningTurn], widest: int = 0, spare_rows: bool = False) -> "ArenaDecoder | None":
+        """An arena for these turns (those not prefilled yet will feed up to ``widest`` tokens
+        first), reserved whole, or None when the budget has no room for it. ``spare_rows``:
+        compiled, with rows to spare for turns that join later, when the budget plainly has them."""
+        caches, remaining, _ = _arena_rows(rows, widest)
+        lengths, reach = [cache.get_seq_length() for cache in caches.values()], list(remaining.values())
+        compiled = self.runner.compiled
+        if spare_rows and compiled and self.kept is None:
+            if self.memory.reserve_if_free(arena_bytes(self.loaded, lengths, reach, True, min_rows=KEPT_ARENA_ROWS)):
+                return ArenaDecoder(self, rows, widest, min_rows=KEPT_ARENA_ROWS)
+        if self.kept is not None and self.kept.fits(*arena_size(self.loaded, lengths, reach, compiled)):
+            return ArenaDecoder(self, rows, widest)  # its bytes are set aside already
+        if self.memory.make_room(arena_bytes(self.loaded, lengths, reach, compiled), None, refuse=False):
+            return ArenaDecoder(self, rows, widest)
+        return None
 
 
 class ArenaDecoder:
     """The turns decode together in one fixed-shape arena (runner.py), a token per turn per step."""
 
-    def __init__(self, executor: Executor, rows: list[RunningTurn], min_rows: int = 1):
+    def __init__(self, executor: Executor, rows: list[RunningTurn], widest: int = 0, min_rows: int = 1):
+        """``widest``: the most tokens a turn not prefilled yet will feed first (``prefill``)."""
         self._executor = executor
-        caches, remaining, rooms = _arena_rows(rows)
+        caches, remaining, rooms = _arena_rows(rows, widest)
         self._arena = DecodeArena(executor.loaded, caches, remaining, executor.runner, rooms, storage=executor.kept,
                                   min_rows=min_rows)
 
     def bytes_held(self) -> int:
         return self._arena.bytes_held()
 
-    def take(self, joined: list[RunningTurn]) -> bool:
-        """Take prefilled turns into free rows of the arena: False (none taken) when they do not fit."""
-        return self._arena.admit(*_arena_rows(joined))
+    def take(self, joined: list[RunningTurn], widest: int = 0) -> bool:
+        """Take turns into free rows of the arena, prefilled or with their history only (feeding
+        up to ``widest`` tokens first): False (none taken) when they do not fit."""
+        return self._arena.admit(*_arena_rows(joined, widest))
+
+    def prefill(self, joined: list[RunningTurn], feeds: dict[int, list[int]]) -> tuple[list[RunningTurn], torch.Tensor] | None:
+        """The turns that joined last, with their history only, feed their new tokens (``feeds``,
+        by slot) in their rows: (the turns, their next-token logits [J, V]). None when the forward
+        failed: they left the arena with their history (which it does not touch) and prefill again
+        one at a time (``Executor.join``), as a shared prefill that fails does."""
+        try:
+            logits = self._arena.prefill(feeds)
+        except Exception as error:
+            log.warning("a prefill of %d joining turns in their arena rows failed (%s); each runs alone",
+                        len(joined), type(error).__name__)
+            self._arena.leave(finished=[running.slot for running in joined])
+            return None
+        self._executor.counters.prefill_tokens += sum(len(tokens) for tokens in feeds.values())
+        return joined, logits
 
     def close(self, live: list[RunningTurn]) -> int:
         """The live turns leave with their KV; the bytes this arena held (its reservation)."""
@@ -259,7 +310,7 @@ class InPlaceDecoder:
     def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
         pass  # the KV is in the session's own buffers
 
-    def take(self, joined: list[RunningTurn]) -> bool:
+    def take(self, joined: list[RunningTurn], widest: int = 0) -> bool:
         return False  # one row only: turns that join need an arena
 
     def close(self, live: list[RunningTurn]) -> int:
@@ -290,16 +341,27 @@ class AloneDecoder:
     def keep(self, going: list[RunningTurn], stepped: list[RunningTurn]) -> None:
         pass  # nothing to hand back: each turn's KV is in its own cache
 
-    def take(self, joined: list[RunningTurn]) -> bool:
+    def take(self, joined: list[RunningTurn], widest: int = 0) -> bool:
         return True  # each turn decodes on its own cache: any number join
+
+    def prefill(self, joined: list[RunningTurn], feeds: dict[int, list[int]]) -> tuple[list[RunningTurn], torch.Tensor | None]:
+        return self._executor.prefill(joined)  # on their own caches (they never left them)
 
     def close(self, live: list[RunningTurn]) -> int:
         return 0
 
 
-def _arena_rows(rows: list[RunningTurn]) -> tuple[dict, dict, dict]:
-    """An arena's view of prefilled turns, by slot: their caches, the tokens each may still feed,
-    and the spare slots each cache gets back behind its KV (kv_cache's headroom)."""
+def _arena_rows(rows: list[RunningTurn], widest: int = 0) -> tuple[dict, dict, dict]:
+    """An arena's view of turns, by slot: their caches, the tokens each may still feed, and the
+    spare slots each cache gets back behind its KV (kv_cache's headroom). A turn with no answer
+    yet is not prefilled: it feeds its new tokens, padded to ``widest`` (DecodeArena.prefill),
+    then decodes."""
     return ({running.slot: running.state.cache for running in rows},
-            {running.slot: running.max_new - len(running.answer) for running in rows},
+            {running.slot: _still_to_feed(running, widest) for running in rows},
             {running.slot: kv_cache.most_spare(running.headroom) for running in rows})
+
+
+def _still_to_feed(running: RunningTurn, widest: int) -> int:
+    if running.answer:  # prefilled: the answer's tokens but the last
+        return running.max_new - len(running.answer)
+    return max(widest, len(feed(running)) + running.max_new - 1)

@@ -22,6 +22,8 @@ A step allocates nothing and syncs nothing with the host: the caller copies the 
 the host once (sampling.py). Rows join by copying their session's KV in (the session's cache is
 emptied, so it is held once) and leave by copying it back out, exact-sized; the last row moves
 into a leaving row's place, so the live rows stay rows 0..n-1 and the others are not touched.
+Rows that join with their history only prefill their new tokens in their rows, in one eager
+forward (``DecodeArena.prefill``): each history is copied once, into the row it decodes in.
 
 ``StepRunner`` wraps the step in ``torch.compile(fullgraph=True)``: inductor on a CPU, CUDA
 graphs (``mode="reduce-overhead"``) on a GPU for decode steps in the engine's ``KeptArena`` (a
@@ -360,6 +362,37 @@ class DecodeArena:
         self._positions[:n] += 1  # the live rows' next slots; the spare rows stay at 0
         self._lengths = [length + 1 for length in self._lengths]
         return logits[:n]
+
+    @torch.inference_mode()
+    def prefill(self, feeds: dict[Hashable, list[int]]) -> torch.Tensor:
+        """Feed the last rows to join (with their history only) their new tokens, in one eager
+        forward over those rows: their next-token logits [J, V], in row order.
+
+        Row j's tokens go to its next slots, right-padded to the longest feed: the padding's KV
+        lands in slots past the row's tokens, which its next step writes before any token reads
+        them (a step writes its slot, then attends up to it). Nothing else is copied: each row's
+        history is already in place. Eager, as a multi-token forward is compute on a CPU; a
+        compiled one would need a graph per (rows, tokens) shape."""
+        keys = list(feeds)
+        first = len(self.keys) - len(keys)
+        if first < 0 or self.keys[first:] != keys:
+            raise ValueError("only the rows that joined last can be prefilled, in their row order")
+        widest = max(len(feed) for feed in feeds.values())
+        lengths = self._lengths[first:]
+        if max(lengths) + widest > self.slots:
+            raise ValueError(f"{widest} new tokens do not fit the arena's {self.slots} slots")
+        device = self.loaded.device
+        ids = torch.tensor([feed + feed[-1:] * (widest - len(feed)) for feed in feeds.values()], device=device)  # [J, T]
+        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(widest, device=device)  # [J, T]
+        last = torch.tensor([len(feed) - 1 for feed in feeds.values()], device=device)  # [J]
+        slots = max(lengths) + widest
+        rows = slice(first, len(self.keys))
+        view = _StepCache([k[rows, :, :slots] for k in self._keys], [v[rows, :, :slots] for v in self._values])
+        logits = generation.step(self.loaded, ids, positions, view, last)
+        for j, feed in enumerate(feeds.values()):
+            self._lengths[first + j] += len(feed)
+            self._positions[first + j] += len(feed)
+        return logits
 
     def leave(self, finished=(), failed=()) -> None:
         """Rows leave: a finished one's KV goes back into its (emptied) cache, exact-sized; a failed

@@ -55,11 +55,12 @@ def twin_pairs(engine, twin, images, n):
 @pytest.mark.parametrize("compile", ["off", "on"])
 def test_joined_turns_answer_as_they_would_alone(loaded_tiny, images, compile, monkeypatch):
     """A long host turn; three follow-ups join after its first step, two more later (compiled,
-    the arena then has free rows; eager, it is rebuilt): every answer equals the twin's turn run
-    alone, and the host's answer is unchanged. Compiled, joining compiles nothing past the row buckets."""
-    taken_in = []
-    admit = runner.DecodeArena.admit
+    the arena then has free rows; eager, it is rebuilt), each group prefilled in one forward in
+    its arena rows: every answer equals the twin's turn run alone, and the host's answer is unchanged. Compiled, joining compiles nothing past the row buckets."""
+    taken_in, prefilled_in = [], []
+    admit, prefill = runner.DecodeArena.admit, runner.DecodeArena.prefill
     monkeypatch.setattr(runner.DecodeArena, "admit", lambda arena, *a: taken_in.append(admit(arena, *a)) or taken_in[-1])
+    monkeypatch.setattr(runner.DecodeArena, "prefill", lambda arena, feeds: prefilled_in.append(len(feeds)) or prefill(arena, feeds))
     config = dict(compile=compile, compile_warmup_s=0)
     engine = SessionEngine(loaded_tiny, ServingConfig(**config))
     twin = make_engine(loaded_tiny)
@@ -82,6 +83,7 @@ def test_joined_turns_answer_as_they_would_alone(loaded_tiny, images, compile, m
         assert_same_answer(got, twin.turn(twin_sid, request.prompt, request.params))
     assert engine.counters.turns_joined == 5 and engine.counters.joins_declined == 0
     assert taken_in == ([True] if compile == "on" else [False, False])
+    assert prefilled_in == [3, 2]  # each group of joiners in one forward, in its arena rows
     if compile == "on":
         assert engine.compiled
         assert engine.counters.step_compiles - compiles <= len(runner.ROW_BUCKETS[:4]) + 1  # buckets and the prefill
@@ -124,3 +126,31 @@ def test_nothing_joins_a_call_whose_turns_do_not_decode(loaded_tiny, images):
     arrivals = Arrivals({1: [TurnRequest(other, QUESTIONS[0], SamplingParams(3))]})
     engine.turns([TurnRequest(sid, QUESTIONS[0], SamplingParams(1))], arrivals)
     assert arrivals.polls == 0 and engine.counters.turns_joined == 0
+
+
+def test_a_failed_prefill_in_the_arena_falls_back_to_one_turn_at_a_time(loaded_tiny, images, monkeypatch):
+    """Follow-ups join with their history and prefill in their arena rows, in one forward; when
+    that forward fails, they leave the arena with their history and prefill one at a time: every
+    answer, and what each turn found cached, as alone."""
+    engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
+    pairs = twin_pairs(engine, twin, images, 3)
+    for sid, twin_sid in pairs:
+        engine.turn(sid, QUESTIONS[0], SamplingParams(2))
+        twin.turn(twin_sid, QUESTIONS[0], SamplingParams(2))
+    failures = []
+
+    def out_of_memory(arena, feeds):
+        failures.append(list(feeds))
+        raise RuntimeError("CPU out of memory (a test's)")
+
+    monkeypatch.setattr(runner.DecodeArena, "prefill", out_of_memory)
+    outcomes: dict = {}
+    arrivals = Arrivals({1: [TurnRequest(sid, QUESTIONS[1], SamplingParams(5), on_done=told(outcomes, sid))
+                             for sid, _ in pairs[1:]]})
+    [host] = engine.turns([TurnRequest(pairs[0][0], QUESTIONS[1], SamplingParams(10))], arrivals)
+    assert len(failures) == 1 and len(failures[0]) == 2  # the two joiners, once
+    assert_same_turn(host, twin.turn(pairs[0][1], QUESTIONS[1], SamplingParams(10)))
+    for sid, twin_sid in pairs[1:]:
+        assert_same_turn(outcomes[sid], twin.turn(twin_sid, QUESTIONS[1], SamplingParams(5)))
+    assert engine.counters.turns_joined == 2
+    check_accounting(engine)

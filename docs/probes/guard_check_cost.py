@@ -5,28 +5,18 @@ and of 32 layers (the `tiny` preset's widths; the 7B has 32). The check is timed
 trusts guards it does not check). Usage:
     .venv/bin/python docs/probes/guard_check_cost.py"""
 
-import statistics
 import tempfile
-import time
 from dataclasses import replace
 
 import torch
 from torch.profiler import profile
 
+from _in_process import median_ms
 from llava_sessions import tiny_model
 from llava_sessions.handler.engine import runner as R
 from llava_sessions.handler.engine.model_loader import load_model
 
 torch.set_num_threads(2)
-
-
-def median_step_ms(step, calls: int = 200) -> float:
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 for layers in (4, 32):
@@ -51,8 +41,8 @@ for layers in (4, 32):
             for _ in range(50):
                 step()
         lookup = next(e for e in profiled.key_averages() if e.key == "TorchDynamo Cache Lookup")
-        checked = median_step_ms(step)
+        checked = median_ms(step, n=200, warm=0)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            skipped = median_step_ms(step)
+            skipped = median_ms(step, n=200, warm=0)
     print(f"{layers:2d} layers: a step {checked:.3f} ms, {skipped:.3f} ms with guards skipped; "
           f"the guard check under the profiler {lookup.self_cpu_time_total / 50:.0f} us a step")

@@ -352,16 +352,17 @@ class AloneDecoder:
 
 
 def _arena_rows(rows: list[RunningTurn], widest: int = 0) -> tuple[dict, dict, dict]:
-    """An arena's view of turns, by slot: their caches, the tokens each may still feed, and the
-    spare slots each cache gets back behind its KV (kv_cache's headroom). A turn with no answer
-    yet is not prefilled: it feeds its new tokens, padded to ``widest`` (DecodeArena.prefill),
-    then decodes."""
+    """An arena's view of turns, by slot: their caches, the tokens each may still feed
+    (``_still_to_feed``), and the spare slots each cache gets back behind its KV (kv_cache's headroom)."""
     return ({running.slot: running.state.cache for running in rows},
             {running.slot: _still_to_feed(running, widest) for running in rows},
             {running.slot: kv_cache.most_spare(running.headroom) for running in rows})
 
 
 def _still_to_feed(running: RunningTurn, widest: int) -> int:
-    if running.answer:  # prefilled: the answer's tokens but the last
+    """Tokens a turn may still write into its row: what its cache lacks (none once prefilled;
+    padded to ``widest`` when it prefills in the arena, DecodeArena.prefill), then every token of
+    its answer but the last."""
+    if running.answer:  # picked, not all fed yet
         return running.max_new - len(running.answer)
     return max(widest, len(feed(running)) + running.max_new - 1)

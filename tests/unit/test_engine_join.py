@@ -52,17 +52,18 @@ def twin_pairs(engine, twin, images, n):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])
+@pytest.mark.parametrize("compile", ["off", "on", "kept"])
 def test_joined_turns_answer_as_they_would_alone(loaded_tiny, images, compile, monkeypatch):
     """A long host turn; three follow-ups join after its first step, two more later (compiled,
     the arena then has free rows; eager, it is rebuilt), each group prefilled in one forward in
-    its arena rows: every answer equals the twin's turn run alone, and the host's answer is unchanged. Compiled, joining compiles nothing past the row buckets."""
+    its arena rows: every answer equals the twin's turn run alone, and the host's answer is unchanged.
+    "kept": compiled in the engine's kept arena (as with CUDA graphs), whose free rows take both groups. Compiled, joining compiles nothing past the row buckets."""
     taken_in, prefilled_in = [], []
     admit, prefill = runner.DecodeArena.admit, runner.DecodeArena.prefill
     monkeypatch.setattr(runner.DecodeArena, "admit", lambda arena, *a: taken_in.append(admit(arena, *a)) or taken_in[-1])
     monkeypatch.setattr(runner.DecodeArena, "prefill", lambda arena, feeds: prefilled_in.append(len(feeds)) or prefill(arena, feeds))
-    config = dict(compile=compile, compile_warmup_s=0)
-    engine = SessionEngine(loaded_tiny, ServingConfig(**config))
+    config = dict(compile="on" if compile == "kept" else compile, compile_warmup_s=0)
+    engine = SessionEngine(loaded_tiny, ServingConfig(**config), keep_arena=compile == "kept")
     twin = make_engine(loaded_tiny)
     pairs = twin_pairs(engine, twin, images, 6)
     # A first turn for each: the joined ones are follow-ups on a cached history.
@@ -82,9 +83,9 @@ def test_joined_turns_answer_as_they_would_alone(loaded_tiny, images, compile, m
         assert isinstance(got, TurnResult), got
         assert_same_answer(got, twin.turn(twin_sid, request.prompt, request.params))
     assert engine.counters.turns_joined == 5 and engine.counters.joins_declined == 0
-    assert taken_in == ([True] if compile == "on" else [False, False])
+    assert taken_in == {"off": [False, False], "on": [True], "kept": [True, True]}[compile]
     assert prefilled_in == [3, 2]  # each group of joiners in one forward, in its arena rows
-    if compile == "on":
+    if compile != "off":
         assert engine.compiled
         assert engine.counters.step_compiles - compiles <= len(runner.ROW_BUCKETS[:4]) + 1  # buckets and the prefill
     check_accounting(engine)

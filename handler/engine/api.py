@@ -217,7 +217,7 @@ class EngineSnapshot:
     host_kv: int
     host_features: int
     reserved: int  # device bytes promised to the operation in progress
-    batch_view_bytes: int  # KV held by a batched decode in progress (its rows' KV and padding)
+    batch_view_bytes: int  # KV held by the running decode arena (its rows' KV and spare slots)
     kept_arena_bytes: int  # the decode arena kept for the engine's life, set aside from the budget
     memory_budget: int  # device bytes the sessions may hold
     host_budget: int  # host bytes their host KV and cold features may hold

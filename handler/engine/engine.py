@@ -107,7 +107,7 @@ class SessionEngine:
         self._kept_arena = self._keep_arena(keep_arena)
         self._executor = Executor(loaded, self._runner, self._memory, self.counters, self._scheduler.fail,
                                   self._kept_arena)
-        self._batch_view_bytes = 0  # KV held by the batched decode view (sessions' KV + padding)
+        self._batch_view_bytes = 0  # bytes of the running decode arena (the turns' KV and its spare slots)
         # One turn at a time per worker; the expiry sweeper waits for it.
         self._lock = threading.RLock()
         self._sweeper: threading.Thread | None = None
@@ -204,11 +204,15 @@ class SessionEngine:
         """A wave's steps, each schedule -> execute -> update, until every turn has its outcome.
         A turn that ends while others still run (here or in ``later_waves``) is committed and
         told at once (TurnRequest.on_done). ``joining``: (Joiners, slot counter) when turns may join."""
-        rows, logits = self._executor.prefill(wave)  # execute: the turns' new tokens
+        decoder, rows, logits = self._executor.start(wave)  # execute: the turns' new tokens
+        self._batch_view_bytes = decoder.bytes_held() if decoder is not None else 0
         decoding = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
+        if decoder is not None:  # follow-ups prefilled in an arena: those that stopped leave, with their KV
+            decoder.keep(decoding, rows)
         if decoding:
             self._settle(rows, decoding, wave, others_run=True)
-            decoder = self._executor.decoder(decoding)  # schedule: an arena when the budget has room
+            if decoder is None:
+                decoder = self._executor.decoder(decoding)  # schedule: an arena when the budget has room
             self._batch_view_bytes = decoder.bytes_held()
             while decoding:
                 rows, logits = decoder.step(decoding)  # execute: a token per turn
@@ -218,7 +222,6 @@ class SessionEngine:
                 if decoding and joining:
                     decoder, joined = self._join(joining, wave, decoder, decoding)
                     decoding = decoding + joined
-                    self._batch_view_bytes = decoder.bytes_held()
         self._scheduler.complete(wave)
         self._scheduler.tell(wave, later_waves)
 
@@ -249,6 +252,7 @@ class SessionEngine:
             return decoder, []
         # schedule and execute: the decoder takes them in (or a new one holds every row), they prefill
         decoder, rows, logits = self._executor.join(decoder, live, admitted)
+        self._batch_view_bytes = decoder.bytes_held()
         going = self._scheduler.update(rows, logits)  # update: first tokens picked and sent
         decoder.keep(going, rows)  # those that stopped at their first token leave, with their KV
         log.debug("%d turn(s) joined %d decoding", len(admitted), len(live))

@@ -1,14 +1,15 @@
 """The tensors of a wave of turns: the executing half of the engine's step.
 
-``prefill`` runs each turn's new tokens on its session's cache: follow-ups of cached sessions in
-one forward (batch_prefill.py), a lone follow-up without images through the compiled step in its
-session's own buffers (runner.prefill_in_place), the rest eagerly, each with one retry after
-other sessions give memory back when the allocator fails all the same. ``decoder`` gives the
-turns that go on a decoder: a lone compiled turn its session's own buffers
-(runner.InPlaceRow), else a fixed-shape arena (runner.DecodeArena) when the budget has
-room for it, else each turn on its own cache. ``join`` takes turns that arrive while a wave
-decodes: follow-ups join the arena with their history and prefill in their rows. A failing turn
-goes to ``fail`` and leaves; the others go on.
+``start`` runs a wave's new tokens: two or more follow-ups on cached histories go into a decode
+arena (runner.DecodeArena) with their history only and prefill there in one forward over their
+rows, each history copied once, into the row it decodes in; the others (images, no cached KV)
+prefill first on their own caches and join them there. Otherwise each turn prefills on its own:
+a lone follow-up without images through the compiled step in its session's own buffers
+(runner.prefill_in_place), the rest eagerly, each with one retry after other sessions give
+memory back when the allocator fails all the same. ``decoder`` gives the turns that go on a
+decoder: a lone compiled turn its session's own buffers (runner.InPlaceRow), else an arena when
+the budget has room for it, else each turn on its own cache. ``join`` takes turns that arrive
+while a wave decodes, as ``start`` shares. A failing turn goes to ``fail`` and leaves; the others go on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from llava_sessions.handler.engine import batch_prefill, generation, kv_cache
+from llava_sessions.handler.engine import generation, kv_cache
 from llava_sessions.handler.engine.api import EngineCounters
 from llava_sessions.handler.engine.kv_manager import KVManager
 from llava_sessions.handler.engine.model_loader import LoadedModel
@@ -48,13 +49,27 @@ class Executor:
 
     # --- prefill ----------------------------------------------------------------------
 
+    def start(self, wave: list[RunningTurn]) -> tuple["ArenaDecoder | InPlaceDecoder | AloneDecoder | None",
+                                                       list[RunningTurn], torch.Tensor | None]:
+        """A wave's new tokens: (the decoder its turns share, or None when each prefilled on its
+        own and the caller picks one; the turns prefilled; their next-token logits [B, V]). Two
+        or more follow-ups on cached histories share a forward in their arena rows (``join``,
+        after the others prefilled on their own caches). A turn that stopped at its first token
+        is still in the decoder: ``keep`` lets it leave."""
+        together = [running for running in wave if self._joins_prefill(running)]
+        if len(together) < 2:
+            return (None, *self.prefill(wave))
+        rows, logits = self.prefill([running for running in wave if running not in together])
+        decoder, joined, joined_logits = self.join(_NO_DECODER, rows, together, spare_rows=False)
+        parts = [part for part in (logits, joined_logits) if part is not None]
+        return decoder, rows + joined, torch.cat(parts) if parts else None
+
     def prefill(self, wave: list[RunningTurn]) -> tuple[list[RunningTurn], torch.Tensor | None]:
-        """Each turn's new tokens on its cache: (the turns prefilled, their next-token logits [B, V])."""
-        joint = self._prefill_together([running for running in wave if self._joins_prefill(running)])
+        """Each turn's new tokens on its own cache: (the turns prefilled, their next-token logits [B, V])."""
         prefilled, first_logits = [], []
         for running in wave:
             try:
-                first_logits.append(joint[running.slot] if running.slot in joint else self._prefill_or_give_back(running))
+                first_logits.append(self._prefill_or_give_back(running))
                 prefilled.append(running)
             except Exception as error:
                 self.fail(running, error)
@@ -63,35 +78,6 @@ class Executor:
     def _joins_prefill(self, running: RunningTurn) -> bool:
         """A follow-up on a cached history whose new tokens hold no image: it can share a forward."""
         return cached_tokens(running.state) > 0 and self.loaded.image_token_id not in feed(running)
-
-    def _prefill_together(self, rows: list[RunningTurn]) -> dict[int, torch.Tensor]:
-        """One forward for two or more follow-ups; each turn's next-token logits [1, V] by slot.
-
-        Empty (every turn prefills alone) when there are fewer than two, when the view's padding
-        does not fit the budget's free bytes, or when the forward fails: then their caches were emptied,
-        and the one-turn prefill rebuilds each from its token ids and features.
-        """
-        if len(rows) < 2:
-            return {}
-        caches = [running.state.cache for running in rows]
-        cached = [cache.get_seq_length() for cache in caches]
-        feeds = [feed(running) for running in rows]
-        extra = batch_prefill.extra_tokens(cached, [len(f) for f in feeds]) * self.memory.kv_bytes_per_token
-        if not self.memory.reserve_if_free(extra):  # a speed-up: it never costs another session memory
-            return {}
-        try:
-            logits = batch_prefill.prefill_together(
-                self.loaded, caches, feeds, [r.max_new - 1 + r.headroom for r in rows]
-            )
-        except Exception as error:
-            log.warning("a prefill of %d turns together failed (%s); each runs alone", len(rows), type(error).__name__)
-            for running in rows:
-                running.state.cache = None
-            return {}
-        for running, n, fed in zip(rows, cached, feeds):
-            running.cached = n
-            self.counters.prefill_tokens += len(fed)
-        return {running.slot: logits[row : row + 1] for row, running in enumerate(rows)}
 
     def _prefill_or_give_back(self, running: RunningTurn) -> torch.Tensor:
         """Prefill; when the allocator runs out of memory all the same (the budget is an estimate:
@@ -167,14 +153,16 @@ class Executor:
         return self._arena(rows) or AloneDecoder(self, rows)
 
     def join(self, decoder: "InPlaceDecoder | ArenaDecoder | AloneDecoder", live: list[RunningTurn],
-             joined: list[RunningTurn]) -> tuple["InPlaceDecoder | ArenaDecoder | AloneDecoder", list[RunningTurn],
-                                                 torch.Tensor | None]:
+             joined: list[RunningTurn], spare_rows: bool = True) -> tuple["InPlaceDecoder | ArenaDecoder | AloneDecoder",
+                                                                          list[RunningTurn], torch.Tensor | None]:
         """Turns that join the ``live`` ones: (a decoder for every row, the joined turns prefilled,
         their next-token logits [J, V]). Follow-ups on cached histories (what joins, usually) go
         into the arena with their history and prefill there, in one forward over their rows: each
-        history is copied once, into the row it decodes in. The others prefill on their own
-        caches first, then join (``regroup``). A turn that stopped at its first token is still
-        in the decoder: ``keep`` lets it leave."""
+        history is copied once, into the row it decodes in (a new arena gets rows to spare for
+        later joiners when ``spare_rows`` and the budget plainly has them). The others prefill on
+        their own caches first, then join (``regroup``); so do the follow-ups when the budget has
+        no room for an arena, or when their shared forward fails. A turn that stopped at its first
+        token is still in the decoder: ``keep`` lets it leave."""
         if not all(self._joins_prefill(running) for running in joined):
             rows, logits = self.prefill(joined)
             return (self.regroup(decoder, live, rows) if rows else decoder), rows, logits
@@ -184,7 +172,7 @@ class Executor:
         widest = max(len(tokens) for tokens in feeds.values())
         if not decoder.take(joined, widest):
             self.memory.unreserve(decoder.close(live))
-            decoder = self._arena(live + joined, widest, spare_rows=True)
+            decoder = self._arena(live + joined, widest, spare_rows)
             if decoder is None:  # no room for an arena: each turn on its own cache
                 rows, logits = self.prefill(joined)
                 return self.decoder(live + rows), rows, logits
@@ -349,6 +337,19 @@ class AloneDecoder:
 
     def close(self, live: list[RunningTurn]) -> int:
         return 0
+
+
+class _NoDecoder:
+    """Before a wave's first forward: no decoder holds its turns yet (Executor.start)."""
+
+    def take(self, joined: list[RunningTurn], widest: int = 0) -> bool:
+        return False
+
+    def close(self, live: list[RunningTurn]) -> int:
+        return 0
+
+
+_NO_DECODER = _NoDecoder()
 
 
 def _arena_rows(rows: list[RunningTurn], widest: int = 0) -> tuple[dict, dict, dict]:

@@ -22,7 +22,7 @@ from llava_sessions.errors import (
     SessionNotFound,
     TooManyImages,
 )
-from llava_sessions.handler.engine import batch_prefill, executor as executor_module, runner
+from llava_sessions.handler.engine import executor as executor_module, runner
 from llava_sessions.handler.engine.engine import TurnRequest, TurnResult
 from llava_sessions.handler.engine.generation import SamplingParams
 from llava_sessions.handler.engine.prompt import Conversation
@@ -50,19 +50,17 @@ def batch_sizes(monkeypatch):
 
 
 def test_follow_ups_of_several_sessions_share_one_prefill_forward(loaded_tiny, images, monkeypatch):
-    """Round 1 (images) prefills one by one; the follow-ups of round 2 in one forward, answers unchanged."""
+    """Round 1 (images) prefills one by one; the follow-ups of round 2 go into an arena with their
+    history and prefill there in one forward (one a turn of a single token, which leaves at once);
+    every answer, and what each turn found cached, as alone."""
     calls = []
-    together = batch_prefill.prefill_together
-
-    def spy(loaded, caches, feeds, rooms):
-        calls.append(len(caches))
-        return together(loaded, caches, feeds, rooms)
-
-    monkeypatch.setattr(batch_prefill, "prefill_together", spy)
+    prefill = runner.DecodeArena.prefill
+    monkeypatch.setattr(runner.DecodeArena, "prefill", lambda arena, feeds: calls.append(len(feeds)) or prefill(arena, feeds))
     engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
     pairs = open_pairs(engine, twin, images, 4)
     for round_ in range(2):
-        requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(6)) for i, (sid, _, _) in enumerate(pairs)]
+        requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(1 if i == 2 else 6))
+                    for i, (sid, _, _) in enumerate(pairs)]
         for request, result, (_, twin_sid, _) in zip(requests, engine.turns(requests), pairs):
             assert_same_turn(result, twin.turn(twin_sid, request.prompt, request.params))
     # First turns have no cached history (or bring their images): each prefills alone.
@@ -72,25 +70,20 @@ def test_follow_ups_of_several_sessions_share_one_prefill_forward(loaded_tiny, i
 
 
 def test_a_failed_shared_prefill_falls_back_to_one_turn_at_a_time(loaded_tiny, images, monkeypatch):
-    """The shared forward fails after the caches were emptied: each turn rebuilds its KV alone."""
+    """The shared forward fails: the turns leave the arena with their history and prefill one at a
+    time on it; every answer, and what each turn found cached, as alone."""
 
-    def failing(loaded, caches, feeds, rooms):
-        for cache in caches:
-            for layer in cache.layers:
-                layer.reset()
+    def failing(arena, feeds):
         raise RuntimeError("the shared forward failed")
 
     engine, twin = make_engine(loaded_tiny), make_engine(loaded_tiny)
     pairs = open_pairs(engine, twin, images, 3)
     for round_ in range(2):
         if round_ == 1:
-            monkeypatch.setattr(batch_prefill, "prefill_together", failing)
+            monkeypatch.setattr(runner.DecodeArena, "prefill", failing)
         requests = [TurnRequest(sid, prompt_for(i, round_), SamplingParams(4)) for i, (sid, _, _) in enumerate(pairs)]
         for request, result, (_, twin_sid, _) in zip(requests, engine.turns(requests), pairs):
-            expected = twin.turn(twin_sid, request.prompt, request.params)
-            assert (result.token_ids, result.text) == (expected.token_ids, expected.text)
-            if round_ == 1:
-                assert result.cached_tokens == 0  # rebuilt from token ids and features, and says so
+            assert_same_turn(result, twin.turn(twin_sid, request.prompt, request.params))
     check_accounting(engine)
 
 

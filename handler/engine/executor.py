@@ -164,8 +164,7 @@ class Executor:
         no room for an arena, or when their shared forward fails. A turn that stopped at its first
         token is still in the decoder: ``keep`` lets it leave."""
         if not all(self._joins_prefill(running) for running in joined):
-            rows, logits = self.prefill(joined)
-            return (self.regroup(decoder, live, rows) if rows else decoder), rows, logits
+            return self._join_one_at_a_time(decoder, live, joined)
         feeds = {running.slot: feed(running) for running in joined}  # before the histories move
         for running in joined:
             running.cached = cached_tokens(running.state)
@@ -179,7 +178,11 @@ class Executor:
         prefilled = decoder.prefill(joined, feeds)
         if prefilled is not None:
             return (decoder, *prefilled)
-        rows, logits = self.prefill(joined)  # one at a time, on their own caches
+        return self._join_one_at_a_time(decoder, live, joined)
+
+    def _join_one_at_a_time(self, decoder, live: list[RunningTurn], joined: list[RunningTurn]):
+        """``join`` for turns that prefill on their own caches first, then join (``regroup``)."""
+        rows, logits = self.prefill(joined)
         return (self.regroup(decoder, live, rows) if rows else decoder), rows, logits
 
     def regroup(self, decoder: "InPlaceDecoder | ArenaDecoder | AloneDecoder", live: list[RunningTurn],
